@@ -1,0 +1,640 @@
+"""
+Mamba-1 language model in plain PyTorch, one file.
+
+    Gu & Dao, "Mamba: Linear-Time Sequence Modeling with Selective State Spaces" (arXiv 2312.00752).
+
+Parameter names follow `mamba_ssm`'s `MambaLMHeadModel`, so an original `state-spaces/mamba-*` checkpoint
+loads without renaming (the Hugging Face `-hf` names are mapped on load). Reading order:
+
+    1. MambaConfig                   sizes, and the two config.json dialects (state-spaces, Hugging Face)
+    2. selective scans               the recurrence, three implementations with one signature
+    3. RMSNorm, MambaMixer, Block    one layer
+    4. Mamba                         the language model: forward, step, generate, the method hook
+    5. checkpoints                   from_pretrained / save_pretrained, a dependency-free safetensors reader
+
+The selective SSM (paper, Algorithm 2), for one channel d of the d_inner channels and N = d_state:
+
+    Δ_t = softplus(dt_proj(x_proj(x_t)) + dt_bias)                      (B, d_inner, L)   "selection"
+    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t x_t                          (B, d_inner, N)   eq. (2a), ZOH-discretised
+    y_t = C_t · h_t + D ⊙ x_t                                          (B, d_inner)      eq. (2b)
+
+A = -exp(A_log) is a fixed (d_inner, N) matrix of negative decay rates; B_t, C_t (N,) and Δ_t depend on the
+token, which is what makes the scan "selective". The state h is always accumulated in float32.
+
+The method hook. LongMamba, DeciMamba and ReMamba (longmamba.py, decimamba.py, remamba.py) change what the
+scan sees and nothing else. This file knows nothing of them; it exposes one hook, called once per mixer per
+forward (and per recurrent step) after Δ is computed and before the scan:
+
+    def hook(layer_idx, hidden_states, dt, delta, is_step):
+        # hidden_states (B, L, d_model): the mixer's input (after the block's norm, before in_proj)
+        # dt            (B, d_inner, L): dt_proj.weight @ dt_low_rank, before the bias and the softplus
+        # delta         (B, d_inner, L): softplus(dt + dt_proj.bias) in float32, the Δ the scan will use
+        # is_step       True for a one-token recurrent decoding step (L == 1)
+        return delta                   # the Δ to scan with (same shape), or
+        return delta, keep             # keep (B, k) sorted positions: the layer's output (and the residual
+                                       # stream) keep only these tokens; later layers see the shorter sequence
+
+    model.set_hook(hook)      # apply a method
+    model.set_hook(None)      # vanilla Mamba again, bit for bit (an identity hook gives identical logits too)
+
+Example, a hook that halves Δ in layer 0 during prefill:
+
+    model.set_hook(lambda layer_idx, hidden_states, dt, delta, is_step:
+                   delta * 0.5 if layer_idx == 0 and not is_step else delta)
+"""
+
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Configuration
+
+
+@dataclass
+class MambaConfig:
+    d_model: int = 768
+    n_layer: int = 24
+    vocab_size: int = 50277
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | str = "auto"  # "auto" = ceil(d_model / 16)
+    pad_vocab_size_multiple: int = 8
+    norm_eps: float = 1e-5
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+    # initialisation of Δ (only used for a freshly initialised model)
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+
+    def __post_init__(self):
+        if self.dt_rank == "auto":
+            self.dt_rank = math.ceil(self.d_model / 16)
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MambaConfig.{name} must be a positive integer, got {value!r}")
+
+    @property
+    def d_inner(self):
+        return self.expand * self.d_model
+
+    @property
+    def padded_vocab_size(self):
+        m = self.pad_vocab_size_multiple
+        return self.vocab_size + (m - self.vocab_size % m) % m
+
+    # state-spaces `config.json` (what mamba_ssm's MambaConfig writes)
+    def to_json_dict(self):
+        return {
+            "d_model": self.d_model,
+            "n_layer": self.n_layer,
+            "vocab_size": self.vocab_size,
+            "ssm_cfg": {"d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
+                        "dt_rank": self.dt_rank, "dt_min": self.dt_min, "dt_max": self.dt_max,
+                        "dt_init_floor": self.dt_init_floor},
+            "rms_norm": True,
+            "norm_epsilon": self.norm_eps,
+            "residual_in_fp32": self.residual_in_fp32,
+            "fused_add_norm": True,
+            "pad_vocab_size_multiple": self.pad_vocab_size_multiple,
+            "tie_embeddings": self.tie_embeddings,
+        }
+
+    @classmethod
+    def from_json_dict(cls, d, source="config.json"):
+        """Read either dialect: state-spaces (`d_model`, `ssm_cfg`) or Hugging Face (`hidden_size`, ...)."""
+        if "hidden_size" in d:  # transformers' MambaConfig
+            if d.get("use_bias", False):
+                raise ValueError(f"{source}: use_bias=True (biases in in_proj/out_proj) is not supported")
+            if not d.get("use_conv_bias", True):
+                raise ValueError(f"{source}: use_conv_bias=False is not supported")
+            return cls(d_model=d["hidden_size"], n_layer=d["num_hidden_layers"], vocab_size=d["vocab_size"],
+                       d_state=d.get("state_size", 16), d_conv=d.get("conv_kernel", 4),
+                       expand=d.get("expand", 2), dt_rank=d.get("time_step_rank", "auto"),
+                       pad_vocab_size_multiple=1, norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                       residual_in_fp32=d.get("residual_in_fp32", True),
+                       tie_embeddings=d.get("tie_word_embeddings", True))
+        if "d_model" not in d:
+            raise ValueError(f"{source}: neither a state-spaces config (d_model, n_layer, ...) nor a Hugging Face "
+                             f"MambaConfig (hidden_size, num_hidden_layers, ...); keys found: {sorted(d)}")
+        ssm = dict(d.get("ssm_cfg") or {})
+        if ssm.pop("layer", "Mamba1") != "Mamba1":
+            raise ValueError(f"{source}: only Mamba-1 layers are implemented (ssm_cfg.layer = 'Mamba1')")
+        if not d.get("rms_norm", True):
+            raise ValueError(f"{source}: rms_norm=False (LayerNorm) is not supported; the Mamba models use RMSNorm")
+        if d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
+            raise ValueError(f"{source}: MLP or attention layers (d_intermediate, attn_layer_idx) are not supported")
+        known = {f.name for f in fields(cls)}
+        unknown = set(ssm) - known
+        if unknown:
+            raise ValueError(f"{source}: unsupported ssm_cfg keys {sorted(unknown)}")
+        return cls(d_model=d["d_model"], n_layer=d["n_layer"], vocab_size=d["vocab_size"],
+                   pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
+                   norm_eps=d.get("norm_epsilon", 1e-5), residual_in_fp32=d.get("residual_in_fp32", True),
+                   tie_embeddings=d.get("tie_embeddings", True), **ssm)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Selective scans. One signature for all (mamba_ssm's `selective_scan_fn`, so users can swap):
+#
+#   u, delta, z (B, d_inner, L);  A (d_inner, N) float32;  B, C (B, N, L) or grouped (B, G, N, L);
+#   D, delta_bias (d_inner,) float32.   Returns out (B, d_inner, L) in u's dtype [, last state (B, d_inner, N) fp32].
+
+
+def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    """Upcast to float32, apply the Δ bias/softplus, expand grouped B/C to (B, d_inner, N, L)."""
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"selective_scan: u and delta must both be (batch, d_inner, L); got {tuple(u.shape)} "
+                         f"and {tuple(delta.shape)}")
+    batch, d_inner, L = u.shape
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+
+    def per_channel(M):  # (B, N, L) or (B, G, N, L) -> (B, d_inner or 1, N, L) float32
+        if M.dim() == 3:
+            return M.float()[:, None]
+        return M.float().repeat_interleave(d_inner // M.shape[1], dim=1)
+
+    return u.float(), delta, A.float(), per_channel(B), per_channel(C)
+
+
+def _scan_output(y, u, D, z, out_dtype):
+    if D is not None:
+        y = y + D.float()[:, None] * u
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y.to(out_dtype)
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """The definition: a sequential loop over time. Slow; everything else is tested against it."""
+    out_dtype = u.dtype
+    u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    batch, d_inner, L = u.shape
+    h = u.new_zeros(batch, d_inner, A.shape[1])                              # (B, d_inner, N)
+    ys = []
+    for t in range(L):
+        dA = torch.exp(delta[:, :, t, None] * A)                              # exp(Δ_t A)
+        dBu = delta[:, :, t, None] * B[..., t] * u[:, :, t, None]             # Δ_t B_t x_t
+        h = dA * h + dBu                                                      # eq. (2a)
+        ys.append((h * C[..., t]).sum(-1))                                    # eq. (2b): C_t · h_t
+    y = _scan_output(torch.stack(ys, dim=-1), u, D, z, out_dtype)
+    return (y, h) if return_last_state else y
+
+
+def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                           return_last_state=False, chunk_len=None):
+    """Same result as the reference, fast on a CPU: O(sqrt(L)) Python steps instead of O(L).
+
+    Cut the sequence into C chunks of T tokens (T ≈ sqrt(L)) and run the recurrence on all chunks at once:
+      1. local scan: every chunk scans its T tokens from a zero state, all chunks in parallel -> the chunk's
+         local end state S_c and its total decay P_c = exp(A · Σ_{t in c} Δ_t);
+      2. carry: h_start[0] = 0, h_start[c+1] = P_c ⊙ h_start[c] + S_c (C sequential steps on (B, d_inner, N));
+      3. rescan: every chunk scans again from its true start state, writing y.
+    Only products of decays ≤ 1 appear, so it is as stable as the loop. T sequential steps on tensors C times
+    larger than the loop's: 2·sqrt(L) + sqrt(L) Python steps in all.
+    """
+    out_dtype = u.dtype
+    u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    batch, d_inner, L = u.shape
+    T = chunk_len or max(1, math.isqrt(L - 1) + 1)
+    n_chunks = -(-L // T)
+    pad = n_chunks * T - L  # padded tokens have Δ = 0: exp(0·A) = 1 and Δ·B·x = 0 leave the state unchanged
+
+    def chunked(x):  # (b, c, ..., L) -> (T, b, c, n_chunks, ...): time-major, so step t reads a contiguous slice
+        x = F.pad(x, (0, pad)).unflatten(-1, (n_chunks, T))                 # (b, c, ..., n_chunks, T)
+        return x.movedim(-1, 0).movedim(-1, 3).contiguous()
+
+    delta_c = chunked(delta)                                    # (T, B, d_inner, n_chunks)
+    du_c = chunked(delta * u)                                   # Δ_t x_t
+    B_c, C_c = chunked(B), chunked(C)                           # (T, B, d_inner or 1, n_chunks, N)
+    A_ = A[None, :, None, :]                                    # (1, d_inner, 1, N)
+
+    def step(h, t):  # advance every chunk by its t-th token; h (B, d_inner, n_chunks, N)
+        dA = torch.exp(delta_c[t, ..., None] * A_)
+        dBu = du_c[t, ..., None] * B_c[t]
+        return dA * h + dBu
+
+    # 1. local scans from zero
+    h = u.new_zeros(batch, d_inner, n_chunks, A.shape[1])
+    for t in range(T):
+        h = step(h, t)
+    chunk_decay = torch.exp(delta_c.sum(0)[..., None] * A_)  # (B, d_inner, n_chunks, N)
+    # 2. carry the state across chunk boundaries
+    starts = [u.new_zeros(batch, d_inner, A.shape[1])]
+    for c in range(n_chunks):
+        starts.append(chunk_decay[:, :, c] * starts[-1] + h[:, :, c])
+    last_state = starts[-1]
+    # 3. rescan each chunk from its true start
+    h = torch.stack(starts[:-1], dim=2)
+    ys = []
+    for t in range(T):
+        h = step(h, t)
+        ys.append((h * C_c[t]).sum(-1))                         # (B, d_inner, n_chunks)
+    y = torch.stack(ys, dim=-1).flatten(-2)[..., :L]
+    y = _scan_output(y, u, D, z, out_dtype)
+    return (y, last_state) if return_last_state else y
+
+
+def selective_scan(*args, backend=None, **kwargs):
+    """Dispatch to a scan implementation: `backend` or $MAMBA_SCAN in {ref, torch, triton}; by default
+    the Triton kernel for CUDA tensors and the chunked PyTorch scan otherwise."""
+    backend = backend or os.environ.get("MAMBA_SCAN") or ("triton" if args[0].is_cuda else "torch")
+    if backend == "ref":
+        return selective_scan_ref(*args, **kwargs)
+    if backend == "torch":
+        return selective_scan_chunked(*args, **kwargs)
+    if backend == "triton":
+        import scan_triton
+        return scan_triton.selective_scan(*args, **kwargs)
+    raise ValueError(f"unknown scan backend {backend!r} (argument or MAMBA_SCAN): use ref, torch or triton")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. One layer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):  # computed in float32, returned in the weight's dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.weight.float()).to(self.weight.dtype)
+
+
+@dataclass
+class LayerCache:
+    """Recurrent state of one mixer: everything a decoding step needs to know about the past."""
+    conv_state: torch.Tensor  # (B, d_inner, d_conv): the last d_conv inputs of the causal conv
+    ssm_state: torch.Tensor   # (B, d_inner, N) float32: h_t
+
+
+class MambaMixer(nn.Module):
+    """The Mamba block's mixer (mamba_ssm's `Mamba`): in_proj -> conv -> selective SSM -> gate -> out_proj."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.layer_idx = layer_idx
+        self.d_inner, self.d_state, self.dt_rank, self.d_conv = c.d_inner, c.d_state, c.dt_rank, c.d_conv
+        self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(c.d_inner, c.d_inner, c.d_conv, groups=c.d_inner, padding=c.d_conv - 1)
+        self.x_proj = nn.Linear(c.d_inner, c.dt_rank + 2 * c.d_state, bias=False)
+        self.dt_proj = nn.Linear(c.dt_rank, c.d_inner, bias=True)
+        self.A_log = nn.Parameter(torch.empty(c.d_inner, c.d_state))
+        self.D = nn.Parameter(torch.empty(c.d_inner))
+        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
+
+    def _delta(self, hidden_states, x, hook, is_step):
+        """x (B, L, d_inner) after the conv -> Δ, B, C; the method hook sees Δ here."""
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)                   # (B, d_inner, L), no bias yet
+        delta = F.softplus(dt.float() + self.dt_proj.bias.float()[:, None])      # Δ = softplus(dt + bias)
+        keep = None
+        if hook is not None:
+            result = hook(self.layer_idx, hidden_states, dt, delta, is_step)
+            delta, keep = result if isinstance(result, tuple) else (result, None)
+            if keep is not None and is_step:
+                raise ValueError("a method hook may not drop tokens (return keep) during a decoding step")
+        return delta, B.transpose(1, 2), C.transpose(1, 2), keep                  # B, C (B, N, L)
+
+    def forward(self, hidden_states, hook=None, return_cache=False):
+        """hidden_states (B, L, d_model) -> (B, L or k, d_model), keep (B, k) or None, LayerCache or None."""
+        L = hidden_states.shape[1]
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)                      # (B, L, d_inner) each
+        x = x.transpose(1, 2)                                                    # (B, d_inner, L)
+        conv_state = F.pad(x, (self.d_conv - L, 0)) if return_cache else None    # last d_conv inputs
+        x = F.silu(self.conv1d(x)[..., :L])                                      # causal depthwise conv
+        delta, B, C, keep = self._delta(hidden_states, x.transpose(1, 2), hook, is_step=False)
+        A = -torch.exp(self.A_log.float())                                       # (d_inner, N)
+        y = selective_scan(x, delta, A, B, C, self.D.float(), z.transpose(1, 2), return_last_state=return_cache)
+        y, ssm_state = y if return_cache else (y, None)
+        out = self.out_proj(y.transpose(1, 2))                                   # (B, L, d_model)
+        if keep is not None:
+            out = out.gather(1, keep[..., None].expand(-1, -1, out.shape[-1]))
+        return out, keep, (LayerCache(conv_state, ssm_state) if return_cache else None)
+
+    def step(self, hidden_states, cache: LayerCache, hook=None):
+        """One token: hidden_states (B, 1, d_model) -> (B, 1, d_model); updates `cache` in place. O(1) in L."""
+        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)                # (B, d_inner)
+        cache.conv_state.copy_(torch.roll(cache.conv_state, shifts=-1, dims=-1))
+        cache.conv_state[:, :, -1] = x
+        x = (cache.conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
+        x = F.silu(x)                                                            # (B, d_inner)
+        delta, B, C, _ = self._delta(hidden_states, x[:, None], hook, is_step=True)
+        delta, B, C = delta[..., 0], B[..., 0].float(), C[..., 0].float()        # (B, d_inner), (B, N), (B, N)
+        A = -torch.exp(self.A_log.float())
+        dA = torch.exp(delta[..., None] * A)                                     # exp(Δ_t A)
+        h = dA * cache.ssm_state + (delta * x.float())[..., None] * B[:, None]   # eq. (2a)
+        cache.ssm_state.copy_(h)
+        y = (h * C[:, None]).sum(-1) + self.D.float() * x.float()                # eq. (2b)
+        y = (y * F.silu(z.float())).to(hidden_states.dtype)
+        return self.out_proj(y)[:, None]
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: residual += mixer(norm(residual)). The residual stream may stay float32."""
+
+    def __init__(self, config: MambaConfig, layer_idx: int):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mixer = MambaMixer(config, layer_idx)
+
+    def forward(self, residual, hook=None, return_cache=False):
+        out, keep, cache = self.mixer(self.norm(residual), hook, return_cache)
+        if keep is not None:
+            residual = residual.gather(1, keep[..., None].expand(-1, -1, residual.shape[-1]))
+        return residual + out, cache
+
+    def step(self, residual, cache, hook=None):
+        return residual + self.mixer.step(self.norm(residual), cache, hook)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. The language model
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
+        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+
+
+class Mamba(nn.Module):
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = Backbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+        self._hook = None
+        self.reset_parameters()
+
+    def set_hook(self, hook):
+        """Apply a long-context method (see the module docstring for the hook's contract); None removes it."""
+        if hook is not None and not callable(hook):
+            raise TypeError(f"set_hook expects a callable or None, got {type(hook).__name__}")
+        self._hook = hook
+
+    @property
+    def hook(self):
+        return self._hook
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """mamba_ssm's initialisation."""
+        c = self.config
+        for layer in self.backbone.layers:
+            m = layer.mixer
+            for linear in (m.in_proj, m.x_proj, m.out_proj):
+                linear.reset_parameters()
+            m.conv1d.reset_parameters()
+            # dt_proj weight ~ U(±dt_rank^-0.5); bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]
+            nn.init.uniform_(m.dt_proj.weight, -c.dt_rank ** -0.5, c.dt_rank ** -0.5)
+            dt = torch.exp(torch.rand(c.d_inner) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+            dt = dt.clamp(min=c.dt_init_floor)
+            m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+            # S4D-real: A_n = -(n+1) for every channel; skip connection D = 1
+            m.A_log.copy_(torch.log(torch.arange(1, c.d_state + 1, dtype=torch.float32)).repeat(c.d_inner, 1))
+            m.D.fill_(1.0)
+            # GPT-2 style: residual-branch output projections scaled by 1/sqrt(n_layer)
+            m.out_proj.weight /= math.sqrt(c.n_layer)
+            layer.norm.weight.fill_(1.0)
+        nn.init.normal_(self.backbone.embedding.weight, std=0.02)
+        self.backbone.norm_f.weight.fill_(1.0)
+        if not c.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+
+    def _embed(self, input_ids, inputs_embeds):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (B, L) or inputs_embeds (B, L, d_model)")
+        if inputs_embeds is not None:
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model or inputs_embeds.shape[1] == 0:
+                raise ValueError(f"inputs_embeds must be (batch, length>0, {self.config.d_model}), "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            return inputs_embeds
+        if not torch.is_tensor(input_ids):
+            input_ids = torch.as_tensor(input_ids, device=self.lm_head.weight.device)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty (batch, length) tensor of token ids, "
+                             f"got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point:
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        n_vocab = self.backbone.embedding.num_embeddings
+        if lo < 0 or hi >= n_vocab:
+            raise ValueError(f"token id {hi if hi >= n_vocab else lo} is outside the vocabulary [0, {n_vocab}) "
+                             f"of this model (vocab_size {self.config.vocab_size}); was the prompt encoded "
+                             f"with the checkpoint's own tokenizer?")
+        return self.backbone.embedding(input_ids)
+
+    def hidden_states(self, input_ids=None, inputs_embeds=None, return_cache=False):
+        """Final-norm hidden states (B, L, d_model) [, per-layer LayerCache list for decoding]."""
+        residual = self._embed(input_ids, inputs_embeds)
+        if self.config.residual_in_fp32:
+            residual = residual.float()
+        caches = []
+        for layer in self.backbone.layers:
+            residual, cache = layer(residual, self._hook, return_cache)
+            caches.append(cache)
+        h = self.backbone.norm_f(residual)
+        return (h, caches) if return_cache else h
+
+    def forward(self, input_ids=None, inputs_embeds=None, return_cache=False):
+        """Logits (B, L, padded_vocab) [, caches]. After a decimating hook, L is the number of kept tokens."""
+        out = self.hidden_states(input_ids, inputs_embeds, return_cache)
+        h, caches = out if return_cache else (out, None)
+        logits = self.lm_head(h)
+        return (logits, caches) if return_cache else logits
+
+    def step(self, token_ids, caches):
+        """One decoding step: token_ids (B,) -> logits (B, padded_vocab); caches are updated in place."""
+        residual = self._embed(token_ids[:, None], None)
+        if self.config.residual_in_fp32:
+            residual = residual.float()
+        for layer, cache in zip(self.backbone.layers, caches):
+            residual = layer.step(residual, cache, self._hook)
+        return self.lm_head(self.backbone.norm_f(residual))[:, 0]
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, max_new_tokens=20, temperature=0.0, top_k=None, eos_token_id=None,
+                 inputs_embeds=None):
+        """Prefill with the parallel scan, then one O(1) recurrent step per new token.
+
+        Greedy at temperature 0. Returns the new token ids (B, n ≤ max_new_tokens); a sequence that emitted
+        eos_token_id is padded with it, and generation stops once every sequence has emitted it."""
+        logits, caches = self.forward(input_ids, inputs_embeds, return_cache=True)
+        logits = logits[:, -1]
+        finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        new_tokens = []
+        for i in range(max_new_tokens):
+            logits = logits[:, :self.config.vocab_size].float()
+            if temperature == 0.0:
+                token = logits.argmax(-1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                token = torch.multinomial(F.softmax(logits, -1), 1)[:, 0]
+            if eos_token_id is not None:
+                token = token.masked_fill(finished, eos_token_id)
+                finished |= token == eos_token_id
+            new_tokens.append(token)
+            if (eos_token_id is not None and bool(finished.all())) or i == max_new_tokens - 1:
+                break
+            logits = self.step(token, caches)
+        if not new_tokens:
+            return torch.empty(logits.shape[0], 0, dtype=torch.long, device=logits.device)
+        return torch.stack(new_tokens, dim=1)
+
+    # ------------------------------------------------------------------------------------------------------
+    # 5. Checkpoints
+
+    def save_pretrained(self, directory, encoding=None):
+        """Write the state-spaces layout (config.json + pytorch_model.bin), and the tokenizer if given."""
+        os.makedirs(directory, exist_ok=True)
+        atomic_write(os.path.join(directory, "config.json"),
+                     lambda f: f.write(json.dumps(self.config.to_json_dict(), indent=2).encode()))
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(os.path.join(directory, "pytorch_model.bin"), lambda f: torch.save(state, f))
+        if encoding is not None:
+            import tokenizer
+            tokenizer.save_tokenizer(encoding, directory)
+
+    @classmethod
+    def from_pretrained(cls, path_or_name, device="cpu", dtype=None):
+        """Load a state-spaces or Hugging Face (`-hf`) checkpoint directory, or a hub name when possible."""
+        directory = _resolve_checkpoint(path_or_name)
+        with open(os.path.join(directory, "config.json")) as f:
+            try:
+                config = MambaConfig.from_json_dict(json.load(f), os.path.join(directory, "config.json"))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{directory}/config.json is not valid JSON: {e}") from None
+        state = load_state_dict(directory)
+        model = cls(config)
+        model.load_checkpoint_state(state, directory)
+        return model.to(device=device, dtype=dtype)
+
+    def load_checkpoint_state(self, state, source="checkpoint"):
+        """Strict load with readable errors; maps Hugging Face names; ignores a tied lm_head copy."""
+        state = {_HF_RENAMES.get(k, k): v for k, v in state.items()}
+        expected = self.state_dict()
+        if self.config.tie_embeddings:
+            state.pop("lm_head.weight", None)
+            expected.pop("lm_head.weight")
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{source}: the weights do not match the config. Missing keys: {missing[:8]}"
+                             f"{' ...' if len(missing) > 8 else ''}; unexpected keys: {unexpected[:8]}"
+                             f"{' ...' if len(unexpected) > 8 else ''}")
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise ValueError(f"{source}: {k} has shape {tuple(v.shape)} in the checkpoint but the config "
+                                 f"makes it {tuple(expected[k].shape)}")
+        self.load_state_dict(state, strict=not self.config.tie_embeddings)
+
+
+_HF_RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}
+
+
+def atomic_write(path, write_fn):
+    """Write through a temporary file in the same directory, then rename: a crash never leaves half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _resolve_checkpoint(path_or_name):
+    if os.path.isdir(path_or_name):
+        if not os.path.isfile(os.path.join(path_or_name, "config.json")):
+            raise FileNotFoundError(f"{path_or_name} has no config.json; a checkpoint directory holds config.json "
+                                    f"and pytorch_model.bin or model.safetensors")
+        return path_or_name
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(path_or_name, allow_patterns=["config.json", "*.bin", "*.safetensors",
+                                                               "tokenizer.json"])
+    except Exception as e:  # not installed, offline, unknown name: say what to fetch by hand
+        reason = f"{type(e).__name__}: {e}"
+    raise FileNotFoundError(
+        f"{path_or_name!r} is not a directory and could not be fetched from the Hugging Face hub ({reason}). "
+        f"Download config.json and pytorch_model.bin (state-spaces layout) or model.safetensors (-hf layout) from "
+        f"https://huggingface.co/{path_or_name}, plus tokenizer.json (from EleutherAI/gpt-neox-20b for the "
+        f"state-spaces models), into one directory and pass its path.")
+
+
+def load_state_dict(directory):
+    """Read model.safetensors or pytorch_model.bin from a checkpoint directory."""
+    st, pt = os.path.join(directory, "model.safetensors"), os.path.join(directory, "pytorch_model.bin")
+    if os.path.isfile(st):
+        return read_safetensors(st)
+    if os.path.isfile(pt):
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{directory} holds no weights: expected pytorch_model.bin or model.safetensors "
+                            f"(sharded checkpoints are not supported)")
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """The safetensors format without the package: an 8-byte little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets: [begin, end]}} and the raw little-endian tensor bytes after it."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError(f"{path} is not a safetensors file (too short)")
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if 8 + header_len > len(data):
+        raise ValueError(f"{path} is not a safetensors file (header length {header_len} beyond the file end)")
+    header = json.loads(data[8:8 + header_len])
+    body = memoryview(data)[8 + header_len:]
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+        tensors[name] = flat.reshape(info["shape"])
+    return tensors

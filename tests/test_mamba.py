@@ -1,0 +1,312 @@
+"""mamba.py: scans against the reference, recurrent decoding, the hook, checkpoints, parity with transformers."""
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+import mamba
+from mamba import Mamba, MambaConfig
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def scan_inputs(batch, d_inner, d_state, L, groups=None, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    r = lambda *s: torch.randn(*s, generator=g)
+    bc_shape = (batch, d_state, L) if groups is None else (batch, groups, d_state, L)
+    return dict(u=r(batch, d_inner, L), delta=r(batch, d_inner, L) * 0.5,
+                A=-torch.rand(d_inner, d_state, generator=g) * 4 - 0.1,
+                B=r(*bc_shape), C=r(*bc_shape), D=r(d_inner), z=r(batch, d_inner, L), delta_bias=r(d_inner) * 0.5)
+
+
+@pytest.mark.parametrize("batch,d_inner,d_state,L,chunk_len", [
+    (1, 4, 16, 1, None), (3, 6, 16, 37, None), (2, 8, 64, 50, 7), (2, 4, 4, 64, 64), (1, 5, 8, 129, 1)])
+@pytest.mark.parametrize("options", ["all", "plain"])
+def test_chunked_scan_equals_reference_with_gradients(batch, d_inner, d_state, L, chunk_len, options):
+    x = scan_inputs(batch, d_inner, d_state, L)
+    kw = dict(delta_softplus=True, return_last_state=True)
+    if options == "plain":
+        x.update(D=None, z=None, delta_bias=None)
+        x["delta"] = x["delta"].abs()
+        kw["delta_softplus"] = False
+    grads = {}
+    for name, fn in [("ref", mamba.selective_scan_ref), ("chunked", mamba.selective_scan_chunked)]:
+        inputs = {k: (v.clone().requires_grad_() if v is not None else None) for k, v in x.items()}
+        extra = {"chunk_len": chunk_len} if name == "chunked" else {}
+        y, last = fn(**inputs, **kw, **extra)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward(retain_graph=True)
+        (last.sin().sum()).backward()
+        grads[name] = (y.detach(), last.detach(), {k: v.grad for k, v in inputs.items() if v is not None})
+    (y_ref, last_ref, g_ref), (y_chk, last_chk, g_chk) = grads["ref"], grads["chunked"]
+    assert rel_err(y_chk, y_ref) <= 1e-5
+    assert rel_err(last_chk, last_ref) <= 1e-5
+    for k in g_ref:
+        assert rel_err(g_chk[k], g_ref[k]) <= 1e-5, k
+
+
+def test_grouped_B_C():
+    x = scan_inputs(2, 8, 4, 21, groups=2)
+    y_ref = mamba.selective_scan_ref(**x, delta_softplus=True)
+    y_chk = mamba.selective_scan_chunked(**x, delta_softplus=True)
+    assert rel_err(y_chk, y_ref) <= 1e-5
+    # a group is shared by d_inner // G consecutive channels: equal to expanding by hand
+    x_manual = dict(x, B=x["B"][:, 0], C=x["C"][:, 0])
+    x_manual.update({k: x[k][:, :4] for k in ("u", "delta", "z")}, A=x["A"][:4], D=x["D"][:4],
+                    delta_bias=x["delta_bias"][:4])
+    assert rel_err(y_ref[:, :4], mamba.selective_scan_ref(**x_manual, delta_softplus=True)) <= 1e-6
+
+
+def test_backend_selection(monkeypatch):
+    x = scan_inputs(1, 4, 4, 9, seed=0)
+    monkeypatch.setenv("MAMBA_SCAN", "ref")
+    assert torch.equal(mamba.selective_scan(*x.values()), mamba.selective_scan_ref(*x.values()))
+    with pytest.raises(ValueError, match="unknown scan backend 'cuda'.*ref, torch or triton"):
+        mamba.selective_scan(*x.values(), backend="cuda")
+
+
+def small_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(d_model=32, n_layer=2, vocab_size=101, d_state=8)
+    cfg.update(kw)
+    return Mamba(MambaConfig(**cfg)).eval()
+
+
+def perturb(model, seed=1):
+    """A fresh init has Δ small and D = 1; move weights so the test exercises every path."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def test_config_defaults_and_json_round_trip():
+    c = MambaConfig(d_model=100, n_layer=3, vocab_size=50277)
+    assert c.dt_rank == 7 and c.d_inner == 200 and c.padded_vocab_size == 50280
+    assert MambaConfig.from_json_dict(json.loads(json.dumps(c.to_json_dict()))) == c
+    hf = dict(hidden_size=64, num_hidden_layers=2, state_size=16, conv_kernel=4, expand=2, time_step_rank=4,
+              vocab_size=50280, layer_norm_epsilon=1e-5, use_bias=False, use_conv_bias=True)
+    c = MambaConfig.from_json_dict(hf)
+    assert (c.d_model, c.n_layer, c.d_state, c.dt_rank, c.padded_vocab_size) == (64, 2, 16, 4, 50280)
+    with pytest.raises(ValueError, match="use_bias=True"):
+        MambaConfig.from_json_dict(dict(hf, use_bias=True))
+    with pytest.raises(ValueError, match="only Mamba-1"):
+        MambaConfig.from_json_dict({"d_model": 8, "n_layer": 1, "vocab_size": 8, "ssm_cfg": {"layer": "Mamba2"}})
+    with pytest.raises(ValueError, match="d_model must be a positive integer"):
+        MambaConfig(d_model=0, n_layer=1, vocab_size=8)
+
+
+def test_initialisation_matches_mamba_ssm():
+    c = MambaConfig(d_model=64, n_layer=4, vocab_size=64, d_state=16)
+    m = Mamba(c)
+    mixer = m.backbone.layers[0].mixer
+    assert torch.allclose(-torch.exp(mixer.A_log[3]), -torch.arange(1, 17).float())
+    assert torch.equal(mixer.D, torch.ones(c.d_inner))
+    dt = torch.nn.functional.softplus(mixer.dt_proj.bias)
+    assert dt.min() >= c.dt_init_floor * 0.999 and dt.max() <= c.dt_max * 1.001
+    assert mixer.dt_proj.weight.abs().max() <= c.dt_rank ** -0.5
+    assert m.lm_head.weight is m.backbone.embedding.weight
+    assert 0.015 < m.backbone.embedding.weight.std() < 0.025
+    assert mixer.in_proj.bias is None and mixer.conv1d.bias is not None
+    names = set(m.state_dict())
+    for k in ["backbone.embedding.weight", "backbone.layers.0.norm.weight", "backbone.layers.3.mixer.A_log",
+              "backbone.layers.0.mixer.in_proj.weight", "backbone.layers.0.mixer.conv1d.bias",
+              "backbone.layers.0.mixer.x_proj.weight", "backbone.layers.0.mixer.dt_proj.bias",
+              "backbone.layers.0.mixer.out_proj.weight", "backbone.layers.0.mixer.D", "backbone.norm_f.weight",
+              "lm_head.weight"]:
+        assert k in names
+
+
+def test_step_and_generate_match_full_forward():
+    model = perturb(small_model())
+    ids = torch.randint(0, 101, (2, 13))
+    full = model(ids)
+    logits, caches = model(ids[:, :5], return_cache=True)
+    assert rel_err(logits, full[:, :5]) <= 1e-5
+    for t in range(5, 13):
+        step_logits = model.step(ids[:, t], caches)
+        assert rel_err(step_logits, full[:, t]) <= 1e-5, t
+    # prefill shorter than d_conv, then steps
+    logits, caches = model(ids[:, :2], return_cache=True)
+    for t in range(2, 6):
+        assert rel_err(model.step(ids[:, t], caches), full[:, t]) <= 1e-5
+    # greedy generate equals arg-max of repeated full forwards
+    new = model.generate(ids[:, :6], max_new_tokens=5)
+    seq = ids[:, :6]
+    for _ in range(5):
+        seq = torch.cat([seq, model(seq)[:, -1, :101].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(new, seq[:, 6:])
+
+
+def test_generate_stops_at_eos_and_samples():
+    model = perturb(small_model())
+    ids = torch.randint(0, 101, (1, 8))
+    greedy = model.generate(ids, max_new_tokens=6)
+    eos = int(greedy[0, 2])
+    stopped = model.generate(ids, max_new_tokens=6, eos_token_id=eos)
+    assert stopped.shape[1] <= 3 and int(stopped[0, -1]) == eos
+    torch.manual_seed(0)
+    sampled = model.generate(ids, max_new_tokens=4, temperature=1.0, top_k=5)
+    assert sampled.shape == (1, 4) and int(sampled.max()) < 101
+
+
+def test_hook_none_and_identity_are_bit_identical_and_step_calls_it():
+    model = perturb(small_model())
+    ids = torch.randint(0, 101, (2, 17))
+    vanilla = model(ids)
+    calls = []
+
+    def identity(layer_idx, hidden_states, dt, delta, is_step):
+        calls.append((layer_idx, tuple(hidden_states.shape), tuple(dt.shape), tuple(delta.shape), is_step))
+        return delta
+
+    model.set_hook(identity)
+    assert torch.equal(model(ids), vanilla)
+    assert calls == [(i, (2, 17, 32), (2, 64, 17), (2, 64, 17), False) for i in range(2)]
+    calls.clear()
+    _, caches = model(ids, return_cache=True)
+    model.step(ids[:, 0], caches)
+    assert calls[-2:] == [(i, (2, 1, 32), (2, 64, 1), (2, 64, 1), True) for i in range(2)]
+    model.set_hook(None)
+    assert torch.equal(model(ids), vanilla)
+
+
+def test_hook_changes_delta_and_keeps_tokens():
+    model = perturb(small_model())
+    ids = torch.randint(0, 101, (1, 12))
+    vanilla = model(ids)
+    model.set_hook(lambda i, h, dt, delta, is_step: torch.zeros_like(delta) if i == 1 else delta)
+    assert not torch.allclose(model(ids), vanilla)
+    keep = torch.tensor([[0, 3, 11]])
+    model.set_hook(lambda i, h, dt, delta, is_step: (delta, keep) if i == 0 and not is_step else delta)
+    out = model(ids)
+    assert out.shape == (1, 3, 104)
+    # tokens dropped after layer 0: layer 1 sees only the kept positions of layer 0's output
+    residual = model.backbone.embedding(ids).float()
+    residual = model.backbone.layers[0](residual)[0][:, [0, 3, 11]]
+    residual = model.backbone.layers[1](residual)[0]
+    model.set_hook(None)
+    expected = model.lm_head(model.backbone.norm_f(residual))
+    assert rel_err(out, expected) <= 1e-6
+    with pytest.raises(TypeError, match="callable or None"):
+        model.set_hook(3)
+
+
+def test_bad_input_messages():
+    model = small_model()
+    with pytest.raises(ValueError, match="non-empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token id 500 is outside the vocabulary \[0, 104\)"):
+        model(torch.tensor([[1, 500]]))
+    with pytest.raises(ValueError, match="exactly one of"):
+        model()
+    with pytest.raises(ValueError, match="integer token ids"):
+        model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="inputs_embeds must be"):
+        model(inputs_embeds=torch.zeros(1, 3, 7))
+
+
+def test_save_load_round_trip_state_spaces_layout(tmp_path):
+    model = perturb(small_model())
+    model.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "pytorch_model.bin"]
+    assert json.load(open(tmp_path / "config.json"))["ssm_cfg"]["d_state"] == 8
+    loaded = Mamba.from_pretrained(str(tmp_path))
+    ids = torch.randint(0, 101, (1, 9))
+    assert torch.equal(loaded(ids), model(ids))
+
+
+def hf_state_dict(model):
+    return {("backbone.embeddings.weight" if k == "backbone.embedding.weight" else k): v
+            for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def hf_config(model):
+    c = model.config
+    return dict(model_type="mamba", hidden_size=c.d_model, num_hidden_layers=c.n_layer, state_size=c.d_state,
+                conv_kernel=c.d_conv, expand=c.expand, time_step_rank=c.dt_rank, vocab_size=c.padded_vocab_size,
+                layer_norm_epsilon=c.norm_eps, use_bias=False, use_conv_bias=True, residual_in_fp32=True,
+                tie_word_embeddings=True)
+
+
+def write_safetensors(path, tensors):
+    """A minimal writer for the tests (the format: 8-byte header length, JSON header, raw bytes)."""
+    header, blobs, offset = {}, [], 0
+    codes = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}
+    for name, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+@pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
+def test_load_hugging_face_layout(tmp_path, weights_file):
+    model = perturb(small_model())
+    json.dump(hf_config(model), open(tmp_path / "config.json", "w"))
+    state = hf_state_dict(model)
+    if weights_file == "model.safetensors":
+        write_safetensors(tmp_path / weights_file, state)
+    else:
+        torch.save(state, tmp_path / weights_file)
+    loaded = Mamba.from_pretrained(str(tmp_path))
+    ids = torch.randint(0, 101, (1, 9))
+    assert torch.equal(loaded(ids)[..., :101], model(ids)[..., :101])
+
+
+def test_safetensors_reader_against_package(tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).to(torch.bfloat16), "c": torch.arange(6).view(2, 3),
+               "d": torch.randn(2, 2).half(), "empty": torch.zeros(0, 3)}
+    safetensors_torch.save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"format": "pt"})
+    ours = mamba.read_safetensors(str(tmp_path / "x.safetensors"))
+    theirs = safetensors_torch.load_file(str(tmp_path / "x.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for k in theirs:
+        assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
+
+
+def test_checkpoint_errors_name_files_keys_and_shapes(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        Mamba.from_pretrained(str(tmp_path))
+    model = small_model()
+    json.dump(model.config.to_json_dict(), open(tmp_path / "config.json", "w"))
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin or model.safetensors"):
+        Mamba.from_pretrained(str(tmp_path))
+    state = model.state_dict()
+    state["backbone.layers.0.mixer.D"] = torch.ones(7)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"backbone.layers.0.mixer.D has shape \(7,\).*\(64,\)"):
+        Mamba.from_pretrained(str(tmp_path))
+    state = small_model().state_dict()
+    del state["backbone.norm_f.weight"]
+    state["extra.weight"] = torch.ones(1)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"Missing keys: \['backbone.norm_f.weight'\].*unexpected keys: \['extra.weight'\]"):
+        Mamba.from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="config.json and pytorch_model.bin .* into one directory"):
+        Mamba.from_pretrained("no-such-org/no-such-model-here")
+
+
+def test_parity_with_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    for seed, (d_model, n_layer, d_state, vocab) in enumerate([(32, 2, 8, 96), (48, 3, 16, 120)]):
+        torch.manual_seed(seed)
+        cfg = transformers.MambaConfig(hidden_size=d_model, num_hidden_layers=n_layer, state_size=d_state,
+                                       vocab_size=vocab, expand=2, conv_kernel=4, use_bias=False,
+                                       use_conv_bias=True, tie_word_embeddings=True)
+        hf = transformers.MambaForCausalLM(cfg).eval()
+        perturb(hf, seed)
+        hf.save_pretrained(tmp_path / f"m{seed}")
+        ours = Mamba.from_pretrained(str(tmp_path / f"m{seed}"))
+        ids = torch.randint(0, vocab, (2, 33))
+        with torch.no_grad():
+            expected = hf(ids).logits
+        assert rel_err(ours(ids), expected) <= 1e-5
