@@ -1,0 +1,162 @@
+"""scan_triton.py: forward and every gradient against mamba.selective_scan_ref, in Triton's CPU interpreter.
+
+Chunks of 8 tokens and tiles of 2 to 4 channels, so that small shapes already span several chunks and
+several channel blocks (the kernels' defaults are 64 tokens). Every buffer a kernel should write in full
+starts as NaN, so an element it skips fails the comparison. Inputs are fresh random numbers on every run;
+the seed is in the failure message.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere
+
+import pytest
+import torch
+
+import mamba
+import scan_triton
+
+GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+@pytest.fixture(autouse=True)
+def small_tiles_and_poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(scan_triton, "CHUNK", 8)
+    monkeypatch.setattr(scan_triton, "TILE", 256)  # 2 channels per tile at N = 16, 1 at N = 64
+    monkeypatch.setattr(scan_triton, "_alloc",
+                        lambda *shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(seed, batch, d_inner, d_state, L, groups=None, D=True, z=True, delta_bias=True, softplus=True,
+                dtype=torch.float32):
+    """Mamba-like magnitudes: A = -exp(·) spread over [-N, -1/2]; Δ small and positive (without softplus,
+    delta and delta_bias are positive themselves, else the state would grow without bound)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    bc_shape = (batch, d_state, L) if groups is None else (batch, groups, d_state, L)
+    delta = r(batch, d_inner, L) * 0.5 - 1.0 if softplus else torch.rand(batch, d_inner, L, generator=g) * 0.3
+    x = dict(u=r(batch, d_inner, L).to(dtype), delta=delta.to(dtype),
+             A=-torch.exp(torch.rand(d_inner, d_state, generator=g) * torch.log(torch.tensor(2.0 * d_state))) / 2,
+             B=r(*bc_shape).to(dtype), C=r(*bc_shape).to(dtype),
+             D=r(d_inner) if D else None, z=r(batch, d_inner, L).to(dtype) if z else None,
+             delta_bias=(r(d_inner) * 0.5 if softplus else torch.rand(d_inner, generator=g) * 0.1) if delta_bias
+             else None)
+    return {k: None if v is None else v.requires_grad_() for k, v in x.items()}
+
+
+def run_both(x, softplus, return_last_state, seed):
+    """Forward and backward through both scans with the same random output gradients; returns
+    ([out, last_state?], {name: grad}) for each."""
+    results = []
+    g = torch.Generator().manual_seed(seed + 1)
+    cotangents = None
+    for scan in (scan_triton.selective_scan, mamba.selective_scan_ref):
+        inputs = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in x.items()}
+        outs = scan(**inputs, delta_softplus=softplus, return_last_state=return_last_state)
+        outs = list(outs) if return_last_state else [outs]
+        if cotangents is None:
+            cotangents = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs]
+        torch.autograd.backward(outs, cotangents)
+        results.append((outs, {k: v.grad for k, v in inputs.items() if v is not None}))
+    return results
+
+
+CASES = {  # name: (batch, d_inner, d_state, L, groups, D, z, delta_bias, softplus, return_last_state)
+    "all options, odd L over 5 chunks": (2, 4, 16, 37, None, True, True, True, True, True),
+    "L = 1": (1, 4, 16, 1, None, True, True, True, True, True),
+    "batch 3, plain": (3, 4, 16, 13, None, False, False, False, False, False),
+    "L a multiple of the chunk": (1, 4, 16, 16, None, True, True, True, True, False),
+    "d_state 64": (2, 3, 64, 19, None, True, True, True, True, True),
+    "d_state 10 (not a power of 2)": (1, 3, 10, 21, None, True, False, True, True, True),
+    "grouped B, C": (2, 8, 16, 23, 2, True, True, True, True, True),
+    "groups of 3 channels (tiles of 2)": (1, 6, 16, 11, 2, True, True, False, True, False),
+    "D and z only": (1, 5, 16, 17, None, True, True, False, False, False),
+    "softplus without bias": (1, 4, 16, 9, None, False, False, False, True, True),
+    "bias without softplus": (2, 4, 16, 25, None, False, True, True, False, False),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_float32_forward_and_gradients_match_reference(case):
+    batch, d_inner, d_state, L, groups, D, z, delta_bias, softplus, return_last_state = CASES[case]
+    seed = torch.seed() % 2**31
+    x = make_inputs(seed, batch, d_inner, d_state, L, groups, D, z, delta_bias, softplus)
+    (outs, grads), (ref_outs, ref_grads) = run_both(x, softplus, return_last_state, seed)
+    assert outs[0].dtype == torch.float32 and outs[0].shape == (batch, d_inner, L)
+    for o, ref in zip(outs, ref_outs):
+        assert rel_err(o, ref) <= 1e-5, f"{case}: forward rel err {rel_err(o, ref):.2e} (seed {seed})"
+    if return_last_state:
+        assert outs[1].dtype == torch.float32 and outs[1].shape == (batch, d_inner, d_state)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        err = rel_err(grads[name], ref_grads[name])
+        assert err <= 1e-4, f"{case}: d{name} rel err {err:.2e} (seed {seed})"
+
+
+@pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+def test_half_precision_inputs_match_reference_within_output_rounding(dtype, bound):
+    """Both scans read the same rounded inputs and accumulate in float32, so they differ only by how what
+    they return is rounded: at most 2^-8 relative per element for bfloat16, 2^-11 for float16, twice that
+    where Triton's interpreter truncates to bfloat16 instead of rounding (the GPU rounds). Measured norm
+    errors: ~4.5e-3 bfloat16, < 1e-5 float16; bounds 1e-2 and 2e-3."""
+    seed = torch.seed() % 2**31
+    x = make_inputs(seed, 2, 4, 16, 29, groups=None, dtype=dtype)
+    (outs, grads), (ref_outs, ref_grads) = run_both(x, True, True, seed)
+    assert outs[0].dtype == dtype and outs[1].dtype == torch.float32
+    for o, ref in zip(outs, ref_outs):
+        assert rel_err(o, ref) <= bound, f"forward rel err {rel_err(o, ref):.2e} (seed {seed})"
+    for name in GRAD_NAMES:
+        assert grads[name].dtype == x[name].dtype
+        err = rel_err(grads[name], ref_grads[name])
+        assert err <= bound, f"d{name} rel err {err:.2e} (seed {seed})"
+
+
+def test_gradient_through_last_state_only():
+    """The output is unused: its gradient arrives as None and the adjoint starts from ∂loss/∂h_L alone."""
+    seed = torch.seed() % 2**31
+    x = make_inputs(seed, 1, 4, 16, 27)
+    grads = []
+    for scan in (scan_triton.selective_scan, mamba.selective_scan_ref):
+        inputs = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+        _, last_state = scan(**inputs, delta_softplus=True, return_last_state=True)
+        last_state.pow(2).sum().backward()
+        grads.append(inputs)
+    for name in ("u", "delta", "A", "B", "delta_bias"):
+        err = rel_err(grads[0][name].grad, grads[1][name].grad)
+        assert err <= 1e-4, f"d{name} rel err {err:.2e} (seed {seed})"
+    for name in ("C", "D", "z"):  # they only reach the output
+        assert grads[0][name].grad.abs().max() == 0
+
+
+def test_strided_inputs_are_accepted():
+    """B, C as they come out of x_proj: (batch, L, N) transposed to (batch, N, L)."""
+    seed = torch.seed() % 2**31
+    x = make_inputs(seed, 2, 4, 16, 19)
+    x["B"] = x["B"].detach().transpose(1, 2).contiguous().transpose(1, 2)
+    x["C"] = x["C"].detach().transpose(1, 2).contiguous().transpose(1, 2)
+    with torch.no_grad():
+        out = scan_triton.selective_scan(**x, delta_softplus=True)
+        ref = mamba.selective_scan_ref(**x, delta_softplus=True)
+    assert rel_err(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(u=torch.zeros(2, 4)), "u and delta must both be"),
+    (dict(A=torch.zeros(5, 16)), "A must be (d_inner=4"),
+    (dict(A=torch.zeros(4, 65)), "supports 1 to 64"),
+    (dict(B=torch.zeros(2, 16, 8)), "B must be (batch=2, d_state=16, L=9)"),
+    (dict(B=torch.zeros(2, 3, 16, 9), C=torch.zeros(2, 3, 16, 9)), "divisible by G"),
+    (dict(z=torch.zeros(2, 4, 8)), "z must be shaped like u"),
+    (dict(D=torch.zeros(3)), "D must be (d_inner=4,)"),
+    (dict(u=torch.zeros(2, 4, 9, dtype=torch.int64)), "use float32, bfloat16 or float16"),
+])
+def test_bad_inputs_get_a_clear_error(change, message):
+    x = {k: None if v is None else v.detach() for k, v in make_inputs(0, 2, 4, 16, 9).items()}
+    x.update(change)
+    if "u" in change:
+        x["delta"] = torch.zeros_like(x["u"]) if change["u"].dim() == 3 else x["delta"]
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        scan_triton.selective_scan(**x)
