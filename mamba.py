@@ -521,7 +521,11 @@ class Mamba(nn.Module):
         os.makedirs(directory, exist_ok=True)
         atomic_write(os.path.join(directory, "config.json"),
                      lambda f: f.write(json.dumps(self.config.to_json_dict(), indent=2).encode()))
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        # copy to the CPU once per storage, so the tied lm_head.weight stays one tensor in the file
+        copies, state = {}, {}
+        for k, v in self.state_dict().items():
+            ident = (v.data_ptr(), v.dtype, tuple(v.shape))
+            state[k] = copies.setdefault(ident, v.detach().to("cpu", copy=True))
         atomic_write(os.path.join(directory, "pytorch_model.bin"), lambda f: torch.save(state, f))
         if encoding is not None:
             import tokenizer

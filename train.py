@@ -152,6 +152,9 @@ def weighted_lm_loss(model, ids, weights):
 
 
 def git_commit():
+    """The repository's commit; $MAMBA_COMMIT where the tree was copied without .git (a remote GPU machine)."""
+    if os.environ.get("MAMBA_COMMIT"):
+        return os.environ["MAMBA_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
