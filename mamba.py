@@ -572,6 +572,9 @@ def atomic_write(path, write_fn):
     """Write through a temporary file in the same directory, then rename: a crash never leaves half a file."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
     try:
         with os.fdopen(fd, "wb") as f:
             write_fn(f)

@@ -33,7 +33,7 @@ import passkey
 import tokenizer
 from mamba import Mamba, MambaConfig, atomic_write
 
-STATE_FILE = "train_state.pt"   # everything --resume needs, in one atomically written file
+STATE_FILES = {"lm": "train_state.pt", "remamba": "remamba_train_state.pt"}  # all --resume needs, one file
 INFO_FILE = "train_info.json"   # what the checkpoint is: L_train, data, steps, time (read by eval.py)
 
 
@@ -45,8 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--init", help="base checkpoint for --method remamba")
     p.add_argument("--train-base", action="store_true", help="remamba: train the base model too")
     p.add_argument("--data", default="data/war_and_peace.txt", help="training text (UTF-8 prose)")
-    p.add_argument("--tokenizer", default="data/bpe2048.tiktoken",
-                   help="a .tiktoken file, 'bytes' (256 single bytes), or 'bpe:N' to train an N-token BPE on --data")
+    p.add_argument("--tokenizer", default="bytes",
+                   help="'bytes' (256 single bytes: the testbed's), a .tiktoken file (e.g. data/bpe2048.tiktoken), "
+                        "or 'bpe:N' to train an N-token BPE on --data")
     p.add_argument("--filler", choices=passkey.FILLERS, default="prose")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layer", type=int, default=4)
@@ -190,7 +191,7 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     log = print if rank == 0 else (lambda *a, **k: None)
     text = open(args.data, encoding="utf-8").read()
-    state_path = os.path.join(args.out, STATE_FILE)
+    state_path = os.path.join(args.out, STATE_FILES[args.method])
     if args.resume and not os.path.isfile(state_path):
         fail(f"--resume: {state_path} does not exist (nothing to resume; drop --resume to start)")
     if not args.resume and os.path.isfile(state_path):
