@@ -3,6 +3,7 @@ Speed benchmarks on a CUDA GPU, one subcommand per benchmark; each prints a mark
 results/ with the command, the commit and the GPU that made it.
 
     python bench.py scan     the selective scan: scan_triton against the PyTorch path and mamba_ssm's CUDA kernel
+    python bench.py methods  prefill of LongMamba, DeciMamba and ReMamba ÷ vanilla prefill; decoding step cost
 
 Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between runs), in milliseconds.
 """
@@ -135,6 +136,62 @@ def bench_scan(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# python bench.py methods
+
+
+def bench_methods(args):
+    """Prefill time of each long-context method ÷ vanilla prefill on a checkpoint at long prompt lengths, the
+    prefill's peak memory, and the cost of one recurrent decoding step (no method changes decoding)."""
+    import decimamba
+    import eval as evaluate
+    import longmamba
+    import remamba
+    import tokenizer
+
+    model = mamba.Mamba.from_pretrained(args.model, device="cuda").eval()
+    encoding = tokenizer.load_tokenizer(args.model)
+    with open(os.path.join(args.model, evaluate.INFO_FILE)) as f:
+        L_train = evaluate.json.load(f)["L_train"]
+    text = open(args.data, encoding="utf-8").read()
+    calibration = longmamba.load_or_calibrate(
+        model, os.path.join(args.model, evaluate.CALIBRATION_FILE),
+        lambda: evaluate.calibration_windows(encoding, text, L_train, 100), L_train)
+    remamba_model = remamba.ReMamba.load(model, os.path.join(args.model, remamba.REMAMBA_FILE))
+    methods = {  # name: (set the hook, what runs the prefill)
+        "vanilla": (lambda: model.set_hook(None), model),
+        "longmamba": (lambda: longmamba.apply(model, calibration), model),
+        "decimamba": (lambda: decimamba.apply(model, L_base=L_train), model),
+        "remamba": (lambda: model.set_hook(None), remamba_model),  # stage 1 + stage 2
+    }
+    rows = ["| prompt tokens | method | prefill ms | ÷ vanilla | prompt tokens/ms | peak MiB |",
+            "|---|---|---|---|---|---|"]
+    for L in args.lengths:
+        ids = torch.randint(0, encoding.n_vocab, (1, L), device="cuda")
+        times = {}
+        for name, (set_hook, runner) in methods.items():
+            set_hook()
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                torch.cuda.reset_peak_memory_stats()
+                times[name] = triton.testing.do_bench(lambda: runner(ids), warmup=25, rep=200, return_mode="median")
+                peak = torch.cuda.max_memory_allocated() / 2**20
+            model.set_hook(None)
+            rows.append(f"| {L} | {name} | {times[name]:.2f} | {times[name] / times['vanilla']:.2f} | "
+                        f"{L / times[name]:.0f} | {peak:.0f} |")
+            print(rows[-1], flush=True)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        _, caches = model(torch.randint(0, encoding.n_vocab, (1, 1024), device="cuda"), return_cache=True)
+        token = torch.zeros(1, dtype=torch.long, device="cuda")
+        step_ms = triton.testing.do_bench(lambda: model.step(token, caches), warmup=25, rep=200, return_mode="median")
+    notes = [f"Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, L_train "
+             f"{L_train}; batch 1, bf16 autocast, random token ids; times are medians of triton.testing.do_bench.",
+             "LongMamba: dt_thre, c = 0.05, b = 1 (its calibration is loaded, not timed). DeciMamba: default layer, "
+             "beta 0.5, L_base = L_train. ReMamba: stage 1 (full forward) + stage 2 (re-forward of the compressed "
+             "prompt), the logits of stage 2.",
+             f"Decoding: one recurrent step (any method) takes {step_ms:.3f} ms."]
+    write_result(args.out, "Long-context methods: prefill overhead", rows, notes)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Shared: provenance and writing results
 
 
@@ -163,6 +220,12 @@ def main():
     scan.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     scan.add_argument("--out", default="results/scan_bench.md", help="markdown table written here")
     scan.set_defaults(run=bench_scan)
+    methods = sections.add_parser("methods", help="prefill time of LongMamba, DeciMamba, ReMamba ÷ vanilla")
+    methods.add_argument("--model", default="checkpoints/mamba-testbed")
+    methods.add_argument("--data", default="data/war_and_peace.txt", help="LongMamba calibration text if needed")
+    methods.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[16384, 65536])
+    methods.add_argument("--out", default="results/methods_bench.md", help="markdown table written here")
+    methods.set_defaults(run=bench_methods)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU (torch.cuda.is_available() is False)")
