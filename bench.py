@@ -196,9 +196,10 @@ def bench_methods(args):
 
 
 def provenance():
+    commit = os.environ.get("MAMBA_COMMIT")  # set where the tree was copied without .git (a remote GPU machine)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "uncommitted"
     return (f"Command: `python bench.py {' '.join(sys.argv[1:])}`  \n"
