@@ -400,7 +400,7 @@ def main(argv=None):
                 print(f"{m}: LongBench{'-E' if args.e else ''} scores")
                 for d, s in scores.items():
                     print(f"  {d:>22}: {s}")
-                write_json(os.path.join(args.out_dir, f"longbench_{model_name}_{m}.json"),
+                write_json(os.path.join(args.out_dir, f"longbench{'_e' if args.e else ''}_{model_name}_{m}.json"),
                            {"method": m, **meta, "e": args.e, "max_length": args.max_length, "scores": scores})
     if distributed:
         dist.destroy_process_group()

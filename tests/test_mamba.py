@@ -310,3 +310,17 @@ def test_parity_with_transformers(tmp_path):
         with torch.no_grad():
             expected = hf(ids).logits
         assert rel_err(ours(ids), expected) <= 1e-5
+
+
+def test_bfloat16_weights_keep_state_and_residual_in_float32():
+    model = perturb(small_model())
+    ids = torch.randint(0, 101, (2, 19))
+    expected = model(ids)
+    half = small_model()
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    logits, caches = half(ids[:, :11], return_cache=True)
+    assert caches[0].ssm_state.dtype == torch.float32
+    assert rel_err(logits.float(), expected[:, :11]) < 3e-2
+    for t in range(11, 19):
+        assert rel_err(half.step(ids[:, t], caches).float(), expected[:, t]) < 3e-2
