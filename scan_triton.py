@@ -11,142 +11,238 @@ with respect to u, delta, A, B, C, D, z and delta_bias. For every batch b, chann
     h_t = a_t h_{t-1} + b_t,   a_t = exp(Δ_t A),  b_t = Δ_t B_t u_t        eq. (2a), fp32 state
     y_t = Σ_n C_t h_t + D u_t;  out_t = y_t · silu(z_t)                    eq. (2b) and the gate
 
-How the recurrence is parallelised
-----------------------------------
-h_t = a_t h_{t-1} + b_t is a first-order linear recurrence: its steps are affine maps x -> a x + b, and
-composing two of them is again one, (a1, b1) then (a2, b2) = (a1 a2, a2 b1 + b2). Composition is associative,
-so the whole sequence of maps can be combined in any bracketing: in a tree (`tl.associative_scan`, log T
-steps for T tokens) or chunk by chunk. Batch and channels are independent, so they are parallel for free; the
-sequence is the hard axis (one sequence of 128k tokens must still fill the GPU). It is cut into chunks of
-CHUNK tokens, and the forward runs in three passes, each one kernel launch:
+One thread, one channel
+-----------------------
+The work is B·d_inner·N·L updates of h, each an exponential and two fused multiply-adds; everything else
+(loading u, Δ, z, the softplus, the gate) is per (channel, token), N times less. So every thread owns one
+channel and keeps all N states of it in its registers: the recurrence is a plain sequential loop over
+tokens, with no communication between threads, and the sum over n for y_t stays inside the thread. A program
+is BLOCK_D = 32·num_warps channels of one batch element, side by side (they share B_t and C_t, which every
+thread reads from the same address).
 
-  1. chunk summaries (all chunks in parallel): each chunk scans from a zero state. Its end state is
-         S_c = Σ_t exp(A · Σ_{s>t} Δ_s) b_t            (the decay from token t to the chunk's end)
-     and its total decay is exp(A · Σ_t Δ_t), kept as the sum of Δ over the chunk.
-  2. carry (sequential over chunks, parallel over batch and channels): the true start state of each chunk,
-         h_start[0] = 0,   h_start[c+1] = exp(A · ΣΔ_c) h_start[c] + S_c.
-     This is the only sequential loop, one fused multiply-add per chunk per state: cheap.
-  3. outputs (all chunks in parallel): each chunk rescans its tokens from h_start[c] with the associative scan,
-         h_t = (Π_{s≤t} a_s) h_start[c] + (local state from zero at t),
-     and writes y fused with D·u and silu(z).
-The chunk start states are kept for the backward: memory B·d_inner·N·L/CHUNK floats, never one state per token.
+Memory is read in tiles of T tokens: the thread of channel d loads u, Δ, z[d, t0 : t0+T] with one 16-byte
+load (T = 8 for 16-bit inputs, 4 for float32), then steps through the T tokens in its registers, and writes
+the T outputs with one store. The loads of the next tile are issued before the current tile is worked on, so
+that their latency hides behind a tile of work. Rows must start 16-byte aligned for vector loads, so a length
+L that is not a multiple of 8 is padded (a copy) before the kernels run. B and C are transposed once to
+(L, N) float32 rows, so B_t is one contiguous vector. The exponential is exp2 with A pre-scaled by log2(e):
+one hardware instruction.
+
+Chunks: parallel over the sequence
+----------------------------------
+One thread per channel is B·d_inner threads; a GPU wants tens of thousands, so with few long sequences
+(batch 1, L = 128k) the sequence is also cut into n_chunks chunks of whole segments (below). h_t = a_t h_{t-1}
++ b_t is a chain of affine maps x -> a x + b, and composing two of them is again one, so chunks can be
+summarised independently and stitched together afterwards:
+
+  1. chunk summaries (all chunks in parallel): each chunk runs from a zero state; its end state S_c and the
+     sum of its Δ (its total decay is exp(A · ΣΔ_c)) are written out;
+  2. carry (sequential over chunks, parallel over batch, channels and states): the true start state of each
+     chunk, h_start[0] = 0, h_start[c+1] = exp(A · ΣΔ_c) h_start[c] + S_c: one multiply-add per chunk;
+  3. outputs (all chunks in parallel): each chunk runs again from h_start[c] and writes y.
+Pass 1 costs a second sweep over the chunk (without C, z and the output), so it only runs when the batch and
+channels alone cannot fill the GPU: `_chunk_len` picks as few chunks as give every SM enough warps, and with
+one chunk the forward is the single pass 3. A thread walks its tokens one after the other, each step waiting
+on the last, so the GPU needs many threads in flight to stay busy: on an H100 a single chunk was 1.7 times
+(batch 16) to 26 times (batch 1, L = 128k) slower than the chunked forward (notes/scan_triton_notes.md).
 
 The backward
 ------------
-With dout the gradient of the output, the adjoint of the state g_t = ∂loss/∂h_t runs backwards in time:
+With dout the gradient of the output, the adjoint g_t = ∂loss/∂h_t runs backwards in time:
 
-    dy_t = dout_t · silu(z_t)
-    g_t  = C_t dy_t + a_{t+1} g_{t+1}                  (g after the last token: the gradient of the last state)
+    dy_t = dout_t · silu(z_t),     g_t = C_t dy_t + a_{t+1} g_{t+1}     (after the last token: ∂loss/∂h_L)
+    ∂u_t = D dy_t + Δ_t Σ_n g_t B_t              ∂B_t = Σ_d g_t Δ_t u_t       ∂C_t = Σ_d dy_t h_t
+    ∂Δ_t = Σ_n g_t (B_t u_t + A a_t h_{t-1})     ∂A = Σ_t g_t Δ_t a_t h_{t-1}   ∂D = Σ_t dy_t u_t
+    ∂z_t = dout_t y_t silu'(z_t),                ∂delta_t = ∂Δ_t · sigmoid(delta_t + delta_bias) with softplus
 
-the same kind of recurrence, reversed, so it is parallelised the same way, mirrored:
-
-  1. chunk summaries: what a chunk passes to its left neighbour from a zero carry, a_{t0} g_{t0} =
-         Q_c = Σ_t exp(A · Σ_{s≤t} Δ_s) C_t dy_t        (the decay from the chunk's start to token t);
-  2. carry, right to left: G_last = ∂loss/∂h_L,  G_{c-1} = exp(A · ΣΔ_c) G_c + Q_c;
-  3. per chunk: recompute h_t from the stored start state (forward scan), g_t from G_c (reverse scan), then
-         ∂u_t = D dy_t + Σ_n g_t Δ_t B_t            ∂B_t = Σ_d g_t Δ_t u_t        ∂C_t = Σ_d dy_t h_t
-         ∂Δ_t = Σ_n g_t (B_t u_t + A a_t h_{t-1})  ∂A = Σ_t g_t Δ_t a_t h_{t-1}    ∂D = Σ_t dy_t u_t
-         ∂z_t = dout_t y_t silu'(z_t)              ∂delta_t = ∂Δ_t · sigmoid(delta_t + delta_bias) with softplus
-     with a_t h_{t-1} = h_t - b_t, so no shifted copy of h is needed. ∂B, ∂C sum over channels, which live
-     in different programs: they are accumulated with atomic adds. ∂A, ∂D, ∂delta_bias sum over batch and
-     time: each program writes its partial sum and PyTorch adds them up.
-
-Every kernel works on one tile: BLOCK_D channels × N states × CHUNK tokens of one batch element, all
-channels of the tile in one group of B/C (grouped B, C: channel d reads group d // (d_inner / G)).
+The adjoint is the same kind of recurrence, reversed, so it is chunked the same way mirrored (summaries of
+each chunk from a zero adjoint at its end, then a right-to-left carry). Walking a chunk backwards needs h_t
+at every token in reverse order, and h cannot be run backwards (h_{t-1} = (h_t - b_t) / a_t divides by decays
+that underflow). So states are checkpointed at three levels, each recomputed from the one above:
+  - the forward saves h every SEG = 64 tokens (memory B·d_inner·N·L/64 floats, never one state per token);
+  - the backward program, for each segment of SEG tokens from the last to the first, recomputes the segment
+    forward from its saved state and writes the state at the start of each tile of T tokens to a small scratch
+    buffer of its own (SEG/T states);
+  - for each tile, from the last to the first, it recomputes the T states of the tile into registers, then
+    steps backwards through the T tokens, carrying g and producing every gradient.
+∂B and ∂C sum over channels, which live in different threads: a sum across the program's threads, then one
+atomic add per program into float32 buffers. ∂A, ∂D, ∂delta_bias sum over batch and time: each program
+writes its partial sum and PyTorch adds them up.
 """
+import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-CHUNK = 64          # tokens per chunk; one chunk is one tile, scanned with tl.associative_scan
-TILE = 4096         # elements of a (channels, states, tokens) tile: BLOCK_D = TILE // (N·CHUNK) channels
+# Launch configuration, measured on an H100 (notes/scan_triton_notes.md has the alternatives and their times)
+SEG = 64                # tokens between the states the forward saves for the backward
+FWD_WARPS = 4           # warps per forward program, 32·num_warps channels: its 4 warps share the loads of B_t, C_t
+BWD_WARPS = 1           # the backward's threads hold 255 registers; 2 warps per program were 20% slower
+BWD_T = 4               # tokens per tile in the backward, whose tiles keep T states per thread (T = 2: 25% slower)
+FWD_WARPS_PER_SM = 64   # chunks are cut until there is this much work per SM (more than fits at once: shorter
+BWD_WARPS_PER_SM = 32   # chunks even out the programs' finishing times)
+INTERPRETER_SMS = 4     # stands in for the SM count when the kernels run in Triton's CPU interpreter
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Elementwise pieces shared by the kernels
+# Pieces shared by the kernels
 
 
 @triton.jit
-def _affine_compose(a1, b1, a2, b2):
-    """x -> a1 x + b1 followed by x -> a2 x + b2 is x -> (a1 a2) x + (a2 b1 + b2): the scan's combine."""
-    return a1 * a2, a2 * b1 + b2
+def _program_channels(d_inner, group_size, BLOCK_D: tl.constexpr):
+    """The program's channels d (BLOCK_D,), which of them exist, and their B/C group g. Program axis 0 runs
+    over channel blocks group by group, so that a block never straddles two groups."""
+    blocks_per_group = tl.cdiv(group_size, BLOCK_D)
+    g = tl.program_id(0) // blocks_per_group
+    in_group = (tl.program_id(0) % blocks_per_group) * BLOCK_D + tl.arange(0, BLOCK_D)
+    return g * group_size + in_group, in_group < group_size, g
 
 
 @triton.jit
 def _softplus(x):
-    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|); log1p(e) computed as log(w)·e/(w - 1) with w = 1 + e
-    (Kahan), exact to float32 rounding even where e is far below 1 + e's rounding error."""
-    e = tl.exp(-tl.abs(x))
-    w = 1.0 + e
-    log1p = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
-    return tl.maximum(x, 0.0) + log1p
+    """log(1 + e^x) = max(x, 0) + log1p(e) with e = e^-|x| in (0, 1]. log1p(e) = 2 atanh(s), s = e / (2 + e)
+    <= 1/3: the odd series 2 (s + s^3/3 + s^5/5 + ...) gains a factor s^2 <= 1/9 per term, so 8 terms reach
+    float32 precision, relative, however small e is (log(1 + e) would lose e below the rounding of 1 + e)."""
+    e = tl.exp2(-tl.abs(x) * LOG2E)
+    s = e / (2.0 + e)
+    s2 = s * s
+    series = 1.0 / 15.0
+    for k in tl.static_range(6, -1, -1):
+        series = series * s2 + 1.0 / (2 * k + 1)
+    return tl.maximum(x, 0.0) + 2.0 * s * series
 
 
 @triton.jit
-def _tile_indices(L, d_inner, n_groups, d_state, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """The program's tile: chunk c, batch b, BLOCK_D channels d of one group g, all states n.
-    Program ids: 0 = chunk, 1 = channel block (group-major), 2 = batch."""
-    c = tl.program_id(0)
-    b = tl.program_id(2).to(tl.int64)  # b·d_inner·L can exceed 2^31
-    d_per_group = d_inner // n_groups
-    blocks_per_group = tl.cdiv(d_per_group, BLOCK_D)
-    g = tl.program_id(1) // blocks_per_group
-    d = g * d_per_group + (tl.program_id(1) % blocks_per_group) * BLOCK_D + tl.arange(0, BLOCK_D)
-    t = c * CHUNK + tl.arange(0, CHUNK)
-    n = tl.arange(0, BLOCK_N)
-    d_mask = d < (g + 1) * d_per_group
-    t_mask = t < L
-    n_mask = n < d_state
-    return c, b, g, d, t, n, d_mask, t_mask, n_mask
+def _delta(raw, bias, in_sequence, DELTA_SOFTPLUS: tl.constexpr):
+    """Δ for a (BLOCK_D, T) tile of delta as loaded, in float32, and its value before the softplus (for the
+    softplus' derivative). Tokens past L (the padding of the last tile) get Δ = 0: a = exp(0·A) = 1 and
+    b = 0·B·u = 0 leave the state unchanged."""
+    pre = raw.to(tl.float32) + bias[:, None]
+    delta = _softplus(pre) if DELTA_SOFTPLUS else pre
+    return tl.where(in_sequence, delta, 0.0), pre
 
 
 @triton.jit
-def _load_delta(delta_ptr, delta_bias_ptr, offs, mask, d, d_mask, HAS_DELTA_BIAS: tl.constexpr,
-                DELTA_SOFTPLUS: tl.constexpr):
-    """Δ for a (BLOCK_D, CHUNK) tile in float32, and the pre-softplus value (for softplus' derivative).
-    Tokens past L get Δ = 0: a = exp(0·A) = 1 and b = 0·B·u = 0 leave the state unchanged."""
-    delta = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DELTA_BIAS:
-        delta += tl.load(delta_bias_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[:, None]
-    pre = delta
-    if DELTA_SOFTPLUS:
-        delta = _softplus(delta)
-    return tl.where(mask, delta, 0.0), pre
+def _load(ptr, offs, mask):
+    """Masked load as float32 (zeros where masked)."""
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _token(tile, j, T: tl.constexpr):
+    """Token j of a (BLOCK_D, T) tile as a (BLOCK_D,) vector. A thread holds whole rows of the tile, and j is
+    a compile-time constant, so this selects a register; no data moves between threads."""
+    return tl.sum(tl.where(tl.arange(0, T)[None, :] == j, tile, 0.0), axis=1)
+
+
+@triton.jit
+def _set_token(tile, j, value, T: tl.constexpr):
+    """The tile with token j replaced by value (BLOCK_D,): again a register move."""
+    return tl.where(tl.arange(0, T)[None, :] == j, value[:, None], tile)
+
+
+@triton.jit
+def _step(h, A2, delta_j, du_j, B_j):
+    """h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t u_t B_t for one token, eq. (2a): (BLOCK_D, N) states of BLOCK_D
+    channels, from Δ_t, Δ_t u_t (BLOCK_D,) and B_t (N,); A2 = A·log2(e)."""
+    return tl.exp2(A2 * delta_j[:, None]) * h + du_j[:, None] * B_j[None, :]
+
+
+@triton.jit
+def _silu_and_derivative(z):
+    """silu(z) = z·sigmoid(z) and its derivative sigmoid(z)·(1 + z·(1 - sigmoid(z))), for the gate's gradients:
+    out = y·silu(z) gives ∂y = dout·silu(z) and ∂z = dout·y·silu'(z)."""
+    sig = tl.sigmoid(z)
+    return z * sig, sig * (1.0 + z * (1.0 - sig))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pass 1 (forward): chunk summaries
+# Forward: passes 1 (STATES_ONLY) and 3 of the chunked scan, or the whole scan when there is one chunk
 
 
 @triton.jit
-def _chunk_state_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, delta_bias_ptr, states_ptr, delta_sum_ptr,
-                            L, d_inner, n_groups, d_state, n_chunks,
-                            HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
-                            CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    c, b, g, d, t, n, d_mask, t_mask, n_mask = _tile_indices(L, d_inner, n_groups, d_state, CHUNK, BLOCK_D,
-                                                              BLOCK_N)
-    dt_offs = b * d_inner * L + d[:, None] * L + t[None, :]                         # (BLOCK_D, CHUNK)
-    dt_mask = d_mask[:, None] & t_mask[None, :]
-    delta, _ = _load_delta(delta_ptr, delta_bias_ptr, dt_offs, dt_mask, d, d_mask, HAS_DELTA_BIAS,
-                           DELTA_SOFTPLUS)
-    u = tl.load(u_ptr + dt_offs, mask=dt_mask, other=0.0).to(tl.float32)
-    nt_offs = (b * n_groups + g) * d_state * L + n[:, None] * L + t[None, :]        # (BLOCK_N, CHUNK)
-    nt_mask = n_mask[:, None] & t_mask[None, :]
-    Bt = tl.load(B_ptr + nt_offs, mask=nt_mask, other=0.0).to(tl.float32)
-    dn_mask = d_mask[:, None] & n_mask[None, :]
-    A = tl.load(A_ptr + d[:, None] * d_state + n[None, :], mask=dn_mask, other=0.0)  # (BLOCK_D, BLOCK_N)
+def _scan_fwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, delta_bias_ptr,
+                     out_ptr, chunk_state_ptr, delta_sum_ptr, seg_state_ptr, last_state_ptr,
+                     L, stride, d_inner, group_size, n_groups, chunk_len,
+                     STATES_ONLY: tl.constexpr, FROM_CHUNK_STATE: tl.constexpr, SAVE_SEGMENTS: tl.constexpr,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
+                     DELTA_SOFTPLUS: tl.constexpr, SEG: tl.constexpr, T: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (channel block, chunk c, batch b). STATES_ONLY (pass 1): from a zero state, write the chunk's
+    end state and ΣΔ. Otherwise (pass 3): from the chunk's start state (zero for a single chunk), write out,
+    the state every SEG tokens for the backward (SAVE_SEGMENTS) and, in the last chunk, the last state."""
+    d, d_mask, g = _program_channels(d_inner, group_size, BLOCK_D)
+    c = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    b = tl.program_id(2).to(tl.int64)  # b·d_inner·L can exceed 2^31
+    stride = tl.multiple_of(stride, 8)  # rows start 16-byte aligned (the host pads them): vector loads
+    n = tl.arange(0, BLOCK_N)
+    state_offs = d[:, None] * BLOCK_N + n[None, :]                     # (BLOCK_D, BLOCK_N) in (d_inner, BLOCK_N)
+    state_mask = d_mask[:, None]
+    A2 = tl.load(A2_ptr + state_offs, mask=state_mask, other=0.0)     # A·log2(e), zero in padded states
+    if FROM_CHUNK_STATE:
+        h = tl.load(chunk_state_ptr + (b * n_chunks + c) * d_inner * BLOCK_N + state_offs, mask=state_mask,
+                    other=0.0)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
+    D = _load(D_ptr, d, d_mask) if HAS_D else tl.zeros((BLOCK_D,), dtype=tl.float32)
+    delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    rows = (b * d_inner + d) * stride                                  # (BLOCK_D,) start of each channel's row
+    bc_rows = (b * n_groups + g) * stride                              # first token of this group's B^T, C^T
+    t_start = c * chunk_len
+    t_end = tl.minimum(t_start + chunk_len, L)
+    # Each iteration issues the loads of the next tile before it works on the current one, so that the memory
+    # latency is hidden behind the work of a tile instead of stalling every iteration.
+    mask = d_mask[:, None]
+    offs = rows[:, None] + (t_start + tl.arange(0, T))[None, :]       # (BLOCK_D, T)
+    delta_next = tl.load(delta_ptr + offs, mask=mask, other=0.0)
+    u_next = tl.load(u_ptr + offs, mask=mask, other=0.0)
+    z_next = tl.load(z_ptr + offs, mask=mask, other=0.0) if HAS_Z and not STATES_ONLY else u_next
+    for t0 in range(t_start, t_end, T):
+        if SAVE_SEGMENTS and t0 % SEG == 0:                            # h before token t0, for the backward
+            tl.store(seg_state_ptr + (b * tl.cdiv(L, SEG) + t0 // SEG) * d_inner * BLOCK_N + state_offs, h,
+                     mask=state_mask)
+        t = t0 + tl.arange(0, T)
+        offs = rows[:, None] + t[None, :]
+        delta_raw, u_raw, z_raw = delta_next, u_next, z_next
+        more = mask & (t + T < stride)[None, :]    # the row's next tile (past the chunk: loaded, unused)
+        delta_next = tl.load(delta_ptr + offs + T, mask=more, other=0.0)
+        u_next = tl.load(u_ptr + offs + T, mask=more, other=0.0)
+        if HAS_Z and not STATES_ONLY:
+            z_next = tl.load(z_ptr + offs + T, mask=more, other=0.0)
 
-    # S_c = Σ_t exp(A · Σ_{s>t} Δ_s) Δ_t B_t u_t: a reduction, no scan needed for the end state alone
-    delta_after = tl.cumsum(delta, 1, reverse=True) - delta                         # Σ_{s>t} Δ_s
-    decay_to_end = tl.exp(A[:, :, None] * delta_after[:, None, :])                  # (BLOCK_D, BLOCK_N, CHUNK)
-    end_state = tl.sum(decay_to_end * (delta * u)[:, None, :] * Bt[None, :, :], axis=2)
-
-    state_offs = ((b * n_chunks + c) * d_inner + d[:, None]) * d_state + n[None, :]
-    tl.store(states_ptr + state_offs, end_state, mask=dn_mask)
-    tl.store(delta_sum_ptr + (b * n_chunks + c) * d_inner + d, tl.sum(delta, axis=1), mask=d_mask)
+        delta, _ = _delta(delta_raw, bias, (t < L)[None, :], DELTA_SOFTPLUS)
+        u = u_raw.to(tl.float32)
+        du = delta * u
+        y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+        bc_tile = (bc_rows + t0) * BLOCK_N + n                         # B_t, C_t of the tile's first token
+        for j in tl.static_range(T):
+            bc_offs = bc_tile + j * BLOCK_N
+            h = _step(h, A2, _token(delta, j, T), _token(du, j, T), tl.load(Bt_ptr + bc_offs))
+            if not STATES_ONLY:
+                C_j = tl.load(Ct_ptr + bc_offs)
+                y = _set_token(y, j, tl.sum(h * C_j[None, :], axis=1), T)  # C_t · h_t, eq. (2b)
+        if STATES_ONLY:
+            delta_sum += tl.sum(delta, axis=1)
+        else:
+            if HAS_D:
+                y += D[:, None] * u
+            if HAS_Z:
+                z = z_raw.to(tl.float32)
+                y *= z * tl.sigmoid(z)
+            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    chunk_offs = (b * n_chunks + c) * d_inner * BLOCK_N + state_offs
+    if STATES_ONLY:
+        tl.store(chunk_state_ptr + chunk_offs, h, mask=state_mask)
+        tl.store(delta_sum_ptr + (b * n_chunks + c) * d_inner + d, delta_sum, mask=d_mask)
+    elif c == n_chunks - 1:
+        tl.store(last_state_ptr + b * d_inner * BLOCK_N + state_offs, h, mask=state_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,8 +250,7 @@ def _chunk_state_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, delta_bias_ptr, stat
 
 
 @triton.jit
-def _chunk_carry_kernel(states_ptr, delta_sum_ptr, A_ptr, initial_ptr, final_ptr,
-                        d_inner, d_state, n_chunks,
+def _chunk_carry_kernel(states_ptr, delta_sum_ptr, A2_ptr, initial_ptr, d_inner, n_chunks,
                         REVERSE: tl.constexpr, HAS_INITIAL: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """states[c] holds a chunk's summary X_c on entry and the carry entering chunk c on exit:
@@ -165,60 +260,19 @@ def _chunk_carry_kernel(states_ptr, delta_sum_ptr, A_ptr, initial_ptr, final_ptr
     d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, BLOCK_N)
     d_mask = d < d_inner
-    dn_mask = d_mask[:, None] & (n < d_state)[None, :]
-    dn_offs = d[:, None] * d_state + n[None, :]
-    A = tl.load(A_ptr + dn_offs, mask=dn_mask, other=0.0)
+    dn_offs = d[:, None] * BLOCK_N + n[None, :]
+    A2 = tl.load(A2_ptr + dn_offs, mask=d_mask[:, None], other=0.0)
     if HAS_INITIAL:
-        carry = tl.load(initial_ptr + b * d_inner * d_state + dn_offs, mask=dn_mask, other=0.0)
+        carry = tl.load(initial_ptr + b * d_inner * BLOCK_N + dn_offs, mask=d_mask[:, None], other=0.0)
     else:
         carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     for i in range(n_chunks):
         c = n_chunks - 1 - i if REVERSE else i
-        state_ptrs = states_ptr + (b * n_chunks + c) * d_inner * d_state + dn_offs
-        summary = tl.load(state_ptrs, mask=dn_mask, other=0.0)
+        state_ptrs = states_ptr + (b * n_chunks + c) * d_inner * BLOCK_N + dn_offs
+        summary = tl.load(state_ptrs, mask=d_mask[:, None], other=0.0)
         delta_sum = tl.load(delta_sum_ptr + (b * n_chunks + c) * d_inner + d, mask=d_mask, other=0.0)
-        tl.store(state_ptrs, carry, mask=dn_mask)
-        carry = tl.exp(A * delta_sum[:, None]) * carry + summary
-    tl.store(final_ptr + b * d_inner * d_state + dn_offs, carry, mask=dn_mask)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Pass 3 (forward): rescan each chunk from its true start state, write y
-
-
-@triton.jit
-def _chunk_scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr, states_ptr,
-                           out_ptr, L, d_inner, n_groups, d_state, n_chunks,
-                           HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
-                           DELTA_SOFTPLUS: tl.constexpr,
-                           CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    c, b, g, d, t, n, d_mask, t_mask, n_mask = _tile_indices(L, d_inner, n_groups, d_state, CHUNK, BLOCK_D,
-                                                              BLOCK_N)
-    dt_offs = b * d_inner * L + d[:, None] * L + t[None, :]                         # (BLOCK_D, CHUNK)
-    dt_mask = d_mask[:, None] & t_mask[None, :]
-    delta, _ = _load_delta(delta_ptr, delta_bias_ptr, dt_offs, dt_mask, d, d_mask, HAS_DELTA_BIAS,
-                           DELTA_SOFTPLUS)
-    u = tl.load(u_ptr + dt_offs, mask=dt_mask, other=0.0).to(tl.float32)
-    nt_offs = (b * n_groups + g) * d_state * L + n[:, None] * L + t[None, :]        # (BLOCK_N, CHUNK)
-    nt_mask = n_mask[:, None] & t_mask[None, :]
-    Bt = tl.load(B_ptr + nt_offs, mask=nt_mask, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + nt_offs, mask=nt_mask, other=0.0).to(tl.float32)
-    dn_mask = d_mask[:, None] & n_mask[None, :]
-    A = tl.load(A_ptr + d[:, None] * d_state + n[None, :], mask=dn_mask, other=0.0)  # (BLOCK_D, BLOCK_N)
-    h_start = tl.load(states_ptr + ((b * n_chunks + c) * d_inner + d[:, None]) * d_state + n[None, :],
-                      mask=dn_mask, other=0.0)
-
-    a = tl.exp(A[:, :, None] * delta[:, None, :])                                   # (BLOCK_D, BLOCK_N, CHUNK)
-    bu = (delta * u)[:, None, :] * Bt[None, :, :]                                   # Δ_t B_t u_t
-    decay_from_start, h_local = tl.associative_scan((a, bu), 2, _affine_compose)
-    h = decay_from_start * h_start[:, :, None] + h_local                            # h_t, eq. (2a)
-    y = tl.sum(h * Ct[None, :, :], axis=1)                                          # C_t · h_t, eq. (2b)
-    if HAS_D:
-        y += tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)[:, None] * u
-    if HAS_Z:
-        z = tl.load(z_ptr + dt_offs, mask=dt_mask, other=0.0).to(tl.float32)
-        y *= z * tl.sigmoid(z)
-    tl.store(out_ptr + dt_offs, y.to(out_ptr.dtype.element_ty), mask=dt_mask)
+        tl.store(state_ptrs, carry, mask=d_mask[:, None])
+        carry = tl.exp2(A2 * delta_sum[:, None]) * carry + summary
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,115 +280,203 @@ def _chunk_scan_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, 
 
 
 @triton.jit
-def _gate_grad(dout, z, y, HAS_Z: tl.constexpr):
-    """out = y · silu(z): returns (∂y, ∂z); ∂z is only meaningful with HAS_Z."""
-    if HAS_Z:
-        sig = tl.sigmoid(z)
-        return dout * z * sig, dout * y * sig * (1.0 + z * (1.0 - sig))
-    else:
-        return dout, dout
-
-
-@triton.jit
-def _chunk_state_bwd_kernel(dout_ptr, delta_ptr, A_ptr, C_ptr, z_ptr, delta_bias_ptr, adjoints_ptr,
-                            L, d_inner, n_groups, d_state, n_chunks,
+def _adjoint_summary_kernel(dout_ptr, delta_ptr, A2_ptr, Ct_ptr, z_ptr, delta_bias_ptr, adjoint_ptr,
+                            delta_sum_ptr, L, stride, d_inner, group_size, n_groups, chunk_len,
                             HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
-                            CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    c, b, g, d, t, n, d_mask, t_mask, n_mask = _tile_indices(L, d_inner, n_groups, d_state, CHUNK, BLOCK_D,
-                                                              BLOCK_N)
-    dt_offs = b * d_inner * L + d[:, None] * L + t[None, :]                         # (BLOCK_D, CHUNK)
-    dt_mask = d_mask[:, None] & t_mask[None, :]
-    delta, _ = _load_delta(delta_ptr, delta_bias_ptr, dt_offs, dt_mask, d, d_mask, HAS_DELTA_BIAS,
-                           DELTA_SOFTPLUS)
-    dout = tl.load(dout_ptr + dt_offs, mask=dt_mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + dt_offs, mask=dt_mask, other=0.0).to(tl.float32) if HAS_Z else dout
-    dy, _ = _gate_grad(dout, z, dout, HAS_Z)
-    nt_mask = n_mask[:, None] & t_mask[None, :]
-    Ct = tl.load(C_ptr + (b * n_groups + g) * d_state * L + n[:, None] * L + t[None, :], mask=nt_mask,
-                 other=0.0).to(tl.float32)                                          # (BLOCK_N, CHUNK)
-    dn_mask = d_mask[:, None] & n_mask[None, :]
-    A = tl.load(A_ptr + d[:, None] * d_state + n[None, :], mask=dn_mask, other=0.0)
+                            T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (channel block, chunk c, batch b): walk the chunk backwards from a zero adjoint,
+        g_t = C_t dy_t + x,  x <- a_t g_t,
+    and write what reaches the previous chunk's last token (x at the chunk's first token) and ΣΔ_c."""
+    d, d_mask, g = _program_channels(d_inner, group_size, BLOCK_D)
+    c = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    b = tl.program_id(2).to(tl.int64)
+    stride = tl.multiple_of(stride, 8)
+    n = tl.arange(0, BLOCK_N)
+    state_offs = d[:, None] * BLOCK_N + n[None, :]
+    A2 = tl.load(A2_ptr + state_offs, mask=d_mask[:, None], other=0.0)
+    bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
+    x = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    rows = (b * d_inner + d) * stride
+    bc_rows = (b * n_groups + g) * stride
+    t_start = c * chunk_len
+    n_tiles = tl.cdiv(tl.minimum(chunk_len, L - t_start), T)
+    mask = d_mask[:, None]
+    offs = rows[:, None] + (t_start + (n_tiles - 1) * T + tl.arange(0, T))[None, :]   # the last tile first
+    delta_next = tl.load(delta_ptr + offs, mask=mask, other=0.0)
+    dout_next = tl.load(dout_ptr + offs, mask=mask, other=0.0)
+    z_next = tl.load(z_ptr + offs, mask=mask, other=0.0) if HAS_Z else dout_next
+    for i in range(n_tiles):
+        t0 = t_start + (n_tiles - 1 - i) * T
+        t = t0 + tl.arange(0, T)
+        offs = rows[:, None] + t[None, :]
+        delta_raw, dout_raw, z_raw = delta_next, dout_next, z_next
+        more = mask & (t >= T)[None, :]                                # prefetch the tile before this one
+        delta_next = tl.load(delta_ptr + offs - T, mask=more, other=0.0)
+        dout_next = tl.load(dout_ptr + offs - T, mask=more, other=0.0)
+        if HAS_Z:
+            z_next = tl.load(z_ptr + offs - T, mask=more, other=0.0)
 
-    # Q_c = Σ_t exp(A · Σ_{s≤t} Δ_s) C_t dy_t: the adjoint this chunk hands to the previous one's last token
-    decay_from_start = tl.exp(A[:, :, None] * tl.cumsum(delta, 1)[:, None, :])      # (BLOCK_D, BLOCK_N, CHUNK)
-    summary = tl.sum(decay_from_start * Ct[None, :, :] * dy[:, None, :], axis=2)
-    tl.store(adjoints_ptr + ((b * n_chunks + c) * d_inner + d[:, None]) * d_state + n[None, :], summary,
-             mask=dn_mask)
+        delta, _ = _delta(delta_raw, bias, (t < L)[None, :], DELTA_SOFTPLUS)
+        dy = dout_raw.to(tl.float32)                                                     # ∂y_t
+        if HAS_Z:
+            dy *= _silu_and_derivative(z_raw.to(tl.float32))[0]
+        delta_sum += tl.sum(delta, axis=1)
+        bc_tile = (bc_rows + t0) * BLOCK_N + n
+        for j in tl.static_range(T - 1, -1, -1):
+            C_j = tl.load(Ct_ptr + bc_tile + j * BLOCK_N)
+            adjoint = x + _token(dy, j, T)[:, None] * C_j[None, :]                        # g_t
+            x = tl.exp2(A2 * _token(delta, j, T)[:, None]) * adjoint                       # a_t g_t
+    tl.store(adjoint_ptr + (b * n_chunks + c) * d_inner * BLOCK_N + state_offs, x, mask=d_mask[:, None])
+    tl.store(delta_sum_ptr + (b * n_chunks + c) * d_inner + d, delta_sum, mask=d_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pass 3 (backward): per chunk, the state forwards and the adjoint backwards, then every gradient
+# Pass 3 (backward): per chunk, segments and tiles from the last to the first, every gradient
 
 
 @triton.jit
-def _chunk_scan_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, delta_bias_ptr,
-                           states_ptr, adjoints_ptr, dout_ptr,
-                           du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, dA_part_ptr, dD_part_ptr,
-                           ddelta_bias_part_ptr,
-                           L, d_inner, n_groups, d_state, n_chunks,
-                           HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
-                           DELTA_SOFTPLUS: tl.constexpr,
-                           CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    c, b, g, d, t, n, d_mask, t_mask, n_mask = _tile_indices(L, d_inner, n_groups, d_state, CHUNK, BLOCK_D,
-                                                              BLOCK_N)
-    dt_offs = b * d_inner * L + d[:, None] * L + t[None, :]                         # (BLOCK_D, CHUNK)
-    dt_mask = d_mask[:, None] & t_mask[None, :]
-    delta, delta_pre = _load_delta(delta_ptr, delta_bias_ptr, dt_offs, dt_mask, d, d_mask, HAS_DELTA_BIAS,
-                                   DELTA_SOFTPLUS)
-    u = tl.load(u_ptr + dt_offs, mask=dt_mask, other=0.0).to(tl.float32)
-    nt_offs = (b * n_groups + g) * d_state * L + n[:, None] * L + t[None, :]        # (BLOCK_N, CHUNK)
-    nt_mask = n_mask[:, None] & t_mask[None, :]
-    Bt = tl.load(B_ptr + nt_offs, mask=nt_mask, other=0.0).to(tl.float32)
-    Ct = tl.load(C_ptr + nt_offs, mask=nt_mask, other=0.0).to(tl.float32)
-    dn_mask = d_mask[:, None] & n_mask[None, :]
-    A = tl.load(A_ptr + d[:, None] * d_state + n[None, :], mask=dn_mask, other=0.0)  # (BLOCK_D, BLOCK_N)
-    state_offs = ((b * n_chunks + c) * d_inner + d[:, None]) * d_state + n[None, :]
-    h_start = tl.load(states_ptr + state_offs, mask=dn_mask, other=0.0)
-    g_end = tl.load(adjoints_ptr + state_offs, mask=dn_mask, other=0.0)             # G_c
+def _scan_bwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, delta_bias_ptr, dout_ptr,
+                     seg_state_ptr, adjoint_ptr, scratch_ptr,
+                     du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr, dA_part_ptr, dD_part_ptr, ddelta_bias_part_ptr,
+                     L, stride, d_inner, group_size, n_groups, chunk_len,
+                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
+                     DELTA_SOFTPLUS: tl.constexpr, SEG: tl.constexpr, T: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (channel block, chunk c, batch b): starting from the adjoint G_c that enters the chunk's last
+    token from the right (pass 2), walk the chunk's segments and tiles from the last to the first, and write
+    ∂u, ∂delta, ∂z, add ∂B, ∂C, and write this program's partial sums of ∂A, ∂D, ∂delta_bias."""
+    d, d_mask, g = _program_channels(d_inner, group_size, BLOCK_D)
+    c = tl.program_id(1)
+    n_chunks = tl.num_programs(1)
+    b = tl.program_id(2).to(tl.int64)
+    stride = tl.multiple_of(stride, 8)
+    n = tl.arange(0, BLOCK_N)
+    state_offs = d[:, None] * BLOCK_N + n[None, :]
+    state_mask = d_mask[:, None]
+    A2 = tl.load(A2_ptr + state_offs, mask=state_mask, other=0.0)
+    bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
+    D = _load(D_ptr, d, d_mask) if HAS_D else tl.zeros((BLOCK_D,), dtype=tl.float32)
+    chunk = (b * n_chunks + c) * d_inner
+    x = tl.load(adjoint_ptr + chunk * BLOCK_N + state_offs, mask=state_mask, other=0.0)  # a_{t+1} g_{t+1}
+    dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    ddelta_bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    rows = (b * d_inner + d) * stride
+    bc_rows = (b * n_groups + g) * stride
+    # the program's scratch: SEG/T states of (BLOCK_D, BLOCK_N), each stored transposed with rows of BLOCK_D + 1:
+    # the compiler then gives every thread all N states of its channel (as in the loops) and does not shuffle
+    # states between threads at each tile, as it would for a plain (BLOCK_D, BLOCK_N) layout it could vectorise
+    scratch_size = BLOCK_N * (BLOCK_D + 1)
+    scratch = scratch_ptr + (chunk // d_inner * tl.num_programs(0) + tl.program_id(0)) * (SEG // T) * scratch_size
+    scratch_offs = tl.arange(0, BLOCK_D)[:, None] + n[None, :] * (BLOCK_D + 1)
+    t_start = c * chunk_len
+    n_segs = tl.cdiv(tl.minimum(chunk_len, L - t_start), SEG)
+    for i in range(n_segs):
+        s0 = t_start + (n_segs - 1 - i) * SEG
+        n_tiles = tl.cdiv(tl.minimum(SEG, L - s0), T)
 
-    # the forward again: h_t
-    a = tl.exp(A[:, :, None] * delta[:, None, :])                                   # (BLOCK_D, BLOCK_N, CHUNK)
-    bu = (delta * u)[:, None, :] * Bt[None, :, :]
-    decay_from_start, h_local = tl.associative_scan((a, bu), 2, _affine_compose)
-    h = decay_from_start * h_start[:, :, None] + h_local
-    y = tl.sum(h * Ct[None, :, :], axis=1)
+        # the segment forwards from its saved state: the state at the start of each tile into the scratch
+        h = tl.load(seg_state_ptr + (b * tl.cdiv(L, SEG) + s0 // SEG) * d_inner * BLOCK_N + state_offs,
+                    mask=state_mask, other=0.0)
+        mask = d_mask[:, None]
+        offs = rows[:, None] + (s0 + tl.arange(0, T))[None, :]
+        delta_next = tl.load(delta_ptr + offs, mask=mask, other=0.0)
+        u_next = tl.load(u_ptr + offs, mask=mask, other=0.0)
+        for k in range(n_tiles):
+            tl.store(scratch + k * scratch_size + scratch_offs, h)
+            t0 = s0 + k * T
+            t = t0 + tl.arange(0, T)
+            offs = rows[:, None] + t[None, :]
+            delta_raw, u_raw = delta_next, u_next
+            more = mask & (t + T < stride)[None, :]                    # the next tile, as in the forward
+            delta_next = tl.load(delta_ptr + offs + T, mask=more, other=0.0)
+            u_next = tl.load(u_ptr + offs + T, mask=more, other=0.0)
+            delta, _ = _delta(delta_raw, bias, (t < L)[None, :], DELTA_SOFTPLUS)
+            du = delta * u_raw.to(tl.float32)
+            bc_tile = (bc_rows + t0) * BLOCK_N + n
+            for j in tl.static_range(T):
+                B_j = tl.load(Bt_ptr + bc_tile + j * BLOCK_N)
+                h = _step(h, A2, _token(delta, j, T), _token(du, j, T), B_j)
+
+        # the tiles backwards
+        offs = rows[:, None] + (s0 + (n_tiles - 1) * T + tl.arange(0, T))[None, :]
+        delta_next = tl.load(delta_ptr + offs, mask=mask, other=0.0)
+        u_next = tl.load(u_ptr + offs, mask=mask, other=0.0)
+        dout_next = tl.load(dout_ptr + offs, mask=mask, other=0.0)
+        z_next = tl.load(z_ptr + offs, mask=mask, other=0.0) if HAS_Z else dout_next
+        for k_rev in range(n_tiles):
+            k = n_tiles - 1 - k_rev
+            t0 = s0 + k * T
+            t = t0 + tl.arange(0, T)
+            offs = rows[:, None] + t[None, :]
+            in_sequence = (t < L)[None, :]
+            delta_raw, u_raw, dout_raw, z_raw = delta_next, u_next, dout_next, z_next
+            more = mask & (t >= T)[None, :]                            # prefetch the tile before this one
+            delta_next = tl.load(delta_ptr + offs - T, mask=more, other=0.0)
+            u_next = tl.load(u_ptr + offs - T, mask=more, other=0.0)
+            dout_next = tl.load(dout_ptr + offs - T, mask=more, other=0.0)
+            if HAS_Z:
+                z_next = tl.load(z_ptr + offs - T, mask=more, other=0.0)
+
+            delta, delta_pre = _delta(delta_raw, bias, in_sequence, DELTA_SOFTPLUS)
+            u = u_raw.to(tl.float32)
+            du = delta * u
+            dout = dout_raw.to(tl.float32)
+            dy = dout                                                                   # ∂y_t
+            if HAS_Z:
+                silu_z, dsilu_z = _silu_and_derivative(z_raw.to(tl.float32))
+                dy = dout * silu_z
+            # the tile forwards from its start state: states[j] is h before token j. On the way, ∂C_t = Σ_d dy_t h_t
+            # and y_t (for ∂z).
+            h = tl.load(scratch + k * scratch_size + scratch_offs)
+            states = ()
+            y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            bc_tile = (bc_rows + t0) * BLOCK_N + n                     # B_t, C_t of the tile's first token
+            for j in tl.static_range(T):
+                bc_offs = bc_tile + j * BLOCK_N
+                states = states + (h,)
+                h = _step(h, A2, _token(delta, j, T), _token(du, j, T), tl.load(Bt_ptr + bc_offs))
+                C_j = tl.load(Ct_ptr + bc_offs)
+                y = _set_token(y, j, tl.sum(h * C_j[None, :], axis=1), T)
+                tl.atomic_add(dCt_ptr + bc_offs, tl.sum(_token(dy, j, T)[:, None] * h, axis=0), sem="relaxed")
+            if HAS_Z:
+                if HAS_D:
+                    y += D[:, None] * u
+                tl.store(dz_ptr + offs, (dout * y * dsilu_z).to(dz_ptr.dtype.element_ty), mask=mask)
+            # backwards through the tile's tokens
+            du_tile = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            ddelta_tile = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+            for j in tl.static_range(T - 1, -1, -1):
+                bc_offs = bc_tile + j * BLOCK_N
+                B_j = tl.load(Bt_ptr + bc_offs)
+                C_j = tl.load(Ct_ptr + bc_offs)
+                delta_j = _token(delta, j, T)
+                dy_j = _token(dy, j, T)
+                a = tl.exp2(A2 * delta_j[:, None])                                      # a_t
+                adjoint = x + dy_j[:, None] * C_j[None, :]                              # g_t
+                decayed = a * states[j]                                                 # a_t h_{t-1}
+                g_decayed = adjoint * decayed
+                gB = tl.sum(adjoint * B_j[None, :], axis=1)                             # Σ_n g_t B_t
+                du_tile = _set_token(du_tile, j, delta_j * gB + D * dy_j, T)
+                ddelta_tile = _set_token(ddelta_tile, j, _token(u, j, T) * gB +
+                                         LN2 * tl.sum(A2 * g_decayed, axis=1), T)        # A = A2·ln(2)
+                dA += delta_j[:, None] * g_decayed
+                tl.atomic_add(dBt_ptr + bc_offs, tl.sum(adjoint * _token(du, j, T)[:, None], axis=0), sem="relaxed")
+                x = a * adjoint                                                         # a_t g_t
+            if DELTA_SOFTPLUS:
+                ddelta_tile *= tl.sigmoid(delta_pre)                                    # softplus' = sigmoid
+            ddelta_tile = tl.where(in_sequence, ddelta_tile, 0.0)
+            tl.store(du_ptr + offs, du_tile.to(du_ptr.dtype.element_ty), mask=mask)
+            tl.store(ddelta_ptr + offs, ddelta_tile.to(ddelta_ptr.dtype.element_ty), mask=mask)
+            dD += tl.sum(dy * u, axis=1)
+            ddelta_bias += tl.sum(ddelta_tile, axis=1)
+    tl.store(dA_part_ptr + chunk * BLOCK_N + state_offs, dA, mask=state_mask)
     if HAS_D:
-        D = tl.load(D_ptr + d, mask=d_mask, other=0.0).to(tl.float32)
-        y += D[:, None] * u
-    dout = tl.load(dout_ptr + dt_offs, mask=dt_mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + dt_offs, mask=dt_mask, other=0.0).to(tl.float32) if HAS_Z else dout
-    dy, dz = _gate_grad(dout, z, y, HAS_Z)
-
-    # the adjoint: g_t = C_t dy_t + a_{t+1} g_{t+1}, a reverse scan whose multiplier is the next token's a
-    # (1 past the chunk's last token: the next chunk's decay is already inside G_c)
-    next_mask = dt_mask & (tl.arange(0, CHUNK) < CHUNK - 1)[None, :]
-    delta_next, _ = _load_delta(delta_ptr + 1, delta_bias_ptr, dt_offs, next_mask & ((t + 1) < L)[None, :], d,
-                                d_mask, HAS_DELTA_BIAS, DELTA_SOFTPLUS)
-    a_next = tl.exp(A[:, :, None] * delta_next[:, None, :])
-    decay_to_end, g_local = tl.associative_scan((a_next, Ct[None, :, :] * dy[:, None, :]), 2, _affine_compose,
-                                                reverse=True)
-    adj = decay_to_end * g_end[:, :, None] + g_local                                # g_t
-
-    # gradients; a_t h_{t-1} = h_t - Δ_t B_t u_t
-    decayed_prev = h - bu
-    g_delta = adj * delta[:, None, :]
-    du = tl.sum(g_delta * Bt[None, :, :], axis=1)
-    if HAS_D:
-        du += D[:, None] * dy
-        tl.store(dD_part_ptr + (b * n_chunks + c) * d_inner + d, tl.sum(dy * u, axis=1), mask=d_mask)
-    ddelta = tl.sum(adj * (Bt[None, :, :] * u[:, None, :] + A[:, :, None] * decayed_prev), axis=1)
-    if DELTA_SOFTPLUS:
-        ddelta *= tl.sigmoid(delta_pre)                                             # softplus' = sigmoid
-    ddelta = tl.where(dt_mask, ddelta, 0.0)
+        tl.store(dD_part_ptr + chunk + d, dD, mask=d_mask)
     if HAS_DELTA_BIAS:
-        tl.store(ddelta_bias_part_ptr + (b * n_chunks + c) * d_inner + d, tl.sum(ddelta, axis=1), mask=d_mask)
-    tl.store(du_ptr + dt_offs, du.to(du_ptr.dtype.element_ty), mask=dt_mask)
-    tl.store(ddelta_ptr + dt_offs, ddelta.to(ddelta_ptr.dtype.element_ty), mask=dt_mask)
-    if HAS_Z:
-        tl.store(dz_ptr + dt_offs, dz.to(dz_ptr.dtype.element_ty), mask=dt_mask)
-    tl.store(dA_part_ptr + state_offs, tl.sum(g_delta * decayed_prev, axis=2), mask=dn_mask)
-    tl.atomic_add(dB_ptr + nt_offs, tl.sum(g_delta * u[:, None, :], axis=0), mask=nt_mask)
-    tl.atomic_add(dC_ptr + nt_offs, tl.sum(h * dy[:, None, :], axis=0), mask=nt_mask)
+        tl.store(ddelta_bias_part_ptr + chunk + d, ddelta_bias, mask=d_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -347,86 +489,145 @@ def _alloc(*shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _tiling(d_inner, n_groups, d_state):
-    """(CHUNK, BLOCK_D, BLOCK_N): a tile of at most TILE elements, at least one channel."""
-    block_n = triton.next_power_of_2(d_state)
-    block_d = max(1, TILE // (block_n * CHUNK))
-    block_d = min(block_d, triton.next_power_of_2(d_inner // n_groups))
-    return CHUNK, block_d, block_n
+def _tokens_per_tile(*tensors):
+    """T: one 16-byte load per channel and tile, for the widest of the (batch, d_inner, L) tensors."""
+    return 16 // max(x.element_size() for x in tensors if x is not None)
 
 
-def _carry(states, delta_sum, A, initial, reverse, block_d, block_n):
-    """Pass 2 on (batch, n_chunks, d_inner, N) `states`, in place; returns the carry after the last chunk."""
-    batch, n_chunks, d_inner, d_state = states.shape
-    final = _alloc(batch, d_inner, d_state, dtype=torch.float32, device=states.device)
-    _chunk_carry_kernel[(triton.cdiv(d_inner, block_d), batch)](
-        states, delta_sum, A, initial, final, d_inner, d_state, n_chunks,
-        REVERSE=reverse, HAS_INITIAL=initial is not None, BLOCK_D=block_d, BLOCK_N=block_n)
-    return final
+def _chunk_len(batch, d_inner, L, device, num_warps, warps_per_sm):
+    """Tokens per chunk, a multiple of SEG: as few chunks as give every SM `warps_per_sm` warps' worth of
+    programs (one chunk when batch and channels alone already do)."""
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
+           else INTERPRETER_SMS)
+    programs = batch * triton.cdiv(d_inner, 32 * num_warps)
+    n_chunks = max(1, min(triton.cdiv(sms * warps_per_sm, programs * num_warps), triton.cdiv(L, SEG)))
+    return SEG * triton.cdiv(triton.cdiv(L, n_chunks), SEG)
+
+
+def _rows(x, L_pad):
+    """x (batch, d_inner, L) as rows of L_pad tokens, 16-byte aligned: x itself when it already is."""
+    if x is None:
+        return None
+    if x.is_contiguous() and x.shape[-1] == L_pad and x.data_ptr() % 16 == 0:
+        return x
+    rows = torch.zeros(*x.shape[:-1], L_pad, dtype=x.dtype, device=x.device)
+    rows[..., :x.shape[-1]] = x
+    return rows
+
+
+def _transposed(M, L_pad, block_n):
+    """(batch, G, N, L) -> (batch, G, L_pad, BLOCK_N) float32, zero-padded: B_t, C_t become contiguous rows,
+    and a tile running past L reads zeros without a mask."""
+    out = torch.zeros(*M.shape[:2], L_pad, block_n, dtype=torch.float32, device=M.device)
+    out[..., :M.shape[3], :M.shape[2]] = M.transpose(2, 3)
+    return out
 
 
 class SelectiveScan(torch.autograd.Function):
-    """Inputs are contiguous, B and C are (batch, G, N, L); returns (out, last_state)."""
+    """u, delta, z (batch, d_inner, L); B, C (batch, G, N, L); returns (out, last_state)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
         batch, d_inner, L = u.shape
         n_groups, d_state = B.shape[1], B.shape[2]
-        chunk, block_d, block_n = _tiling(d_inner, n_groups, d_state)
-        n_chunks = triton.cdiv(L, chunk)
-        grid = (n_chunks, n_groups * triton.cdiv(d_inner // n_groups, block_d), batch)
-        tiles = dict(CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
-        flags = dict(HAS_DELTA_BIAS=delta_bias is not None, DELTA_SOFTPLUS=delta_softplus)
-        sizes = (L, d_inner, n_groups, d_state, n_chunks)
+        block_n = triton.next_power_of_2(d_state)
+        stride = triton.cdiv(L, 8) * 8
+        u_rows, delta_rows, z_rows = _rows(u, stride), _rows(delta, stride), _rows(z, stride)
+        A2 = torch.zeros(d_inner, block_n, dtype=torch.float32, device=u.device)
+        A2[:, :d_state] = A * math.log2(math.e)
+        Bt, Ct = _transposed(B, stride, block_n), _transposed(C, stride, block_n)
+        save_segments = any(ctx.needs_input_grad)
+        chunk_len = _chunk_len(batch, d_inner, L, u.device, FWD_WARPS, FWD_WARPS_PER_SM)
+        n_chunks = triton.cdiv(L, chunk_len)
+        block_d = 32 * FWD_WARPS
+        grid = (n_groups * triton.cdiv(d_inner // n_groups, block_d), n_chunks, batch)
+        sizes = (L, stride, d_inner, d_inner // n_groups, n_groups, chunk_len)
+        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
+                     DELTA_SOFTPLUS=delta_softplus, SEG=SEG, T=_tokens_per_tile(u, delta, z),
+                     BLOCK_D=block_d, BLOCK_N=block_n, num_warps=FWD_WARPS)
 
-        states = _alloc(batch, n_chunks, d_inner, d_state, dtype=torch.float32, device=u.device)
-        delta_sum = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
-        _chunk_state_fwd_kernel[grid](u, delta, A, B, delta_bias, states, delta_sum, *sizes, **flags, **tiles)
-        last_state = _carry(states, delta_sum, A, None, False, block_d, block_n)   # states: chunk start states
-        out = _alloc(batch, d_inner, L, dtype=u.dtype, device=u.device)
-        _chunk_scan_fwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, states, out, *sizes,
-                                     HAS_D=D is not None, HAS_Z=z is not None, **flags, **tiles)
+        chunk_states = None
+        if n_chunks > 1:  # passes 1 and 2
+            chunk_states = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
+            delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
+            _scan_fwd_kernel[grid](u_rows, delta_rows, A2, Bt, Ct, D, z_rows, delta_bias, None, chunk_states,
+                                   delta_sums, None, None, *sizes, STATES_ONLY=True, FROM_CHUNK_STATE=False,
+                                   SAVE_SEGMENTS=False, **flags)
+            _carry(chunk_states, delta_sums, A2, None, False)
+        out = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
+        last_state = _alloc(batch, d_inner, block_n, dtype=torch.float32, device=u.device)
+        seg_states = (_alloc(batch, triton.cdiv(L, SEG), d_inner, block_n, dtype=torch.float32, device=u.device)
+                      if save_segments else None)
+        _scan_fwd_kernel[grid](u_rows, delta_rows, A2, Bt, Ct, D, z_rows, delta_bias, out, chunk_states, None,
+                               seg_states, last_state, *sizes, STATES_ONLY=False, FROM_CHUNK_STATE=n_chunks > 1,
+                               SAVE_SEGMENTS=save_segments, **flags)
 
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states, delta_sum)
+        ctx.save_for_backward(u_rows, delta_rows, A2, Bt, Ct, D, z_rows, delta_bias, seg_states)
         ctx.delta_softplus = delta_softplus
-        return out, last_state
+        ctx.shapes = (B.shape, B.dtype, C.dtype, L, d_state)
+        return out[..., :L], last_state[..., :d_state]
 
     @staticmethod
     def backward(ctx, dout, dlast_state):
-        u, delta, A, B, C, D, z, delta_bias, states, delta_sum = ctx.saved_tensors
-        batch, d_inner, L = u.shape
-        n_groups, d_state = B.shape[1], B.shape[2]
-        chunk, block_d, block_n = _tiling(d_inner, n_groups, d_state)
-        n_chunks = states.shape[1]
-        grid = (n_chunks, n_groups * triton.cdiv(d_inner // n_groups, block_d), batch)
-        tiles = dict(CHUNK=chunk, BLOCK_D=block_d, BLOCK_N=block_n)
+        u, delta, A2, Bt, Ct, D, z, delta_bias, seg_states = ctx.saved_tensors
+        B_shape, B_dtype, C_dtype, L, d_state = ctx.shapes
+        batch, d_inner, stride = u.shape
+        n_groups, block_n = Bt.shape[1], Bt.shape[3]
+        chunk_len = _chunk_len(batch, d_inner, L, u.device, BWD_WARPS, BWD_WARPS_PER_SM)
+        n_chunks = triton.cdiv(L, chunk_len)
+        block_d = 32 * BWD_WARPS
+        grid = (n_groups * triton.cdiv(d_inner // n_groups, block_d), n_chunks, batch)
+        sizes = (L, stride, d_inner, d_inner // n_groups, n_groups, chunk_len)
         flags = dict(HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-                     DELTA_SOFTPLUS=ctx.delta_softplus)
-        sizes = (L, d_inner, n_groups, d_state, n_chunks)
-        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
-        dlast_state = None if dlast_state is None else dlast_state.float().contiguous()
+                     DELTA_SOFTPLUS=ctx.delta_softplus, T=BWD_T, BLOCK_D=block_d, BLOCK_N=block_n,
+                     num_warps=BWD_WARPS)
+        dout = torch.zeros_like(u) if dout is None else _rows(dout, stride)
+        adjoints = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
+        if dlast_state is None:
+            dlast = None
+        else:
+            dlast = torch.zeros(batch, d_inner, block_n, dtype=torch.float32, device=u.device)
+            dlast[..., :d_state] = dlast_state
+        if n_chunks > 1:  # passes 1 and 2 of the adjoint
+            delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
+            _adjoint_summary_kernel[grid](dout, delta, A2, Ct, z, delta_bias, adjoints, delta_sums, *sizes,
+                                          **flags)
+            _carry(adjoints, delta_sums, A2, dlast, True)
+        elif dlast is None:
+            adjoints.zero_()
+        else:
+            adjoints.copy_(dlast[:, None])
 
-        adjoints = _alloc(batch, n_chunks, d_inner, d_state, dtype=torch.float32, device=u.device)
-        _chunk_state_bwd_kernel[grid](dout, delta, A, C, z, delta_bias, adjoints, *sizes, **flags, **tiles)
-        _carry(adjoints, delta_sum, A, dlast_state, True, block_d, block_n)         # adjoints: G_c per chunk
-
-        du = _alloc(*u.shape, dtype=u.dtype, device=u.device)
-        ddelta = _alloc(*delta.shape, dtype=delta.dtype, device=u.device)
-        dz = None if z is None else _alloc(*z.shape, dtype=z.dtype, device=u.device)
-        dB = torch.zeros(B.shape, dtype=torch.float32, device=u.device)             # atomic-add targets
-        dC = torch.zeros(C.shape, dtype=torch.float32, device=u.device)
-        dA_part = _alloc(batch, n_chunks, d_inner, d_state, dtype=torch.float32, device=u.device)
+        du = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
+        ddelta = _alloc(batch, d_inner, stride, dtype=delta.dtype, device=u.device)
+        dz = None if z is None else _alloc(batch, d_inner, stride, dtype=z.dtype, device=u.device)
+        dBt = torch.zeros(Bt.shape, dtype=torch.float32, device=u.device)            # atomic-add targets
+        dCt = torch.zeros(Ct.shape, dtype=torch.float32, device=u.device)
+        dA_part = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
         dD_part = None if D is None else _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
         ddelta_bias_part = (None if delta_bias is None else
                             _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device))
-        _chunk_scan_bwd_kernel[grid](u, delta, A, B, C, D, z, delta_bias, states, adjoints, dout,
-                                     du, ddelta, dz, dB, dC, dA_part, dD_part, ddelta_bias_part, *sizes,
-                                     HAS_D=D is not None, **flags, **tiles)
+        scratch = _alloc(batch * n_chunks * grid[0], SEG // BWD_T, block_n, block_d + 1, dtype=torch.float32,
+                         device=u.device)
+        _scan_bwd_kernel[grid](u, delta, A2, Bt, Ct, D, z, delta_bias, dout, seg_states, adjoints, scratch,
+                               du, ddelta, dz, dBt, dCt, dA_part, dD_part, ddelta_bias_part, *sizes,
+                               HAS_D=D is not None, SEG=SEG, **flags)
+        dA = dA_part.sum((0, 1))[:, :d_state]
         dD = None if D is None else dD_part.sum((0, 1)).to(D.dtype)
         ddelta_bias = None if delta_bias is None else ddelta_bias_part.sum((0, 1)).to(delta_bias.dtype)
-        return (du, ddelta, dA_part.sum((0, 1)).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, dz,
-                ddelta_bias, None)
+        dB = dBt[..., :L, :d_state].transpose(2, 3).to(B_dtype)
+        dC = dCt[..., :L, :d_state].transpose(2, 3).to(C_dtype)
+        return (du[..., :L], ddelta[..., :L], dA, dB, dC, dD, None if dz is None else dz[..., :L], ddelta_bias,
+                None)
+
+
+def _carry(states, delta_sums, A2, initial, reverse):
+    """Pass 2 on (batch, n_chunks, d_inner, BLOCK_N) `states`, in place."""
+    batch, n_chunks, d_inner, block_n = states.shape
+    _chunk_carry_kernel[(triton.cdiv(d_inner, 32), batch)](
+        states, delta_sums, A2, initial, d_inner, n_chunks, REVERSE=reverse, HAS_INITIAL=initial is not None,
+        BLOCK_D=32, BLOCK_N=block_n, num_warps=1)
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -479,9 +680,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns out (B, d_inner, L) in u's dtype, and with return_last_state also h_L (B, d_inner, N) float32."""
     n_groups = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     batch, _, L = u.shape
-    grouped = (lambda M: M.reshape(batch, n_groups, M.shape[-2], L).contiguous())    # (B, G, N, L)
+    grouped = (lambda M: M.reshape(batch, n_groups, M.shape[-2], L))                 # (B, G, N, L)
     contiguous = (lambda x: None if x is None else x.contiguous())
-    out, last_state = SelectiveScan.apply(u.contiguous(), delta.contiguous(), A.float().contiguous(),
-                                          grouped(B), grouped(C), contiguous(D), contiguous(z),
+    out, last_state = SelectiveScan.apply(u, delta, A.float(), grouped(B), grouped(C), contiguous(D), z,
                                           contiguous(delta_bias), delta_softplus)
     return (out, last_state) if return_last_state else out

@@ -1,9 +1,9 @@
 """scan_triton.py: forward and every gradient against mamba.selective_scan_ref, in Triton's CPU interpreter.
 
-Chunks of 8 tokens and tiles of 2 to 4 channels, so that small shapes already span several chunks and
-several channel blocks (the kernels' defaults are 64 tokens). Every buffer a kernel should write in full
-starts as NaN, so an element it skips fails the comparison. Inputs are fresh random numbers on every run;
-the seed is in the failure message.
+Segments of 8 tokens (the kernels' default is 64), so that small shapes already span several segments, tiles
+and, where a test asks for it, several chunks. Every buffer a kernel should write in full starts as NaN, so an
+element it skips fails the comparison. Inputs are fresh random numbers on every run; the seed is in the failure
+message.
 """
 import os
 
@@ -19,11 +19,16 @@ GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
 
 @pytest.fixture(autouse=True)
-def small_tiles_and_poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(scan_triton, "CHUNK", 8)
-    monkeypatch.setattr(scan_triton, "TILE", 256)  # 2 channels per tile at N = 16, 1 at N = 64
+def small_segments_and_poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(scan_triton, "SEG", 8)
     monkeypatch.setattr(scan_triton, "_alloc",
                         lambda *shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+
+
+def use_chunks(monkeypatch, chunked):
+    """Chunks of 2 segments (16 tokens: passes 1 to 3 in both directions), or the whole sequence as one."""
+    chunk_len = (lambda batch, d_inner, L, *_: 16) if chunked else (lambda batch, d_inner, L, *_: 8 * (-(-L // 8)))
+    monkeypatch.setattr(scan_triton, "_chunk_len", chunk_len)
 
 
 def rel_err(a, b):
@@ -65,22 +70,25 @@ def run_both(x, softplus, return_last_state, seed):
 
 
 CASES = {  # name: (batch, d_inner, d_state, L, groups, D, z, delta_bias, softplus, return_last_state)
-    "all options, odd L over 5 chunks": (2, 4, 16, 37, None, True, True, True, True, True),
+    "all options, odd L over 3 chunks": (2, 4, 16, 37, None, True, True, True, True, True),
     "L = 1": (1, 4, 16, 1, None, True, True, True, True, True),
     "batch 3, plain": (3, 4, 16, 13, None, False, False, False, False, False),
-    "L a multiple of the chunk": (1, 4, 16, 16, None, True, True, True, True, False),
+    "L a multiple of the chunk (no padding)": (1, 4, 16, 32, None, True, True, True, True, True),
     "d_state 64": (2, 3, 64, 19, None, True, True, True, True, True),
     "d_state 10 (not a power of 2)": (1, 3, 10, 21, None, True, False, True, True, True),
     "grouped B, C": (2, 8, 16, 23, 2, True, True, True, True, True),
-    "groups of 3 channels (tiles of 2)": (1, 6, 16, 11, 2, True, True, False, True, False),
+    "70 channels: 3 blocks of 32, the last partial": (1, 70, 4, 11, None, True, True, True, True, True),
+    "groups of 35 channels: blocks do not straddle groups": (1, 70, 4, 9, 2, True, True, False, True, False),
     "D and z only": (1, 5, 16, 17, None, True, True, False, False, False),
     "softplus without bias": (1, 4, 16, 9, None, False, False, False, True, True),
     "bias without softplus": (2, 4, 16, 25, None, False, True, True, False, False),
 }
 
 
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "one chunk"])
 @pytest.mark.parametrize("case", CASES)
-def test_float32_forward_and_gradients_match_reference(case):
+def test_float32_forward_and_gradients_match_reference(case, chunked, monkeypatch):
+    use_chunks(monkeypatch, chunked)
     batch, d_inner, d_state, L, groups, D, z, delta_bias, softplus, return_last_state = CASES[case]
     seed = torch.seed() % 2**31
     x = make_inputs(seed, batch, d_inner, d_state, L, groups, D, z, delta_bias, softplus)
@@ -92,16 +100,18 @@ def test_float32_forward_and_gradients_match_reference(case):
         assert outs[1].dtype == torch.float32 and outs[1].shape == (batch, d_inner, d_state)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
+        assert grads[name].shape == x[name].shape
         err = rel_err(grads[name], ref_grads[name])
         assert err <= 1e-4, f"{case}: d{name} rel err {err:.2e} (seed {seed})"
 
 
 @pytest.mark.parametrize("dtype,bound", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
-def test_half_precision_inputs_match_reference_within_output_rounding(dtype, bound):
+def test_half_precision_inputs_match_reference_within_output_rounding(dtype, bound, monkeypatch):
     """Both scans read the same rounded inputs and accumulate in float32, so they differ only by how what
     they return is rounded: at most 2^-8 relative per element for bfloat16, 2^-11 for float16, twice that
     where Triton's interpreter truncates to bfloat16 instead of rounding (the GPU rounds). Measured norm
-    errors: ~4.5e-3 bfloat16, < 1e-5 float16; bounds 1e-2 and 2e-3."""
+    errors: ~4.5e-3 bfloat16, < 1e-5 float16; bounds 1e-2 and 2e-3. Tiles of 8 tokens (16-bit inputs)."""
+    use_chunks(monkeypatch, True)
     seed = torch.seed() % 2**31
     x = make_inputs(seed, 2, 4, 16, 29, groups=None, dtype=dtype)
     (outs, grads), (ref_outs, ref_grads) = run_both(x, True, True, seed)
@@ -114,8 +124,10 @@ def test_half_precision_inputs_match_reference_within_output_rounding(dtype, bou
         assert err <= bound, f"d{name} rel err {err:.2e} (seed {seed})"
 
 
-def test_gradient_through_last_state_only():
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "one chunk"])
+def test_gradient_through_last_state_only(chunked, monkeypatch):
     """The output is unused: its gradient arrives as None and the adjoint starts from ∂loss/∂h_L alone."""
+    use_chunks(monkeypatch, chunked)
     seed = torch.seed() % 2**31
     x = make_inputs(seed, 1, 4, 16, 27)
     grads = []
@@ -131,12 +143,17 @@ def test_gradient_through_last_state_only():
         assert grads[0][name].grad.abs().max() == 0
 
 
-def test_strided_inputs_are_accepted():
-    """B, C as they come out of x_proj: (batch, L, N) transposed to (batch, N, L)."""
+def test_strided_and_misaligned_inputs_are_accepted():
+    """B, C as they come out of x_proj, (batch, L, N) transposed to (batch, N, L); u a transposed view; delta
+    contiguous but starting 4 bytes into its storage: rows are copied to aligned memory first. L = 24 needs no
+    padding, so only the layout sends them there."""
     seed = torch.seed() % 2**31
-    x = make_inputs(seed, 2, 4, 16, 19)
-    x["B"] = x["B"].detach().transpose(1, 2).contiguous().transpose(1, 2)
-    x["C"] = x["C"].detach().transpose(1, 2).contiguous().transpose(1, 2)
+    x = {k: v.detach() for k, v in make_inputs(seed, 2, 4, 16, 24).items()}
+    x["B"] = x["B"].transpose(1, 2).contiguous().transpose(1, 2)
+    x["C"] = x["C"].transpose(1, 2).contiguous().transpose(1, 2)
+    x["u"] = x["u"].transpose(1, 2).contiguous().transpose(1, 2)
+    x["delta"] = torch.cat([x["delta"].new_zeros(1), x["delta"].flatten()])[1:].view(2, 4, 24)
+    assert x["delta"].is_contiguous() and x["delta"].data_ptr() % 16 != 0
     with torch.no_grad():
         out = scan_triton.selective_scan(**x, delta_softplus=True)
         ref = mamba.selective_scan_ref(**x, delta_softplus=True)
