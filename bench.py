@@ -9,7 +9,6 @@ Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between 
 """
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -18,6 +17,7 @@ import triton
 
 import mamba
 import scan_triton
+import train
 
 # ----------------------------------------------------------------------------------------------------------
 # python bench.py scan
@@ -150,8 +150,7 @@ def bench_methods(args):
 
     model = mamba.Mamba.from_pretrained(args.model, device="cuda").eval()
     encoding = tokenizer.load_tokenizer(args.model)
-    with open(os.path.join(args.model, evaluate.INFO_FILE)) as f:
-        L_train = evaluate.json.load(f)["L_train"]
+    L_train = train.read_info(args.model)["L_train"]
     text = open(args.data, encoding="utf-8").read()
     calibration = longmamba.load_or_calibrate(
         model, os.path.join(args.model, evaluate.CALIBRATION_FILE),
@@ -171,9 +170,10 @@ def bench_methods(args):
         for name, (set_hook, runner) in methods.items():
             set_hook()
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                torch.cuda.reset_peak_memory_stats()
-                times[name] = triton.testing.do_bench(lambda: runner(ids), warmup=25, rep=200, return_mode="median")
+                torch.cuda.reset_peak_memory_stats()  # one prefill alone: do_bench's L2-flush buffer is not counted
+                runner(ids)
                 peak = torch.cuda.max_memory_allocated() / 2**20
+                times[name] = triton.testing.do_bench(lambda: runner(ids), warmup=25, rep=200, return_mode="median")
             model.set_hook(None)
             rows.append(f"| {L} | {name} | {times[name]:.2f} | {times[name] / times['vanilla']:.2f} | "
                         f"{L / times[name]:.0f} | {peak:.0f} |")
@@ -196,14 +196,8 @@ def bench_methods(args):
 
 
 def provenance():
-    commit = os.environ.get("MAMBA_COMMIT")  # set where the tree was copied without .git (a remote GPU machine)
-    try:
-        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                          check=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "uncommitted"
     return (f"Command: `python bench.py {' '.join(sys.argv[1:])}`  \n"
-            f"Commit: {commit}  \n"
+            f"Commit: {train.git_commit()}  \n"
             f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
 
 

@@ -4,7 +4,7 @@ Evaluate Mamba and the long-context methods: passkey retrieval, perplexity, Long
     python eval.py --method longmamba                       # bundled testbed: vanilla vs LongMamba, passkey
     python eval.py --method longmamba,decimamba,remamba --samples 20 --device cuda
     python eval.py --task ppl --method longmamba --data data/war_and_peace.txt
-    python eval.py --task longbench --data-dir LongBench/data --e --method longmamba --model mamba-1.4b
+    python eval.py --task longbench --data-dir LongBench/data --e --method longmamba --model mamba-1.4b --L-train 2048
     torchrun --nproc_per_node=K eval.py ...                 # samples are sharded across ranks
 
 Every requested method is evaluated on the same samples, with vanilla Mamba beside it as the baseline
@@ -79,6 +79,16 @@ def parse_args(argv=None):
     p.add_argument("--e", action="store_true", help="longbench: LongBench-E ({dataset}_e.jsonl, length buckets)")
     p.add_argument("--max-length", type=int, default=159_500, help="longbench: middle-truncate prompts to this")
     args = p.parse_args(argv)
+
+    def numbers(flag, text, kind):
+        try:
+            return [kind(x) for x in text.split(",")] if text else None
+        except ValueError:
+            p.error(f"{flag} {text!r}: expected comma-separated {kind.__name__} values, e.g. 512,1024")
+
+    args.length_list = numbers("--lengths", args.lengths, int)
+    args.depth_list = numbers("--depths", args.depths, float)
+    args.layer_list = numbers("--decimating-layers", args.decimating_layers, int)
     args.methods = [m.strip() for m in args.method.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
@@ -105,8 +115,13 @@ def load(args, device):
         if not os.path.isfile(info):
             sys.exit(f"eval.py: {args.model} has no {INFO_FILE}: pass --L-train (the length the model was "
                      f"trained at, e.g. 2048 for the state-spaces models)")
-        L_train = json.load(open(info))["L_train"]
+        with open(info) as f:
+            L_train = json.load(f)["L_train"]
     return model, encoding, L_train
+
+
+def default_lengths(L_train):
+    return [L_train * m for m in (1, 2, 4, 8, 16, 32)]
 
 
 def calibration_windows(encoding, text, L_train, n):
@@ -133,8 +148,8 @@ class Method:
             self.describe = lambda length: longmamba.describe(self.calibration, args.c, length)
         elif name == "decimamba":
             import decimamba
-            layers = [int(x) for x in args.decimating_layers.split(",")] if args.decimating_layers else None
-            self.setup = lambda: decimamba.apply(model, layers, beta=args.beta, L_base=L_train, min_len=args.min_len)
+            self.setup = lambda: decimamba.apply(model, args.layer_list, beta=args.beta, L_base=L_train,
+                                                 min_len=args.min_len)
         elif name == "remamba":
             import remamba
             self.remamba = remamba.ReMamba.load(model, os.path.join(args.model, remamba.REMAMBA_FILE))
@@ -162,9 +177,8 @@ def autocast(device):
 
 
 def run_passkey(args, methods, encoding, L_train, text, device, rank, world):
-    lengths = ([int(x) for x in args.lengths.split(",")] if args.lengths
-               else [L_train * m for m in (1, 2, 4, 8, 16, 32)])
-    depths = [float(x) for x in args.depths.split(",")]
+    lengths = args.length_list or default_lengths(L_train)
+    depths = args.depth_list
     samples = args.samples or (20 if device.startswith("cuda") else 1)
     haystack = passkey.Haystack(text, "eval")
     cells = [(L, d, i) for L in lengths for d in depths for i in range(samples)]
@@ -252,35 +266,39 @@ def heatmap(path, methods, lengths, depths, accuracies, title):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Perplexity (the PG19 protocol of the LongMamba and DeciMamba papers)
+# Perplexity (adapted from the PG19 protocol of the LongMamba and DeciMamba papers)
 
 
 @torch.no_grad()
 def run_ppl(args, methods, encoding, L_train, text, device):
-    """Perplexity of the last `--predict` tokens of windows of growing length, `--windows` per length.
+    """Perplexity of the last `--predict` tokens of windows of growing length, `--windows` per length, cut
+    from the held-out last 10 % of --data.
 
     Each window's prefix is prefilled with the method (LongMamba filters it, DeciMamba shortens it), then
-    the last tokens are scored one recurrent step at a time, as they would be generated."""
-    ids = passkey.Haystack(text, "eval" if args.data == DEFAULT_DATA else "all").tokens(encoding)[0]
-    lengths = ([int(x) for x in args.lengths.split(",")] if args.lengths
-               else [L_train * m for m in (1, 2, 4, 8, 16, 32)])
+    the last tokens are scored one recurrent step at a time, as they would be generated. This differs from
+    the papers, which score the window in one forward with the method applied to all of it: here the scored
+    tokens are never filtered or decimated, the same rule as for generation."""
+    ids = passkey.Haystack(text, "eval").tokens(encoding)[0]
+    lengths = args.length_list or default_lengths(L_train)
     results = {m.name: {} for m in methods}
     for L in lengths:
         if L <= args.predict:
             sys.exit(f"eval.py: --lengths {L} must exceed --predict {args.predict}")
+        if L > len(ids):
+            sys.exit(f"eval.py: the held-out part of --data has {len(ids)} tokens, fewer than a window of {L}")
         starts = np.linspace(0, max(0, len(ids) - L), args.windows).astype(np.int64)
         for method in methods:
             if method.remamba is not None:
                 sys.exit("eval.py: --task ppl does not apply to remamba (it compresses a prompt before answering)")
             nll = []
             for s in starts:
-                window = torch.from_numpy(np.resize(ids[s:], L).astype(np.int64)).to(device)[None]
+                window = torch.from_numpy(ids[s:s + L].astype(np.int64)).to(device)[None]
                 prefix, scored = window[:, :-args.predict], window[0, -args.predict:]
                 method.setup()
                 try:
                     with autocast(device):
-                        logits, caches = method.model(prefix, return_cache=True)
-                        logits = logits[:, -1]
+                        h, caches = method.model.hidden_states(prefix, return_cache=True)
+                        logits = method.model.lm_head(h[:, -1])
                         for t in range(args.predict):
                             nll.append(F.cross_entropy(logits.float(), scored[t:t + 1]).item())
                             if t + 1 < args.predict:
@@ -321,12 +339,14 @@ def run_longbench(args, methods, encoding, device, rank, world):
         for dataset in datasets:
             reason = longbench.skip_reason(dataset)
             if reason:
-                print(f"skipping {dataset}: {reason}")
+                print(reason)
                 continue
             samples = longbench.load_samples(args.data_dir, dataset, e=args.e)
             out_path = os.path.join(args.out_dir, "longbench", f"{model_name}_{method.name}",
                                     dataset + ("_e" if args.e else "") + ".jsonl")
-            longbench.predict(samples, dataset, generate_fn, encoding.encode, encoding.decode, out_path,
+            # special-token text in a context is encoded as the special token, as Hugging Face tokenizers do
+            encode = lambda text: encoding.encode(text, allowed_special="all")  # noqa: E731
+            longbench.predict(samples, dataset, generate_fn, encode, encoding.decode, out_path,
                               args.max_length, dataset2prompt, dataset2maxlen, encoding.eot_token, rank, world,
                               progress=print if rank == 0 else (lambda *a: None))
             if world > 1:

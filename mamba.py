@@ -152,7 +152,7 @@ class MambaConfig:
 #   D, delta_bias (d_inner,) float32.   Returns out (B, d_inner, L) in u's dtype [, last state (B, d_inner, N) fp32].
 
 
-def _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
     """Upcast to float32, apply the Δ bias/softplus, expand grouped B/C to (B, d_inner, N, L)."""
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"selective_scan: u and delta must both be (batch, d_inner, L); got {tuple(u.shape)} "
@@ -184,7 +184,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
                        return_last_state=False):
     """The definition: a sequential loop over time. Slow; everything else is tested against it."""
     out_dtype = u.dtype
-    u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, d_inner, L = u.shape
     h = u.new_zeros(batch, d_inner, A.shape[1])                              # (B, d_inner, N)
     ys = []
@@ -210,7 +210,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     larger than the loop's: 2·sqrt(L) + sqrt(L) Python steps in all.
     """
     out_dtype = u.dtype
-    u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, d_inner, L = u.shape
     T = chunk_len or max(1, math.isqrt(L - 1) + 1)
     n_chunks = -(-L // T)
@@ -251,18 +251,26 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     return (y, last_state) if return_last_state else y
 
 
-def selective_scan(*args, backend=None, **kwargs):
+def selective_scan(u, *args, backend=None, **kwargs):
     """Dispatch to a scan implementation: `backend` or $MAMBA_SCAN in {ref, torch, triton}; by default
-    the Triton kernel for CUDA tensors and the chunked PyTorch scan otherwise."""
-    backend = backend or os.environ.get("MAMBA_SCAN") or ("triton" if args[0].is_cuda else "torch")
+    the Triton kernel for CUDA tensors when Triton imports, and the chunked PyTorch scan otherwise."""
+    backend = backend or os.environ.get("MAMBA_SCAN") or ("triton" if u.is_cuda and _triton_available() else "torch")
     if backend == "ref":
-        return selective_scan_ref(*args, **kwargs)
+        return selective_scan_ref(u, *args, **kwargs)
     if backend == "torch":
-        return selective_scan_chunked(*args, **kwargs)
+        return selective_scan_chunked(u, *args, **kwargs)
     if backend == "triton":
         import scan_triton
-        return scan_triton.selective_scan(*args, **kwargs)
+        return scan_triton.selective_scan(u, *args, **kwargs)
     raise ValueError(f"unknown scan backend {backend!r} (argument or MAMBA_SCAN): use ref, torch or triton")
+
+
+def _triton_available():
+    try:
+        import scan_triton  # noqa: F401  (imports triton)
+        return True
+    except ImportError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -488,8 +496,8 @@ class Mamba(nn.Module):
 
         Greedy at temperature 0. Returns the new token ids (B, n ≤ max_new_tokens); a sequence that emitted
         eos_token_id is padded with it, and generation stops once every sequence has emitted it."""
-        logits, caches = self.forward(input_ids, inputs_embeds, return_cache=True)
-        logits = logits[:, -1]
+        h, caches = self.hidden_states(input_ids, inputs_embeds, return_cache=True)
+        logits = self.lm_head(h[:, -1])  # only the last position: (L, vocab) logits of a long prompt are GBs
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         new_tokens = []
         for i in range(max_new_tokens):
@@ -543,7 +551,11 @@ class Mamba(nn.Module):
         state = load_state_dict(directory)
         model = cls(config)
         model.load_checkpoint_state(state, directory)
-        return model.to(device=device, dtype=dtype)
+        model = model.to(device=device, dtype=dtype)
+        for layer in model.backbone.layers:  # as mamba_ssm: the decay rates, D and the Δ bias stay float32
+            for p in (layer.mixer.A_log, layer.mixer.D, layer.mixer.dt_proj.bias):
+                p.data = p.data.float()
+        return model
 
     def load_checkpoint_state(self, state, source="checkpoint"):
         """Strict load with readable errors; maps Hugging Face names; ignores a tied lm_head copy."""

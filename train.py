@@ -39,7 +39,7 @@ INFO_FILE = "train_info.json"   # what the checkpoint is: L_train, data, steps, 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="checkpoint directory (created; --resume reads it)")
+    p.add_argument("--out", help="checkpoint directory (created; --resume reads it); remamba: default --init")
     p.add_argument("--method", choices=["lm", "remamba"], default="lm",
                    help="lm: train a Mamba from scratch; remamba: train ReMamba's parameters on --init")
     p.add_argument("--init", help="base checkpoint for --method remamba")
@@ -62,12 +62,14 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--passkey-fraction", type=float, default=0.5, help="share of passkey samples (rest: LM windows)")
-    p.add_argument("--other-weight", type=float, default=0.05, help="loss weight of non-answer passkey tokens")
+    p.add_argument("--other-weight", type=float, default=0.05,
+                   help="lm: loss weight of non-answer passkey tokens (ReMamba is trained on the answer only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--eval-samples", type=int, default=20, help="passkey samples at L_train checked at the end")
-    p.add_argument("--time-limit", type=float, default=0, help="minutes; save and stop after this (0: none)")
+    p.add_argument("--time-limit", type=float, default=0,
+                   help="minutes of this invocation; then save and stop (0: none)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
@@ -88,7 +90,15 @@ def load_encoding(spec, text):
     return tokenizer.load_tiktoken(spec)
 
 
+# what a resumed run must share with the run that wrote the state (anything else, e.g. --steps, may change)
+RESUME_FIXED = ("method", "init", "train_base", "data", "tokenizer", "filler", "d_model", "n_layer", "d_state",
+                "L_train", "batch_size", "grad_accum", "passkey_fraction", "other_weight", "seed")
+
+
 def validate(args, world_size):
+    for flag in ("grad_accum", "save_every", "log_every"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
     if args.batch_size % (args.grad_accum * world_size):
         fail(f"--batch-size {args.batch_size} must be divisible by --grad-accum ({args.grad_accum}) × "
              f"processes ({world_size})")
@@ -97,11 +107,16 @@ def validate(args, world_size):
             fail("--method remamba needs --init <base checkpoint directory>")
         if world_size > 1:
             fail("--method remamba trains on one process; run it with python, not torchrun")
+        args.out = args.out or args.init
         if args.train_base and os.path.abspath(args.out) == os.path.abspath(args.init):
             fail("--train-base changes the base model: give an --out other than --init")
+    elif not args.out:
+        fail("--out is required: the checkpoint directory to write")
     elif args.d_model % 16:
         fail(f"--d-model {args.d_model} must be a multiple of 16 (dt_rank = d_model/16; expand 2 keeps "
              f"d_inner a multiple of the scan kernel's channel block)")
+    if not 0 <= args.other_weight < 1:
+        fail(f"--other-weight must be in [0, 1): weight 1 marks the answer tokens; got {args.other_weight}")
     if not 0 <= args.passkey_fraction <= 1:
         fail(f"--passkey-fraction must be in [0, 1], got {args.passkey_fraction}")
     if args.steps < 1 or args.warmup < 0:
@@ -196,10 +211,17 @@ def main(argv=None):
         fail(f"--resume: {state_path} does not exist (nothing to resume; drop --resume to start)")
     if not args.resume and os.path.isfile(state_path):
         fail(f"{args.out} already holds a training run: add --resume to continue it, or choose another --out")
+    state = None
+    if args.resume:
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {state['args'][k]})"
+                   for k in RESUME_FIXED if state["args"].get(k) != getattr(args, k)]
+        if changed:
+            fail(f"--resume: these settings differ from the run in {args.out}: {'; '.join(changed)}")
 
     torch.manual_seed(args.seed)
     if args.method == "lm":
-        encoding = load_encoding(args.tokenizer, text)
+        encoding = tokenizer.load_tokenizer(args.out) if args.resume else load_encoding(args.tokenizer, text)
         overhead = passkey.prompt_overhead(encoding)
         if args.L_train <= overhead:
             fail(f"--L-train {args.L_train} leaves no room for filler: the passkey prompt's fixed parts take "
@@ -217,8 +239,6 @@ def main(argv=None):
         encoding = tokenizer.load_tokenizer(args.init)
         args.L_train = args.L_train if "--L-train" in (argv or sys.argv) else read_info(args.init)["L_train"]
         trained = remamba.ReMamba(base).to(device)
-        if not args.train_base:
-            base.requires_grad_(False)
         groups = [{"params": list(trained.trainable_parameters(args.train_base)), "weight_decay": 0.0}]
     batches = Batches(args, encoding, text)
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
@@ -226,10 +246,9 @@ def main(argv=None):
 
     step, elapsed_before = 0, 0.0
     if args.resume:
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        if state["method"] != args.method:
-            fail(f"--resume: {args.out} holds a {state['method']} run, not {args.method}")
         trained.load_state_dict(state["model"])
+        if args.method == "remamba" and args.train_base:
+            base.load_state_dict(state["base"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         step, elapsed_before = state["step"], state["elapsed"]
@@ -247,8 +266,10 @@ def main(argv=None):
             return
         os.makedirs(args.out, exist_ok=True)
         elapsed = elapsed_before + time.time() - t_start
-        state = {"method": args.method, "model": trained.state_dict(), "optimizer": optimizer.state_dict(),
+        state = {"model": trained.state_dict(), "optimizer": optimizer.state_dict(),
                  "rng_cpu": torch.get_rng_state(), "step": step, "elapsed": elapsed, "args": vars(args)}
+        if args.method == "remamba" and args.train_base:
+            state["base"] = base.state_dict()  # ReMamba's state_dict holds only its new parameters
         atomic_write(state_path, lambda f: torch.save(state, f))
         if args.method == "lm":
             model.save_pretrained(args.out, encoding)
@@ -259,7 +280,7 @@ def main(argv=None):
                     "finished": final and step >= args.steps}
             atomic_write(os.path.join(args.out, INFO_FILE), lambda f: f.write(json.dumps(info, indent=2).encode()))
         else:
-            trained.save(os.path.join(args.out, "remamba.pt"))
+            trained.save(args.out)  # remamba.pt in the checkpoint directory
             if args.train_base:
                 base.save_pretrained(args.out, encoding)
 
@@ -305,7 +326,11 @@ def main(argv=None):
             loss_sum, loss_count, last_log = 0, 0, now
         if step % args.save_every == 0 or step == args.steps:
             save(final=step == args.steps)
-        if args.time_limit and elapsed_before + time.time() - t_start > args.time_limit * 60 and step < args.steps:
+        out_of_time = torch.tensor(float(bool(args.time_limit) and time.time() - t_start > args.time_limit * 60),
+                                   device=device)
+        if distributed:  # every rank stops at the same step, or the others would wait in DDP forever
+            dist.all_reduce(out_of_time, op=dist.ReduceOp.MAX)
+        if out_of_time.item() and step < args.steps:
             save()
             log(f"time limit reached at step {step}: saved; continue with --resume")
             break

@@ -64,6 +64,7 @@ def test_backend_selection(monkeypatch):
     x = scan_inputs(1, 4, 4, 9, seed=0)
     monkeypatch.setenv("MAMBA_SCAN", "ref")
     assert torch.equal(mamba.selective_scan(*x.values()), mamba.selective_scan_ref(*x.values()))
+    assert torch.equal(mamba.selective_scan(**x), mamba.selective_scan_ref(**x))  # keywords, as mamba_ssm's
     with pytest.raises(ValueError, match="unknown scan backend 'cuda'.*ref, torch or triton"):
         mamba.selective_scan(*x.values(), backend="cuda")
 
@@ -208,6 +209,15 @@ def test_bad_input_messages():
         model(torch.zeros(1, 3))
     with pytest.raises(ValueError, match="inputs_embeds must be"):
         model(inputs_embeds=torch.zeros(1, 3, 7))
+
+
+def test_low_precision_load_keeps_decay_rates_in_float32(tmp_path):
+    small_model().save_pretrained(tmp_path)
+    model = Mamba.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    mixer = model.backbone.layers[0].mixer
+    assert mixer.in_proj.weight.dtype == torch.bfloat16
+    assert mixer.A_log.dtype == mixer.D.dtype == mixer.dt_proj.bias.dtype == torch.float32
+    assert model(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
 
 
 def test_save_load_round_trip_state_spaces_layout(tmp_path):

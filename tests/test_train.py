@@ -41,6 +41,8 @@ def test_resume_continues_bit_for_bit(tmp_path, capsys):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    with pytest.raises(SystemExit, match=r"--seed 1 \(the run used 0\)"):
+        run_main(["--out", str(tmp_path / "resumed"), "--steps", "5", "--resume", "--seed", "1"] + TINY)
     info = json.load(open(tmp_path / "resumed" / "train_info.json"))
     assert info["L_train"] == 300 and info["steps"] == 4 and info["finished"]
     assert sorted(os.listdir(tmp_path / "resumed")) == ["config.json", "pytorch_model.bin", "tokenizer.tiktoken",
@@ -79,6 +81,8 @@ def test_ddp_two_processes_match_one(tmp_path):
     (["--tokenizer", "missing.tiktoken"], "--tokenizer missing.tiktoken: no such file"),
     (["--method", "remamba"], "--method remamba needs --init"),
     (["--resume"], "nothing to resume"),
+    (["--other-weight", "1"], "--other-weight must be in [0, 1)"),
+    (["--log-every", "0"], "--log-every must be ≥ 1"),
 ])
 def test_bad_configs_stop_with_a_clear_message(tmp_path, extra, message):
     with pytest.raises(SystemExit) as e:
