@@ -195,7 +195,8 @@ def calibrate(model, token_windows, lengths=None, aggregate="avg", decay_state="
 def load_or_calibrate(model, path, token_windows_fn, L_train, lengths=None, aggregate="avg", decay_state="slowest"):
     """The calibration saved at `path` if it was computed on `model` with these settings; otherwise calibrate on
     token_windows_fn() (called only then, it returns (S, L_train) token ids) and save the result to `path`.
-    The windows' text is not part of the check: delete the file to recalibrate on other text."""
+    The windows' text is not part of the check: delete the file to recalibrate on other text. A file that is not
+    a readable calibration is an error (it is not silently replaced)."""
     if isinstance(L_train, bool) or not isinstance(L_train, int) or L_train < 2:
         raise ValueError(f"L_train must be the model's training length in tokens (an integer ≥ 2), got {L_train!r}")
     _check_choice("aggregate", aggregate, AGGREGATES)

@@ -112,6 +112,8 @@ def validate(args, world_size):
             fail("--train-base changes the base model: give an --out other than --init")
     elif not args.out:
         fail("--out is required: the checkpoint directory to write")
+    elif args.init or args.train_base:
+        fail("--init and --train-base belong to --method remamba; --method lm trains a new model from scratch")
     elif args.d_model % 16:
         fail(f"--d-model {args.d_model} must be a multiple of 16 (dt_rank = d_model/16; expand 2 keeps "
              f"d_inner a multiple of the scan kernel's channel block)")
