@@ -52,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--d-state", type=int, default=16)
-    p.add_argument("--L-train", type=int, default=512, help="training length in tokens")
+    p.add_argument("--L-train", type=int,
+                   help="training length in tokens (lm: default 512; remamba: default the base model's)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences per optimizer step)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=12000)
@@ -108,15 +109,19 @@ def validate(args, world_size):
         if world_size > 1:
             fail("--method remamba trains on one process; run it with python, not torchrun")
         args.out = args.out or args.init
+        if args.L_train is None and os.path.isdir(args.init):
+            args.L_train = read_info(args.init)["L_train"]
         if args.train_base and os.path.abspath(args.out) == os.path.abspath(args.init):
             fail("--train-base changes the base model: give an --out other than --init")
-    elif not args.out:
-        fail("--out is required: the checkpoint directory to write")
-    elif args.init or args.train_base:
-        fail("--init and --train-base belong to --method remamba; --method lm trains a new model from scratch")
-    elif args.d_model % 16:
-        fail(f"--d-model {args.d_model} must be a multiple of 16 (dt_rank = d_model/16; expand 2 keeps "
-             f"d_inner a multiple of the scan kernel's channel block)")
+    else:
+        if not args.out:
+            fail("--out is required: the checkpoint directory to write")
+        if args.init or args.train_base:
+            fail("--init and --train-base belong to --method remamba; --method lm trains a new model from scratch")
+        if args.d_model % 16:
+            fail(f"--d-model {args.d_model} must be a multiple of 16 (dt_rank = d_model/16; expand 2 keeps "
+                 f"d_inner a multiple of the scan kernel's channel block)")
+        args.L_train = args.L_train or 512
     if not 0 <= args.other_weight < 1:
         fail(f"--other-weight must be in [0, 1): weight 1 marks the answer tokens; got {args.other_weight}")
     if not 0 <= args.passkey_fraction <= 1:
@@ -239,7 +244,6 @@ def main(argv=None):
         import remamba
         base = Mamba.from_pretrained(args.init, device=device)
         encoding = tokenizer.load_tokenizer(args.init)
-        args.L_train = args.L_train if "--L-train" in (argv or sys.argv) else read_info(args.init)["L_train"]
         trained = remamba.ReMamba(base).to(device)
         groups = [{"params": list(trained.trainable_parameters(args.train_base)), "weight_decay": 0.0}]
     batches = Batches(args, encoding, text)

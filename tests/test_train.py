@@ -80,6 +80,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     (["--batch-size", "5", "--grad-accum", "2"], "--batch-size 5 must be divisible"),
     (["--tokenizer", "missing.tiktoken"], "--tokenizer missing.tiktoken: no such file"),
     (["--method", "remamba"], "--method remamba needs --init"),
+    (["--train-base"], "--init and --train-base belong to --method remamba"),
     (["--resume"], "nothing to resume"),
     (["--other-weight", "1"], "--other-weight must be in [0, 1)"),
     (["--log-every", "0"], "--log-every must be ≥ 1"),
@@ -89,3 +90,20 @@ def test_bad_configs_stop_with_a_clear_message(tmp_path, extra, message):
         run_main(["--out", str(tmp_path / "x"), "--steps", "1"] + TINY + extra)
     assert message in str(e.value)
     assert not os.path.exists(tmp_path / "x" / "train_state.pt")
+
+
+def test_remamba_with_base_resumes_bit_for_bit(tmp_path):
+    run_main(["--out", str(tmp_path / "base"), "--steps", "1"] + TINY)
+    remamba_args = ["--method", "remamba", "--init", str(tmp_path / "base"), "--train-base", "--steps", "3",
+                    "--batch-size", "2", "--warmup", "1", "--log-every", "1", "--eval-samples", "0", "--device", "cpu"]
+    run_main(remamba_args + ["--out", str(tmp_path / "straight")])
+    run_main(remamba_args + ["--out", str(tmp_path / "resumed"), "--time-limit", "1e-9"])
+    run_main(remamba_args + ["--out", str(tmp_path / "resumed"), "--resume"])
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = torch.load(tmp_path / "straight" / "remamba.pt", weights_only=True)["state_dict"]
+    rb = torch.load(tmp_path / "resumed" / "remamba.pt", weights_only=True)["state_dict"]
+    for k in ra:
+        assert torch.equal(ra[k], rb[k]), k
+    assert not torch.equal(a["backbone.norm_f.weight"], weights(tmp_path / "base")["backbone.norm_f.weight"])
