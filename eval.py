@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import passkey
 import tokenizer
 from mamba import Mamba, atomic_write
-from train import INFO_FILE, git_commit
+from train import INFO_FILE, autocast, git_commit, setup_device, torchrun_world
 
 METHODS = ("vanilla", "longmamba", "decimamba", "remamba")
 DEFAULT_MODEL = "checkpoints/mamba-testbed"
@@ -165,11 +165,6 @@ class Method:
             return generator.generate(prompt_ids, max_new_tokens, eos_token_id=self.encoding.eot_token)
         finally:
             self.model.set_hook(None)
-
-
-def autocast(device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
-        "cpu", enabled=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -368,14 +363,8 @@ def write_json(path, obj):
 
 def main(argv=None):
     args = parse_args(argv)
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if distributed:
-        if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    distributed, rank, world = torchrun_world()
+    device = setup_device(args.device, distributed)
     log = print if rank == 0 else (lambda *a, **k: None)
     if args.task != "longbench" and not os.path.isfile(args.data):
         sys.exit(f"eval.py: --data {args.data}: no such file")

@@ -196,21 +196,38 @@ def passkey_accuracy(generate, encoding, text, L, n, device):
     return correct / n
 
 
+def torchrun_world():
+    """(distributed, rank, world size), from the environment torchrun sets."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    return (True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (False, 0, 1)
+
+
+def setup_device(requested, distributed):
+    """The device to run on ('auto': CUDA when there is one); under torchrun, this rank's GPU and the process
+    group (NCCL on GPUs, gloo on CPUs)."""
+    device = requested if requested != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if distributed:
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def autocast(device):
+    """bf16 autocast on GPUs (weights, state and residual stream stay fp32); plain fp32 on CPUs."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
+        "cpu", enabled=False)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    distributed, rank, world_size = torchrun_world()
     validate(args, world_size)
     for path, what in [(args.data, "--data")] + ([(args.init, "--init")] if args.init else []):
         if not os.path.exists(path):
             fail(f"{what} {path}: not found")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if distributed:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        if device == "cuda":
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    device = setup_device(args.device, distributed)
     log = print if rank == 0 else (lambda *a, **k: None)
     text = open(args.data, encoding="utf-8").read()
     state_path = os.path.join(args.out, STATE_FILES[args.method])
@@ -290,8 +307,6 @@ def main(argv=None):
             if args.train_base:
                 base.save_pretrained(args.out, encoding)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
-        "cpu", enabled=False)
     t_start = last_log = time.time()
     loss_sum = loss_count = 0
     while step < args.steps:
@@ -301,7 +316,7 @@ def main(argv=None):
         for micro in range(args.grad_accum):
             first = (micro * world_size + rank) * per_rank        # this rank's slice of the global batch
             indices = range(first, first + per_rank)
-            with autocast:
+            with autocast(device):
                 if args.method == "lm":
                     samples = [batches.sample(step, i) for i in indices]
                     ids = torch.from_numpy(np.stack([s[0] for s in samples])).to(device)
@@ -345,7 +360,7 @@ def main(argv=None):
         trained.eval()
         generate = (lambda ids, n: model.generate(ids, n, eos_token_id=encoding.eot_token)) if args.method == "lm" \
             else (lambda ids, n: trained.generate(ids, n, eos_token_id=encoding.eot_token))
-        with autocast:
+        with autocast(device):
             acc = passkey_accuracy(generate, encoding, text, args.L_train, args.eval_samples, device)
         log(f"passkey accuracy at L_train={args.L_train} on {args.eval_samples} held-out samples: {acc:.1%}")
     if distributed:
