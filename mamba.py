@@ -153,30 +153,35 @@ class MambaConfig:
 
 
 def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
-    """Upcast to float32, apply the Δ bias/softplus, expand grouped B/C to (B, d_inner, N, L)."""
+    """Upcast to float32 (float64 stays float64: the tests' reference), apply the Δ bias/softplus, expand grouped
+    B/C to (B, d_inner, N, L)."""
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f"selective_scan: u and delta must both be (batch, d_inner, L); got {tuple(u.shape)} "
                          f"and {tuple(delta.shape)}")
     batch, d_inner, L = u.shape
-    delta = delta.float()
+    delta = _up(delta)
     if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
+        delta = delta + _up(delta_bias)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
 
-    def per_channel(M):  # (B, N, L) or (B, G, N, L) -> (B, d_inner or 1, N, L) float32
+    def per_channel(M):  # (B, N, L) or (B, G, N, L) -> (B, d_inner or 1, N, L)
         if M.dim() == 3:
-            return M.float()[:, None]
-        return M.float().repeat_interleave(d_inner // M.shape[1], dim=1)
+            return _up(M)[:, None]
+        return _up(M).repeat_interleave(d_inner // M.shape[1], dim=1)
 
-    return u.float(), delta, A.float(), per_channel(B), per_channel(C)
+    return _up(u), delta, _up(A), per_channel(B), per_channel(C)
+
+
+def _up(x):
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _scan_output(y, u, D, z, out_dtype):
     if D is not None:
-        y = y + D.float()[:, None] * u
+        y = y + _up(D)[:, None] * u
     if z is not None:
-        y = y * F.silu(z.float())
+        y = y * F.silu(_up(z))
     return y.to(out_dtype)
 
 

@@ -67,7 +67,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert "2 processes" in ddp.stdout
     one, two = losses(single.stdout), losses(ddp.stdout)
     assert len(one) == len(two) == 3
-    assert one == pytest.approx(two, rel=1e-5, abs=1e-6)
+    assert one == pytest.approx(two, abs=1.5e-4)  # the logs print 4 decimals
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
