@@ -150,11 +150,11 @@ def bench_methods(args):
 
     model = mamba.Mamba.from_pretrained(args.model, device="cuda").eval()
     encoding = tokenizer.load_tokenizer(args.model)
-    L_train = train.read_info(args.model)["L_train"]
+    L_train = train.read_L_train(args.model)
     text = open(args.data, encoding="utf-8").read()
     calibration = longmamba.load_or_calibrate(
         model, os.path.join(args.model, evaluate.CALIBRATION_FILE),
-        lambda: evaluate.calibration_windows(encoding, text, L_train, 100), L_train)
+        lambda: evaluate.calibration_windows(encoding, text, L_train, evaluate.CALIBRATION_WINDOWS), L_train)
     remamba_model = remamba.ReMamba.load(model, os.path.join(args.model, remamba.REMAMBA_FILE))
     methods = {  # name: (set the hook, what runs the prefill)
         "vanilla": (lambda: model.set_hook(None), model),

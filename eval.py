@@ -35,12 +35,13 @@ import torch.nn.functional as F
 import passkey
 import tokenizer
 from mamba import Mamba, atomic_write
-from train import INFO_FILE, autocast, git_commit, setup_device, torchrun_world
+from train import autocast, git_commit, read_L_train, setup_device, torchrun_world
 
 METHODS = ("vanilla", "longmamba", "decimamba", "remamba")
 DEFAULT_MODEL = "checkpoints/mamba-testbed"
 DEFAULT_DATA = "data/war_and_peace.txt"
 CALIBRATION_FILE = "longmamba_calibration.pt"
+CALIBRATION_WINDOWS = 100  # LongMamba calibration: windows of L_train tokens (official S = 100)
 
 
 def parse_args(argv=None):
@@ -64,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--c", type=float, default=0.05, help="LongMamba: global channel when tA_prod > c")
     p.add_argument("--b", type=float, default=1.0, help="LongMamba: keep Δ > b·threshold")
     p.add_argument("--variant", choices=["dt_thre", "bound"], default="dt_thre", help="LongMamba filter")
-    p.add_argument("--calibration-windows", type=int, default=100, help="LongMamba: windows of L_train tokens")
+    p.add_argument("--calibration-windows", type=int, default=CALIBRATION_WINDOWS, help="LongMamba: windows of L_train tokens")
     p.add_argument("--decimating-layers", help="DeciMamba: comma-separated layer indices (default n_layer // 2)")
     p.add_argument("--beta", type=float, default=0.5, help="DeciMamba: decay of kept tokens per decimating layer")
     p.add_argument("--min-len", type=int, default=20, help="DeciMamba: fewest tokens kept")
@@ -109,15 +110,7 @@ def load(args, device):
         sys.exit(f"eval.py: --model {args.model}: no such directory{hint}")
     model = Mamba.from_pretrained(args.model, device=device).eval()
     encoding = tokenizer.load_tokenizer(args.model)
-    L_train = args.L_train
-    if L_train is None:
-        info = os.path.join(args.model, INFO_FILE)
-        if not os.path.isfile(info):
-            sys.exit(f"eval.py: {args.model} has no {INFO_FILE}: pass --L-train (the length the model was "
-                     f"trained at, e.g. 2048 for the state-spaces models)")
-        with open(info) as f:
-            L_train = json.load(f)["L_train"]
-    return model, encoding, L_train
+    return model, encoding, args.L_train or read_L_train(args.model)
 
 
 def default_lengths(L_train):

@@ -110,7 +110,7 @@ def validate(args, world_size):
             fail("--method remamba trains on one process; run it with python, not torchrun")
         args.out = args.out or args.init
         if args.L_train is None and os.path.isdir(args.init):
-            args.L_train = read_info(args.init)["L_train"]
+            args.L_train = read_L_train(args.init)
         if args.train_base and os.path.abspath(args.out) == os.path.abspath(args.init):
             fail("--train-base changes the base model: give an --out other than --init")
     else:
@@ -367,11 +367,14 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
-def read_info(checkpoint_dir):
+def read_L_train(checkpoint_dir):
+    """The length a checkpoint was trained at, from the train_info.json that train.py writes beside it."""
     path = os.path.join(checkpoint_dir, INFO_FILE)
     if not os.path.isfile(path):
-        fail(f"{path} not found: pass --L-train (the length the base model was trained at)")
-    return json.load(open(path))
+        sys.exit(f"{path} not found: pass --L-train (the length the model was trained at, e.g. 2048 for the "
+                 f"state-spaces models)")
+    with open(path) as f:
+        return json.load(f)["L_train"]
 
 
 if __name__ == "__main__":
