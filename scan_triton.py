@@ -20,13 +20,17 @@ tokens, with no communication between threads, and the sum over n for y_t stays 
 is BLOCK_D = 32·num_warps channels of one batch element, side by side (they share B_t and C_t, which every
 thread reads from the same address).
 
-Memory is read in tiles of T tokens: the thread of channel d loads u, Δ, z[d, t0 : t0+T] with one 16-byte
-load (T = 8 for 16-bit inputs, 4 for float32), then steps through the T tokens in its registers, and writes
-the T outputs with one store. The loads of the next tile are issued before the current tile is worked on, so
-that their latency hides behind a tile of work. Rows must start 16-byte aligned for vector loads, so a length
-L that is not a multiple of 8 is padded (a copy) before the kernels run. B and C are transposed once to
-(L, N) float32 rows, so B_t is one contiguous vector. The exponential is exp2 with A pre-scaled by log2(e):
-one hardware instruction.
+Memory is read in tiles of T = 8 tokens: the thread of channel d loads u, Δ, z[d, t0 : t0+T] with 16-byte
+loads (one for 16-bit inputs, two for float32), then steps through the T tokens in its registers, and writes
+the T outputs at once. B and C are transposed once to (L, N) float32 rows, so B_t is one contiguous vector.
+Every token waits on B_t and C_t, which all threads of a program read, so their latency must not be paid
+token by token: the tile loop is software-pipelined (Triton's `tl.range(..., num_stages=2)`), which copies
+the next tile's B and C rows into shared memory asynchronously (cp.async) while the current tile is worked on,
+and the u, Δ, z tiles of the next iteration are loaded into registers before the current one is used. (On an
+H100 the pipelining made the forward 1.3 to 1.4 times faster, and tiles of 8 tokens instead of 4 for float32
+twice as fast again: notes/scan_triton_notes.md.) Rows must start 16-byte aligned for vector loads, so a
+length L that is not a multiple of 8 is padded (a copy) before the kernels run. The exponential is exp2 with
+A pre-scaled by log2(e): one hardware instruction.
 
 Chunks: parallel over the sequence
 ----------------------------------
@@ -79,10 +83,14 @@ import triton.language as tl
 # Launch configuration, measured on an H100 (notes/scan_triton_notes.md has the alternatives and their times)
 SEG = 64                # tokens between the states the forward saves for the backward
 FWD_WARPS = 4           # warps per forward program, 32·num_warps channels: its 4 warps share the loads of B_t, C_t
+FWD_T = 8               # tokens per forward tile (fp32 tiles of 4 tokens were 2 times slower)
+FWD_STAGES = 2          # the forward's tile loop is software-pipelined: B, C rows one tile ahead
 BWD_WARPS = 1           # the backward's threads hold 255 registers; 2 warps per program were 20% slower
 BWD_T = 4               # tokens per tile in the backward, whose tiles keep T states per thread (T = 2: 25% slower)
 FWD_WARPS_PER_SM = 64   # chunks are cut until there is this much work per SM (more than fits at once: shorter
-BWD_WARPS_PER_SM = 32   # chunks even out the programs' finishing times)
+BWD_WARPS_PER_SM = 64   # chunks even out the programs' finishing times)
+CARRY_BLOCK = 128       # pass 2: (channel, state) elements per program, one per thread
+CARRY_GROUP = 16        # pass 2: chunk summaries loaded together
 INTERPRETER_SMS = 4     # stands in for the SM count when the kernels run in Triton's CPU interpreter
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -171,7 +179,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, del
                      L, stride, d_inner, group_size, n_groups, chunk_len,
                      STATES_ONLY: tl.constexpr, FROM_CHUNK_STATE: tl.constexpr, SAVE_SEGMENTS: tl.constexpr,
                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
-                     DELTA_SOFTPLUS: tl.constexpr, SEG: tl.constexpr, T: tl.constexpr,
+                     DELTA_SOFTPLUS: tl.constexpr, SEG: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (channel block, chunk c, batch b). STATES_ONLY (pass 1): from a zero state, write the chunk's
     end state and ΣΔ. Otherwise (pass 3): from the chunk's start state (zero for a single chunk), write out,
@@ -204,7 +212,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, del
     delta_next = tl.load(delta_ptr + offs, mask=mask, other=0.0)
     u_next = tl.load(u_ptr + offs, mask=mask, other=0.0)
     z_next = tl.load(z_ptr + offs, mask=mask, other=0.0) if HAS_Z and not STATES_ONLY else u_next
-    for t0 in range(t_start, t_end, T):
+    for t0 in tl.range(t_start, t_end, T, num_stages=STAGES):
         if SAVE_SEGMENTS and t0 % SEG == 0:                            # h before token t0, for the backward
             tl.store(seg_state_ptr + (b * tl.cdiv(L, SEG) + t0 // SEG) * d_inner * BLOCK_N + state_offs, h,
                      mask=state_mask)
@@ -252,27 +260,39 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, del
 @triton.jit
 def _chunk_carry_kernel(states_ptr, delta_sum_ptr, A2_ptr, initial_ptr, d_inner, n_chunks,
                         REVERSE: tl.constexpr, HAS_INITIAL: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                        BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     """states[c] holds a chunk's summary X_c on entry and the carry entering chunk c on exit:
         carry = initial;  for c in order: states[c], carry = carry, exp(A · ΣΔ_c) ⊙ carry + X_c
-    in time order for the forward (carry = start state), reversed for the backward (carry = adjoint G_c)."""
+    in time order for the forward (carry = start state), reversed for the backward (carry = adjoint G_c).
+    A thread owns one (channel, state) element e of the (d_inner, BLOCK_N) plane. The chain over chunks is
+    sequential, but its inputs are not: the summaries of GROUP chunks are loaded before the chain runs through
+    them, so that one memory latency is paid per GROUP chunks instead of one per chunk."""
     b = tl.program_id(1).to(tl.int64)
-    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    n = tl.arange(0, BLOCK_N)
-    d_mask = d < d_inner
-    dn_offs = d[:, None] * BLOCK_N + n[None, :]
-    A2 = tl.load(A2_ptr + dn_offs, mask=d_mask[:, None], other=0.0)
+    plane = d_inner * BLOCK_N
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    e_mask = e < plane
+    A2 = tl.load(A2_ptr + e, mask=e_mask, other=0.0)
     if HAS_INITIAL:
-        carry = tl.load(initial_ptr + b * d_inner * BLOCK_N + dn_offs, mask=d_mask[:, None], other=0.0)
+        carry = tl.load(initial_ptr + b * plane + e, mask=e_mask, other=0.0)
     else:
-        carry = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    for i in range(n_chunks):
-        c = n_chunks - 1 - i if REVERSE else i
-        state_ptrs = states_ptr + (b * n_chunks + c) * d_inner * BLOCK_N + dn_offs
-        summary = tl.load(state_ptrs, mask=d_mask[:, None], other=0.0)
-        delta_sum = tl.load(delta_sum_ptr + (b * n_chunks + c) * d_inner + d, mask=d_mask, other=0.0)
-        tl.store(state_ptrs, carry, mask=d_mask[:, None])
-        carry = tl.exp2(A2 * delta_sum[:, None]) * carry + summary
+        carry = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, n_chunks, GROUP):
+        chunks = ()
+        masks = ()
+        summaries = ()
+        decays = ()
+        for j in tl.static_range(GROUP):
+            c = n_chunks - 1 - (i0 + j) if REVERSE else i0 + j
+            in_range = tl.full((BLOCK,), i0 + j, tl.int32) < n_chunks  # (a tensor: the interpreter cannot mask
+            masks = masks + (e_mask & in_range,)                          # with a scalar); past the last chunk,
+            chunks = chunks + ((b * n_chunks + c) * plane + e,)           # X = 0 and decay 1 keep the carry
+            summaries = summaries + (tl.load(states_ptr + chunks[j], mask=masks[j], other=0.0),)
+            delta_sum = tl.load(delta_sum_ptr + (b * n_chunks + c) * d_inner + e // BLOCK_N, mask=masks[j],
+                                other=0.0)
+            decays = decays + (tl.exp2(A2 * delta_sum),)
+        for j in tl.static_range(GROUP):
+            tl.store(states_ptr + chunks[j], carry, mask=masks[j])
+            carry = decays[j] * carry + summaries[j]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -489,11 +509,6 @@ def _alloc(*shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _tokens_per_tile(*tensors):
-    """T: one 16-byte load per channel and tile, for the widest of the (batch, d_inner, L) tensors."""
-    return 16 // max(x.element_size() for x in tensors if x is not None)
-
-
 def _chunk_len(batch, d_inner, L, device, num_warps, warps_per_sm):
     """Tokens per chunk, a multiple of SEG: as few chunks as give every SM `warps_per_sm` warps' worth of
     programs (one chunk when batch and channels alone already do)."""
@@ -544,7 +559,7 @@ class SelectiveScan(torch.autograd.Function):
         grid = (n_groups * triton.cdiv(d_inner // n_groups, block_d), n_chunks, batch)
         sizes = (L, stride, d_inner, d_inner // n_groups, n_groups, chunk_len)
         flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-                     DELTA_SOFTPLUS=delta_softplus, SEG=SEG, T=_tokens_per_tile(u, delta, z),
+                     DELTA_SOFTPLUS=delta_softplus, SEG=SEG, T=FWD_T, STAGES=FWD_STAGES,
                      BLOCK_D=block_d, BLOCK_N=block_n, num_warps=FWD_WARPS)
 
         chunk_states = None
@@ -625,9 +640,9 @@ class SelectiveScan(torch.autograd.Function):
 def _carry(states, delta_sums, A2, initial, reverse):
     """Pass 2 on (batch, n_chunks, d_inner, BLOCK_N) `states`, in place."""
     batch, n_chunks, d_inner, block_n = states.shape
-    _chunk_carry_kernel[(triton.cdiv(d_inner, 32), batch)](
+    _chunk_carry_kernel[(triton.cdiv(d_inner * block_n, CARRY_BLOCK), batch)](
         states, delta_sums, A2, initial, d_inner, n_chunks, REVERSE=reverse, HAS_INITIAL=initial is not None,
-        BLOCK_D=32, BLOCK_N=block_n, num_warps=1)
+        BLOCK=CARRY_BLOCK, BLOCK_N=block_n, GROUP=CARRY_GROUP, num_warps=CARRY_BLOCK // 32)
 
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
