@@ -1,7 +1,8 @@
 """scan_triton.py: forward and every gradient against mamba.selective_scan_ref, in Triton's CPU interpreter.
 
 Segments of 8 tokens (the kernels' default is 64), so that small shapes already span several segments, tiles
-and, where a test asks for it, several chunks. Every buffer a kernel should write in full starts as NaN, so an
+and, where a test asks for it, several chunks; the carry pass loads chunk summaries in groups of 2 (default 16),
+so that 3 chunks span a full and a partial group. Every buffer a kernel should write in full starts as NaN, so an
 element it skips fails the comparison. Inputs are fresh random numbers on every run; the seed is in the failure
 message.
 """
@@ -21,6 +22,7 @@ GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 @pytest.fixture(autouse=True)
 def small_segments_and_poisoned_outputs(monkeypatch):
     monkeypatch.setattr(scan_triton, "SEG", 8)
+    monkeypatch.setattr(scan_triton, "CARRY_GROUP", 2)
     monkeypatch.setattr(scan_triton, "_alloc",
                         lambda *shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
 
