@@ -27,10 +27,10 @@ Every token waits on B_t and C_t, which all threads of a program read, so their 
 token by token: the tile loop is software-pipelined (Triton's `tl.range(..., num_stages=2)`), which copies
 the next tile's B and C rows into shared memory asynchronously (cp.async) while the current tile is worked on,
 and the u, Δ, z tiles of the next iteration are loaded into registers before the current one is used. (On an
-H100 the pipelining made the forward 1.3 to 1.4 times faster, and tiles of 8 tokens instead of 4 for float32
-twice as fast again: notes/scan_triton_notes.md.) Rows must start 16-byte aligned for vector loads, so a
-length L that is not a multiple of 8 is padded (a copy) before the kernels run. The exponential is exp2 with
-A pre-scaled by log2(e): one hardware instruction.
+H100 the pipelining made the forward 1.36 to 1.44 times faster, and tiles of 8 tokens instead of 4 made the
+float32 forward 1.9 to 2 times faster again: notes/scan_triton_notes.md.) Rows must start 16-byte aligned
+for vector loads, so a length L that is not a multiple of 8 is padded (a copy) before the kernels run. The
+exponential is exp2 with A pre-scaled by log2(e): one hardware instruction.
 
 Chunks: parallel over the sequence
 ----------------------------------
@@ -83,7 +83,7 @@ import triton.language as tl
 # Launch configuration, measured on an H100 (notes/scan_triton_notes.md has the alternatives and their times)
 SEG = 64                # tokens between the states the forward saves for the backward
 FWD_WARPS = 4           # warps per forward program, 32·num_warps channels: its 4 warps share the loads of B_t, C_t
-FWD_T = 8               # tokens per forward tile (fp32 tiles of 4 tokens were 2 times slower)
+FWD_T = 8               # tokens per forward tile (fp32 tiles of 4 tokens were 1.9-2 times slower)
 FWD_STAGES = 2          # the forward's tile loop is software-pipelined: B, C rows one tile ahead
 BWD_WARPS = 1           # the backward's threads hold 255 registers; 2 warps per program were 20% slower
 BWD_T = 4               # tokens per tile in the backward, whose tiles keep T states per thread (T = 2: 25% slower)
