@@ -283,9 +283,10 @@ def _chunk_carry_kernel(states_ptr, delta_sum_ptr, A2_ptr, initial_ptr, d_inner,
         decays = ()
         for j in tl.static_range(GROUP):
             c = n_chunks - 1 - (i0 + j) if REVERSE else i0 + j
-            in_range = tl.full((BLOCK,), i0 + j, tl.int32) < n_chunks  # (a tensor: the interpreter cannot mask
-            masks = masks + (e_mask & in_range,)                          # with a scalar); past the last chunk,
-            chunks = chunks + ((b * n_chunks + c) * plane + e,)           # X = 0 and decay 1 keep the carry
+            # past the last chunk nothing is loaded: X = 0 and a decay of 1 leave the carry as it is (the test is
+            # a tensor because Triton's interpreter cannot combine a scalar condition with a tensor mask)
+            masks = masks + (e_mask & (tl.full((BLOCK,), i0 + j, tl.int32) < n_chunks),)
+            chunks = chunks + ((b * n_chunks + c) * plane + e,)
             summaries = summaries + (tl.load(states_ptr + chunks[j], mask=masks[j], other=0.0),)
             delta_sum = tl.load(delta_sum_ptr + (b * n_chunks + c) * d_inner + e // BLOCK_N, mask=masks[j],
                                 other=0.0)
