@@ -28,7 +28,7 @@ token by token: the tile loop is software-pipelined (Triton's `tl.range(..., num
 the next tile's B and C rows into shared memory asynchronously (cp.async) while the current tile is worked on,
 and the u, Δ, z tiles of the next iteration are loaded into registers before the current one is used. (On an
 H100 the pipelining made the forward 1.36 to 1.44 times faster, and tiles of 8 tokens instead of 4 made the
-float32 forward 1.9 to 2 times faster again: notes/scan_triton_notes.md.) Rows must start 16-byte aligned
+float32 forward 1.9 to 2 times faster again, each measured side by side in one run: notes/scan_triton_notes.md.) Rows must start 16-byte aligned
 for vector loads, so a length L that is not a multiple of 8 is padded (a copy) before the kernels run. The
 exponential is exp2 with A pre-scaled by log2(e): one hardware instruction.
 
@@ -65,8 +65,8 @@ at every token in reverse order, and h cannot be run backwards (h_{t-1} = (h_t -
 that underflow). So states are checkpointed at three levels, each recomputed from the one above:
   - the forward saves h every SEG = 64 tokens (memory B·d_inner·N·L/64 floats, never one state per token);
   - the backward program, for each segment of SEG tokens from the last to the first, recomputes the segment
-    forward from its saved state and writes the state at the start of each tile of T tokens to a small scratch
-    buffer of its own (SEG/T states);
+    forward from its saved state and writes the state at the start of each tile of T = 4 tokens (BWD_T; the
+    forward's tiles are 8) to a small scratch buffer of its own (SEG/T states);
   - for each tile, from the last to the first, it recomputes the T states of the tile into registers, then
     steps backwards through the T tokens, carrying g and producing every gradient.
 ∂B and ∂C sum over channels, which live in different threads: a sum across the program's threads, then one
