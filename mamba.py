@@ -9,40 +9,47 @@ loads without renaming (the Hugging Face `-hf` names are mapped on load). Readin
     1. MambaConfig                   sizes, and the two config.json dialects (state-spaces, Hugging Face)
     2. selective scans               the recurrence, three implementations with one signature
     3. RMSNorm, MambaMixer, Block    one layer
-    4. Mamba                         the language model: forward, step, generate, the method hook
+    4. Mamba                         the language model: forward, prefill, step, generate, the method hook
     5. checkpoints                   from_pretrained / save_pretrained, a dependency-free safetensors reader
 
-The selective SSM (paper, Algorithm 2), for one channel d of the d_inner channels and N = d_state:
+Glossary (the names in shape comments):
 
-    Δ_t = softplus(dt_proj(x_proj(x_t)) + dt_bias)                      (B, d_inner, L)   "selection"
-    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t x_t                          (B, d_inner, N)   eq. (2a), ZOH-discretised
-    y_t = C_t · h_t + D ⊙ x_t                                          (B, d_inner)      eq. (2b)
+    b        batch size                    l        sequence length in tokens
+    d_model  width of the residual stream  d_inner  channels of the SSM, expand · d_model (2 · d_model)
+    n        states per channel (d_state)  dt_rank  rank of the projection that makes Δ
 
-A = -exp(A_log) is a fixed (d_inner, N) matrix of negative decay rates; B_t, C_t (N,) and Δ_t depend on the
-token, which is what makes the scan "selective". The state h is always accumulated in float32.
+The selective SSM (paper, Algorithm 2), per channel d of the d_inner channels:
 
-The method hook. LongMamba, DeciMamba and ReMamba (longmamba.py, decimamba.py, remamba.py) change what the
-scan sees and nothing else. This file knows nothing of them; it exposes one hook, called once per mixer per
-forward (and per recurrent step) after Δ is computed and before the scan:
+    Δ_t = softplus(dt_proj(x_proj(x_t)) + dt_bias)        Δ (b, d_inner, l)    the "selection": a time step per token
+    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t x_t              h (b, d_inner, n)    eq. (2a), zero-order hold
+    y_t = C_t · h_t + D ⊙ x_t                             y (b, d_inner, l)    eq. (2b)
 
-    def hook(layer_idx, hidden_states, dt, delta, is_step):
-        # hidden_states (B, L, d_model): the mixer's input (after the block's norm, before in_proj)
-        # dt            (B, d_inner, L): dt_proj.weight @ dt_low_rank, before the bias and the softplus
-        # delta         (B, d_inner, L): softplus(dt + dt_proj.bias) in float32, the Δ the scan will use
-        # is_step       True for a one-token recurrent decoding step (L == 1)
+A = -exp(A_log) (d_inner, n) is a fixed matrix of negative decay rates; B_t and C_t (n,) are the SSM's input and
+output matrices, made per token from x like Δ (as tensors: B, C (b, n, l)). That they depend on the token is what
+makes the scan "selective". The state h is always accumulated in float32.
+
+The method hook is the only way a long-context method changes Mamba. LongMamba, DeciMamba and ReMamba
+(longmamba.py, decimamba.py, remamba.py) change what the scan sees, and this file knows nothing of them. A method
+may also wrap the model (ReMamba runs it twice), but inside the model it acts through this hook, called once per
+mixer per forward (and per recurrent step) after Δ is computed and before the scan:
+
+    def hook(layer_idx, dt, delta, is_step):
+        # dt     (b, d_inner, l): dt_proj.weight @ dt_low_rank, before the bias and the softplus
+        # delta  (b, d_inner, l): softplus(dt + dt_proj.bias) in float32, the Δ the scan would use
+        # is_step  True for a one-token recurrent decoding step (l == 1)
         return delta                   # the Δ to scan with (same shape), or
-        return delta, keep             # keep (B, k) sorted positions: the layer's output (and the residual
-                                       # stream) keep only these tokens; later layers see the shorter sequence
+        return delta, keep             # keep (b, k): sorted positions. The mixer gathers x, Δ, B, C and z at them
+                                       # before its scan, so this layer's SSM, the residual stream and every later
+                                       # layer see only these k tokens (not allowed in a decoding step)
 
-    model.set_hook(hook)      # apply a method
-    model.set_hook(None)      # vanilla Mamba again, bit for bit (an identity hook gives identical logits too)
+    with model.hooked(hook):           # apply a method; the hook that was set before comes back afterwards
+        model.generate(prompt_ids)
+    model(ids)                         # no hook: vanilla Mamba, bit for bit
 
-Example, a hook that halves Δ in layer 0 during prefill:
-
-    model.set_hook(lambda layer_idx, hidden_states, dt, delta, is_step:
-                   delta * 0.5 if layer_idx == 0 and not is_step else delta)
+Without a hook Δ is never materialised in float32: the scan adds the bias and applies the softplus itself.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -80,10 +87,6 @@ class MambaConfig:
     def __post_init__(self):
         if self.dt_rank == "auto":
             self.dt_rank = math.ceil(self.d_model / 16)
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MambaConfig.{name} must be a positive integer, got {value!r}")
 
     @property
     def d_inner(self):
@@ -112,60 +115,57 @@ class MambaConfig:
         }
 
     @classmethod
-    def from_json_dict(cls, d, source="config.json"):
-        """Read either dialect: state-spaces (`d_model`, `ssm_cfg`) or Hugging Face (`hidden_size`, ...)."""
+    def from_json_dict(cls, d):
+        """Read either dialect: state-spaces (`d_model`, `ssm_cfg`) or Hugging Face (`hidden_size`, ...).
+        Raises ValueError saying what is missing or unsupported."""
         if "hidden_size" in d:  # transformers' MambaConfig
-            if d.get("use_bias", False):
-                raise ValueError(f"{source}: use_bias=True (biases in in_proj/out_proj) is not supported")
-            if not d.get("use_conv_bias", True):
-                raise ValueError(f"{source}: use_conv_bias=False is not supported")
-            return cls(d_model=d["hidden_size"], n_layer=d["num_hidden_layers"], vocab_size=d["vocab_size"],
-                       d_state=d.get("state_size", 16), d_conv=d.get("conv_kernel", 4),
-                       expand=d.get("expand", 2), dt_rank=d.get("time_step_rank", "auto"),
-                       pad_vocab_size_multiple=1, norm_eps=d.get("layer_norm_epsilon", 1e-5),
-                       residual_in_fp32=d.get("residual_in_fp32", True),
-                       tie_embeddings=d.get("tie_word_embeddings", True))
-        if "d_model" not in d:
-            raise ValueError(f"{source}: neither a state-spaces config (d_model, n_layer, ...) nor a Hugging Face "
-                             f"MambaConfig (hidden_size, num_hidden_layers, ...); keys found: {sorted(d)}")
-        ssm = dict(d.get("ssm_cfg") or {})
-        if ssm.pop("layer", "Mamba1") != "Mamba1":
-            raise ValueError(f"{source}: only Mamba-1 layers are implemented (ssm_cfg.layer = 'Mamba1')")
-        if not d.get("rms_norm", True):
-            raise ValueError(f"{source}: rms_norm=False (LayerNorm) is not supported; the Mamba models use RMSNorm")
-        if d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
-            raise ValueError(f"{source}: MLP or attention layers (d_intermediate, attn_layer_idx) are not supported")
-        known = {f.name for f in fields(cls)}
-        unknown = set(ssm) - known
-        if unknown:
-            raise ValueError(f"{source}: unsupported ssm_cfg keys {sorted(unknown)}")
-        return cls(d_model=d["d_model"], n_layer=d["n_layer"], vocab_size=d["vocab_size"],
-                   pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
-                   norm_eps=d.get("norm_epsilon", 1e-5), residual_in_fp32=d.get("residual_in_fp32", True),
-                   tie_embeddings=d.get("tie_embeddings", True), **ssm)
+            if d.get("use_bias", False) or not d.get("use_conv_bias", True):
+                raise ValueError("use_bias=True or use_conv_bias=False is not supported (no Mamba checkpoint uses them)")
+            config = cls(d_model=d["hidden_size"], n_layer=d.get("num_hidden_layers"), vocab_size=d.get("vocab_size"),
+                         d_state=d.get("state_size", 16), d_conv=d.get("conv_kernel", 4),
+                         expand=d.get("expand", 2), dt_rank=d.get("time_step_rank", "auto"),
+                         pad_vocab_size_multiple=1, norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                         residual_in_fp32=d.get("residual_in_fp32", True),
+                         tie_embeddings=d.get("tie_word_embeddings", True))
+        else:
+            ssm = dict(d.get("ssm_cfg") or {})
+            if ssm.pop("layer", "Mamba1") != "Mamba1" or not d.get("rms_norm", True) \
+                    or d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
+                raise ValueError("only Mamba-1 layers with RMSNorm are supported (no Mamba-2, LayerNorm, MLP or "
+                                 "attention layers)")
+            unknown = set(ssm) - {f.name for f in fields(cls)}
+            if unknown:
+                raise ValueError(f"unsupported ssm_cfg keys {sorted(unknown)}")
+            config = cls(d_model=d.get("d_model"), n_layer=d.get("n_layer"), vocab_size=d.get("vocab_size"),
+                         pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
+                         norm_eps=d.get("norm_epsilon", 1e-5), residual_in_fp32=d.get("residual_in_fp32", True),
+                         tie_embeddings=d.get("tie_embeddings", True), **ssm)
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r} (a state-spaces config has "
+                                 f"d_model, n_layer, vocab_size; a Hugging Face one hidden_size, num_hidden_layers)")
+        return config
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. Selective scans. One signature for all (mamba_ssm's `selective_scan_fn`, so users can swap):
 #
-#   u, delta, z (B, d_inner, L);  A (d_inner, N) float32;  B, C (B, N, L) or grouped (B, G, N, L);
-#   D, delta_bias (d_inner,) float32.   Returns out (B, d_inner, L) in u's dtype [, last state (B, d_inner, N) fp32].
+#   u, delta, z (b, d_inner, l);  A (d_inner, n) float32;  B, C (b, n, l) or grouped (b, groups, n, l);
+#   D, delta_bias (d_inner,) float32.   Returns out (b, d_inner, l) in u's dtype [, last state (b, d_inner, n) fp32].
 
 
 def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
     """Upcast to float32 (float64 stays float64: the tests' reference), apply the Δ bias/softplus, expand grouped
-    B/C to (B, d_inner, N, L)."""
-    if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"selective_scan: u and delta must both be (batch, d_inner, L); got {tuple(u.shape)} "
-                         f"and {tuple(delta.shape)}")
-    batch, d_inner, L = u.shape
+    B/C to (b, d_inner, n, l)."""
+    d_inner = u.shape[1]
     delta = _up(delta)
     if delta_bias is not None:
         delta = delta + _up(delta_bias)[:, None]
     if delta_softplus:
         delta = F.softplus(delta)
 
-    def per_channel(M):  # (B, N, L) or (B, G, N, L) -> (B, d_inner or 1, N, L)
+    def per_channel(M):  # (b, n, l) or (b, groups, n, l) -> (b, d_inner or 1, n, l)
         if M.dim() == 3:
             return _up(M)[:, None]
         return _up(M).repeat_interleave(d_inner // M.shape[1], dim=1)
@@ -191,7 +191,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     out_dtype = u.dtype
     u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
     batch, d_inner, L = u.shape
-    h = u.new_zeros(batch, d_inner, A.shape[1])                              # (B, d_inner, N)
+    h = u.new_zeros(batch, d_inner, A.shape[1])                              # (b, d_inner, n)
     ys = []
     for t in range(L):
         dA = torch.exp(delta[:, :, t, None] * A)                              # exp(Δ_t A)
@@ -204,15 +204,15 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                            return_last_state=False, chunk_len=None):
-    """Same result as the reference, fast on a CPU: O(sqrt(L)) Python steps instead of O(L).
+    """Same result as the reference, fast on a CPU: O(sqrt(l)) Python steps instead of O(l). The Triton kernel
+    (scan_triton.py) runs the same three passes, one GPU program per chunk.
 
-    Cut the sequence into C chunks of T tokens (T ≈ sqrt(L)) and run the recurrence on all chunks at once:
+    Cut the sequence into c chunks of T tokens (T ≈ sqrt(l)) and run the recurrence on all chunks at once:
       1. local scan: every chunk scans its T tokens from a zero state, all chunks in parallel -> the chunk's
          local end state S_c and its total decay P_c = exp(A · Σ_{t in c} Δ_t);
-      2. carry: h_start[0] = 0, h_start[c+1] = P_c ⊙ h_start[c] + S_c (C sequential steps on (B, d_inner, N));
+      2. carry: h_start[0] = 0, h_start[c+1] = P_c ⊙ h_start[c] + S_c (c sequential steps on (b, d_inner, n));
       3. rescan: every chunk scans again from its true start state, writing y.
-    Only products of decays ≤ 1 appear, so it is as stable as the loop. T sequential steps on tensors C times
-    larger than the loop's: 2·sqrt(L) + sqrt(L) Python steps in all.
+    Only products of decays ≤ 1 appear, so it is as stable as the loop.
     """
     out_dtype = u.dtype
     u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
@@ -221,25 +221,25 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     n_chunks = -(-L // T)
     pad = n_chunks * T - L  # padded tokens have Δ = 0: exp(0·A) = 1 and Δ·B·x = 0 leave the state unchanged
 
-    def chunked(x):  # (b, c, ..., L) -> (T, b, c, n_chunks, ...): time-major, so step t reads a contiguous slice
+    def chunked(x):  # (b, c, ..., l) -> (T, b, c, n_chunks, ...): time-major, so step t reads a contiguous slice
         x = F.pad(x, (0, pad)).unflatten(-1, (n_chunks, T))                 # (b, c, ..., n_chunks, T)
         return x.movedim(-1, 0).movedim(-1, 3).contiguous()
 
-    delta_c = chunked(delta)                                    # (T, B, d_inner, n_chunks)
+    delta_c = chunked(delta)                                    # (T, b, d_inner, n_chunks)
     du_c = chunked(delta * u)                                   # Δ_t x_t
-    B_c, C_c = chunked(B), chunked(C)                           # (T, B, d_inner or 1, n_chunks, N)
-    A_ = A[None, :, None, :]                                    # (1, d_inner, 1, N)
+    B_c, C_c = chunked(B), chunked(C)                           # (T, b, d_inner or 1, n_chunks, n)
+    A_ = A[None, :, None, :]                                    # (1, d_inner, 1, n)
 
-    def step(h, t):  # advance every chunk by its t-th token; h (B, d_inner, n_chunks, N)
+    def step(h, t):  # advance every chunk by its t-th token; h (b, d_inner, n_chunks, n)
         dA = torch.exp(delta_c[t, ..., None] * A_)
         dBu = du_c[t, ..., None] * B_c[t]
-        return dA * h + dBu
+        return dA * h + dBu                                     # eq. (2a)
 
     # 1. local scans from zero
     h = u.new_zeros(batch, d_inner, n_chunks, A.shape[1])
     for t in range(T):
         h = step(h, t)
-    chunk_decay = torch.exp(delta_c.sum(0)[..., None] * A_)  # (B, d_inner, n_chunks, N)
+    chunk_decay = torch.exp(delta_c.sum(0)[..., None] * A_)  # (b, d_inner, n_chunks, n)
     # 2. carry the state across chunk boundaries
     starts = [u.new_zeros(batch, d_inner, A.shape[1])]
     for c in range(n_chunks):
@@ -250,7 +250,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     ys = []
     for t in range(T):
         h = step(h, t)
-        ys.append((h * C_c[t]).sum(-1))                         # (B, d_inner, n_chunks)
+        ys.append((h * C_c[t]).sum(-1))                         # (b, d_inner, n_chunks), eq. (2b)
     y = torch.stack(ys, dim=-1).flatten(-2)[..., :L]
     y = _scan_output(y, u, D, z, out_dtype)
     return (y, last_state) if return_last_state else y
@@ -297,8 +297,13 @@ class RMSNorm(nn.Module):
 @dataclass
 class LayerCache:
     """Recurrent state of one mixer: everything a decoding step needs to know about the past."""
-    conv_state: torch.Tensor  # (B, d_inner, d_conv): the last d_conv inputs of the causal conv
-    ssm_state: torch.Tensor   # (B, d_inner, N) float32: h_t
+    conv_state: torch.Tensor  # (b, d_inner, d_conv): the last d_conv inputs of the causal conv
+    ssm_state: torch.Tensor   # (b, d_inner, n) float32: h_t
+
+
+def _gather(x, keep):
+    """x (b, c, l) at positions keep (b, k) -> (b, c, k)."""
+    return x.gather(2, keep[:, None, :].expand(-1, x.shape[1], -1))
 
 
 class MambaMixer(nn.Module):
@@ -317,47 +322,52 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.empty(c.d_inner))
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
 
-    def _delta(self, hidden_states, x, hook, is_step):
-        """x (B, L, d_inner) after the conv -> Δ, B, C; the method hook sees Δ here."""
+    def _selection(self, x):
+        """x (b, l, d_inner) after the conv -> dt (b, d_inner, l) before bias and softplus, B, C (b, n, l)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)                   # (B, d_inner, L), no bias yet
-        delta = F.softplus(dt.float() + self.dt_proj.bias.float()[:, None])      # Δ = softplus(dt + bias)
-        keep = None
-        if hook is not None:
-            result = hook(self.layer_idx, hidden_states, dt, delta, is_step)
-            delta, keep = result if isinstance(result, tuple) else (result, None)
-            if keep is not None and is_step:
-                raise ValueError("a method hook may not drop tokens (return keep) during a decoding step")
-        return delta, B.transpose(1, 2), C.transpose(1, 2), keep                  # B, C (B, N, L)
+        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)
+        return dt, B.transpose(1, 2), C.transpose(1, 2)
+
+    def _delta(self, dt):
+        return F.softplus(dt.float() + self.dt_proj.bias.float()[:, None])      # Δ = softplus(dt + bias)
 
     def forward(self, hidden_states, hook=None, return_cache=False):
-        """hidden_states (B, L, d_model) -> (B, L or k, d_model), keep (B, k) or None, LayerCache or None."""
+        """hidden_states (b, l, d_model) -> out (b, l or k, d_model), keep (b, k) or None, LayerCache or None."""
         L = hidden_states.shape[1]
-        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)                      # (B, L, d_inner) each
-        x = x.transpose(1, 2)                                                    # (B, d_inner, L)
+        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)      # (b, d_inner, l) each
         conv_state = F.pad(x, (self.d_conv - L, 0)) if return_cache else None    # last d_conv inputs
         x = F.silu(self.conv1d(x)[..., :L])                                      # causal depthwise conv
-        delta, B, C, keep = self._delta(hidden_states, x.transpose(1, 2), hook, is_step=False)
-        A = -torch.exp(self.A_log.float())                                       # (d_inner, N)
-        y = selective_scan(x, delta, A, B, C, self.D.float(), z.transpose(1, 2), return_last_state=return_cache)
+        dt, B, C = self._selection(x.transpose(1, 2))
+        A = -torch.exp(self.A_log.float())                                       # (d_inner, n)
+        keep = None
+        if hook is None:   # the scan adds the bias and applies the softplus: Δ is never materialised in fp32
+            delta, delta_bias = dt, self.dt_proj.bias.float()
+        else:
+            delta, delta_bias = hook(self.layer_idx, dt, self._delta(dt), False), None
+            if isinstance(delta, tuple):  # a method drops tokens: this layer's scan reads only the kept ones
+                delta, keep = delta
+                x, z, B, C = (_gather(t, keep) for t in (x, z, B, C))
+                delta = _gather(delta, keep)
+        y = selective_scan(x, delta, A, B, C, self.D.float(), z, delta_bias=delta_bias,
+                           delta_softplus=hook is None, return_last_state=return_cache)
         y, ssm_state = y if return_cache else (y, None)
-        out = self.out_proj(y.transpose(1, 2))                                   # (B, L, d_model)
-        if keep is not None:
-            out = out.gather(1, keep[..., None].expand(-1, -1, out.shape[-1]))
+        out = self.out_proj(y.transpose(1, 2))                                   # (b, l or k, d_model)
         return out, keep, (LayerCache(conv_state, ssm_state) if return_cache else None)
 
     def step(self, hidden_states, cache: LayerCache, hook=None):
-        """One token: hidden_states (B, 1, d_model) -> (B, 1, d_model); updates `cache` in place. O(1) in L."""
-        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)                # (B, d_inner)
+        """One token: hidden_states (b, 1, d_model) -> (b, 1, d_model); updates `cache` in place. O(1) in l."""
+        x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)                # (b, d_inner)
         cache.conv_state.copy_(torch.roll(cache.conv_state, shifts=-1, dims=-1))
         cache.conv_state[:, :, -1] = x
-        x = (cache.conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias
-        x = F.silu(x)                                                            # (B, d_inner)
-        delta, B, C, _ = self._delta(hidden_states, x[:, None], hook, is_step=True)
-        delta, B, C = delta[..., 0], B[..., 0].float(), C[..., 0].float()        # (B, d_inner), (B, N), (B, N)
+        x = F.silu((cache.conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)   # (b, d_inner)
+        dt, B, C = self._selection(x[:, None])
+        delta = self._delta(dt)
+        if hook is not None:
+            delta = hook(self.layer_idx, dt, delta, True)
+        delta, B, C = delta[..., 0], B[..., 0].float(), C[..., 0].float()        # (b, d_inner), (b, n), (b, n)
         A = -torch.exp(self.A_log.float())
-        dA = torch.exp(delta[..., None] * A)                                     # exp(Δ_t A)
-        h = dA * cache.ssm_state + (delta * x.float())[..., None] * B[:, None]   # eq. (2a)
+        h = torch.exp(delta[..., None] * A) * cache.ssm_state \
+            + (delta * x.float())[..., None] * B[:, None]                        # eq. (2a)
         cache.ssm_state.copy_(h)
         y = (h * C[:, None]).sum(-1) + self.D.float() * x.float()                # eq. (2b)
         y = (y * F.silu(z.float())).to(hidden_states.dtype)
@@ -369,7 +379,6 @@ class Block(nn.Module):
 
     def __init__(self, config: MambaConfig, layer_idx: int):
         super().__init__()
-        self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.mixer = MambaMixer(config, layer_idx)
 
@@ -403,18 +412,17 @@ class Mamba(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
-        self._hook = None
+        self.hook = None  # the method hook (module docstring); None is vanilla Mamba
         self.reset_parameters()
 
-    def set_hook(self, hook):
-        """Apply a long-context method (see the module docstring for the hook's contract); None removes it."""
-        if hook is not None and not callable(hook):
-            raise TypeError(f"set_hook expects a callable or None, got {type(hook).__name__}")
-        self._hook = hook
-
-    @property
-    def hook(self):
-        return self._hook
+    @contextlib.contextmanager
+    def hooked(self, hook):
+        """Run with `hook` set (None: vanilla); whatever hook was set before is restored afterwards."""
+        previous, self.hook = self.hook, hook
+        try:
+            yield self
+        finally:
+            self.hook = previous
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -441,72 +449,55 @@ class Mamba(nn.Module):
         if not c.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=0.02)
 
-    def _embed(self, input_ids, inputs_embeds):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids (B, L) or inputs_embeds (B, L, d_model)")
-        if inputs_embeds is not None:
-            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model or inputs_embeds.shape[1] == 0:
-                raise ValueError(f"inputs_embeds must be (batch, length>0, {self.config.d_model}), "
-                                 f"got {tuple(inputs_embeds.shape)}")
-            return inputs_embeds
-        if not torch.is_tensor(input_ids):
-            input_ids = torch.as_tensor(input_ids, device=self.lm_head.weight.device)
-        if input_ids.dim() == 1:
-            input_ids = input_ids[None]
-        if input_ids.dim() != 2 or input_ids.numel() == 0:
-            raise ValueError(f"input_ids must be a non-empty (batch, length) tensor of token ids, "
-                             f"got shape {tuple(input_ids.shape)}")
-        if input_ids.dtype.is_floating_point:
-            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        n_vocab = self.backbone.embedding.num_embeddings
-        if lo < 0 or hi >= n_vocab:
-            raise ValueError(f"token id {hi if hi >= n_vocab else lo} is outside the vocabulary [0, {n_vocab}) "
-                             f"of this model (vocab_size {self.config.vocab_size}); was the prompt encoded "
-                             f"with the checkpoint's own tokenizer?")
-        return self.backbone.embedding(input_ids)
-
     def hidden_states(self, input_ids=None, inputs_embeds=None, return_cache=False):
-        """Final-norm hidden states (B, L, d_model) [, per-layer LayerCache list for decoding]."""
-        residual = self._embed(input_ids, inputs_embeds)
+        """input_ids (b, l) or inputs_embeds (b, l, d_model) -> final-norm hidden states (b, l, d_model)
+        [, per-layer LayerCache list for decoding]. After a decimating hook, l is the number of kept tokens."""
+        assert (input_ids is None) != (inputs_embeds is None), "pass input_ids or inputs_embeds"
+        residual = self.backbone.embedding(input_ids) if inputs_embeds is None else inputs_embeds
         if self.config.residual_in_fp32:
             residual = residual.float()
         caches = []
         for layer in self.backbone.layers:
-            residual, cache = layer(residual, self._hook, return_cache)
+            residual, cache = layer(residual, self.hook, return_cache)
             caches.append(cache)
         h = self.backbone.norm_f(residual)
         return (h, caches) if return_cache else h
 
-    def forward(self, input_ids=None, inputs_embeds=None, return_cache=False):
-        """Logits (B, L, padded_vocab) [, caches]. After a decimating hook, L is the number of kept tokens."""
-        out = self.hidden_states(input_ids, inputs_embeds, return_cache)
-        h, caches = out if return_cache else (out, None)
-        logits = self.lm_head(h)
-        return (logits, caches) if return_cache else logits
+    def forward(self, input_ids=None, inputs_embeds=None):
+        """Logits (b, l, padded_vocab)."""
+        return self.lm_head(self.hidden_states(input_ids, inputs_embeds))
+
+    def prefill(self, input_ids=None, inputs_embeds=None):
+        """Read a prompt: the logits of its last position (b, padded_vocab) and the caches to decode from.
+        Only the last position's logits are formed: (l, vocab) logits of a long prompt are gigabytes."""
+        h, caches = self.hidden_states(input_ids, inputs_embeds, return_cache=True)
+        return self.lm_head(h[:, -1]), caches
 
     def step(self, token_ids, caches):
-        """One decoding step: token_ids (B,) -> logits (B, padded_vocab); caches are updated in place."""
-        residual = self._embed(token_ids[:, None], None)
+        """One decoding step: token_ids (b,) -> logits (b, padded_vocab); caches are updated in place."""
+        residual = self.backbone.embedding(token_ids[:, None])
         if self.config.residual_in_fp32:
             residual = residual.float()
         for layer, cache in zip(self.backbone.layers, caches):
-            residual = layer.step(residual, cache, self._hook)
+            residual = layer.step(residual, cache, self.hook)
         return self.lm_head(self.backbone.norm_f(residual))[:, 0]
 
     @torch.no_grad()
     def generate(self, input_ids=None, max_new_tokens=20, temperature=0.0, top_k=None, eos_token_id=None,
                  inputs_embeds=None):
-        """Prefill with the parallel scan, then one O(1) recurrent step per new token.
+        """Prefill with the parallel scan, then one O(1) recurrent step per new token (decode)."""
+        logits, caches = self.prefill(input_ids, inputs_embeds)
+        return self.decode(logits, caches, max_new_tokens, temperature, top_k, eos_token_id)
 
-        Greedy at temperature 0. Returns the new token ids (B, n ≤ max_new_tokens); a sequence that emitted
-        eos_token_id is padded with it, and generation stops once every sequence has emitted it."""
-        h, caches = self.hidden_states(input_ids, inputs_embeds, return_cache=True)
-        logits = self.lm_head(h[:, -1])  # only the last position: (L, vocab) logits of a long prompt are GBs
+    @torch.no_grad()
+    def decode(self, logits, caches, max_new_tokens, temperature=0.0, top_k=None, eos_token_id=None):
+        """Continue from a prefill's last logits (b, padded_vocab) and caches. Greedy at temperature 0.
+        Returns the new token ids (b, ≤ max_new_tokens); a sequence that emitted eos_token_id is padded with it,
+        and decoding stops once every sequence has emitted it."""
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         new_tokens = []
         for i in range(max_new_tokens):
-            logits = logits[:, :self.config.vocab_size].float()
+            logits = logits[:, :self.config.vocab_size].float()   # never sample the vocabulary's padding
             if temperature == 0.0:
                 token = logits.argmax(-1)
             else:
@@ -529,8 +520,9 @@ class Mamba(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     # 5. Checkpoints
 
-    def save_pretrained(self, directory, encoding=None):
-        """Write the state-spaces layout (config.json + pytorch_model.bin), and the tokenizer if given."""
+    def save_pretrained(self, directory, encoding=None, dtype=None):
+        """Write the state-spaces layout (config.json + pytorch_model.bin), and the tokenizer if given.
+        dtype (e.g. torch.float16) stores the weights smaller; A_log, D and the Δ bias stay float32."""
         os.makedirs(directory, exist_ok=True)
         atomic_write(os.path.join(directory, "config.json"),
                      lambda f: f.write(json.dumps(self.config.to_json_dict(), indent=2).encode()))
@@ -538,7 +530,8 @@ class Mamba(nn.Module):
         copies, state = {}, {}
         for k, v in self.state_dict().items():
             ident = (v.data_ptr(), v.dtype, tuple(v.shape))
-            state[k] = copies.setdefault(ident, v.detach().to("cpu", copy=True))
+            keep_fp32 = k.endswith(("A_log", "mixer.D", "dt_proj.bias"))
+            state[k] = copies.setdefault(ident, v.detach().to("cpu", None if keep_fp32 else dtype, copy=True))
         atomic_write(os.path.join(directory, "pytorch_model.bin"), lambda f: torch.save(state, f))
         if encoding is not None:
             import tokenizer
@@ -546,13 +539,15 @@ class Mamba(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_name, device="cpu", dtype=None):
-        """Load a state-spaces or Hugging Face (`-hf`) checkpoint directory, or a hub name when possible."""
+        """Load a state-spaces or Hugging Face (`-hf`) checkpoint directory, or a hub name when possible.
+        A file that cannot be read raises ValueError or FileNotFoundError naming the file and the problem."""
         directory = _resolve_checkpoint(path_or_name)
-        with open(os.path.join(directory, "config.json")) as f:
-            try:
-                config = MambaConfig.from_json_dict(json.load(f), os.path.join(directory, "config.json"))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{directory}/config.json is not valid JSON: {e}") from None
+        config_path = os.path.join(directory, "config.json")
+        try:
+            with open(config_path) as f:
+                config = MambaConfig.from_json_dict(json.load(f))
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+            raise ValueError(f"{config_path}: not a Mamba config ({e})") from None
         state = load_state_dict(directory)
         model = cls(config)
         model.load_checkpoint_state(state, directory)
@@ -569,8 +564,7 @@ class Mamba(nn.Module):
         if self.config.tie_embeddings:
             state.pop("lm_head.weight", None)
             expected.pop("lm_head.weight")
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
             raise ValueError(f"{source}: the weights do not match the config. Missing keys: {missing[:8]}"
                              f"{' ...' if len(missing) > 8 else ''}; unexpected keys: {unexpected[:8]}"
@@ -585,9 +579,24 @@ class Mamba(nn.Module):
 _HF_RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}
 
 
+def training_length(directory):
+    """The length in tokens a checkpoint was trained at, from the train_info.json that train.py writes beside
+    its weights; None for other checkpoints (the state-spaces models were trained at 2,048)."""
+    try:
+        with open(os.path.join(directory, "train_info.json")) as f:
+            return int(json.load(f)["L_train"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def atomic_write(path, write_fn):
-    """Write through a temporary file in the same directory, then rename: a crash never leaves half a file."""
+    """Write through a temporary file in the same directory, then rename: a crash never leaves half a file.
+    write_fn(f) writes to a binary file object; a str or bytes is written as it is."""
+    if isinstance(write_fn, (str, bytes)):
+        data = write_fn.encode() if isinstance(write_fn, str) else write_fn
+        write_fn = lambda f: f.write(data)  # noqa: E731
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
     umask = os.umask(0)
     os.umask(umask)
@@ -628,10 +637,14 @@ def load_state_dict(directory):
     st, pt = os.path.join(directory, "model.safetensors"), os.path.join(directory, "pytorch_model.bin")
     if os.path.isfile(st):
         return read_safetensors(st)
-    if os.path.isfile(pt):
+    if not os.path.isfile(pt):
+        raise FileNotFoundError(f"{directory} holds no weights: expected pytorch_model.bin or model.safetensors "
+                                f"(sharded checkpoints are not supported)")
+    try:
         return torch.load(pt, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory} holds no weights: expected pytorch_model.bin or model.safetensors "
-                            f"(sharded checkpoints are not supported)")
+    except Exception as e:
+        raise ValueError(f"{pt}: not a readable PyTorch weights file (truncated or corrupt? {type(e).__name__})") \
+            from None
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -644,21 +657,20 @@ def read_safetensors(path):
     {name: {dtype, shape, data_offsets: [begin, end]}} and the raw little-endian tensor bytes after it."""
     with open(path, "rb") as f:
         data = f.read()
-    if len(data) < 8:
-        raise ValueError(f"{path} is not a safetensors file (too short)")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if 8 + header_len > len(data):
-        raise ValueError(f"{path} is not a safetensors file (header length {header_len} beyond the file end)")
-    header = json.loads(data[8:8 + header_len])
-    body = memoryview(data)[8 + header_len:]
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-        flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
-        tensors[name] = flat.reshape(info["shape"])
+    try:
+        (header_len,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8:8 + header_len])
+        body = memoryview(data)[8 + header_len:]
+        tensors = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            if end > len(body):
+                raise ValueError(f"tensor {name} ends at byte {end} of a {len(body)}-byte body")
+            flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(info["shape"])
+    except (struct.error, ValueError, KeyError, TypeError, RuntimeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt? {e})") from None
     return tensors

@@ -122,6 +122,7 @@ class PasskeySample:
     answer: str               # the key, 5 digits, e.g. "68452"
     answer_ids: list[int]     # the tokens of " 68452", what the model should generate after the prompt
     needle_start: int         # index in prompt_ids of the needle's first token
+    key_positions: list[int]  # indices in prompt_ids of the key's tokens, both times it appears in the needle
 
 
 @functools.cache
@@ -153,11 +154,12 @@ def make_sample(encoding, haystack, length, depth, seed, filler="prose"):
     return _assemble(encoding, filler_haystack, length, depth, key, start)
 
 
-def training_example(encoding, haystack, length, rng, filler="prose", other_weight=0.05):
+def training_example(encoding, haystack, length, rng, filler="prose", other_weight=0.05, min_depth=0.0):
     """One training sequence: prompt + answer + ANSWER_END, exactly length + 1 tokens, and its loss weights.
 
     rng: a numpy.random.Generator (its state is all the randomness, so a saved state resumes exactly); it draws
-    the depth uniformly in [0, 1), the key and the haystack start.
+    the depth uniformly in [min_depth, 1), the key and the haystack start. A min_depth near 1 puts the needle
+    close to the question: a curriculum over the distance the key must be carried.
     Returns ids (length + 1,) int64 and loss_weights (length,) float32: with inputs = ids[:-1] and
     targets = ids[1:], loss_weights[i] weighs the prediction of targets[i]. It is 1.0 where the target is the
     answer or the ANSWER_END that closes it (a model that goes on with more digits is wrong), and other_weight
@@ -170,7 +172,7 @@ def training_example(encoding, haystack, length, rng, filler="prose", other_weig
         raise ValueError(f"other_weight is the loss weight of non-answer tokens, in [0, 1]; got {other_weight}")
     filler_haystack = _filler_haystack(haystack, filler)
     _check_length(encoding, length)
-    depth = rng.random()
+    depth = min_depth + (1 - min_depth) * rng.random()
     key, start = _draw(rng, filler_haystack)
     answer_end_ids = _fixed_ids(encoding)["answer_end"]
     answer_ids = encoding.encode(ANSWER.format(key=key))
@@ -226,8 +228,12 @@ def _assemble(encoding, haystack, length, depth, key, start):
     needle_at = int(boundaries[np.argmin(np.abs(boundaries - depth * filler_length))])
 
     prompt = np.concatenate([fixed["intro"], filler[:needle_at], needle, filler[needle_at:], fixed["question"]])
+    needle_start = len(fixed["intro"]) + needle_at
+    first = needle_start + len(fixed["needle_head"])
+    second = first + len(key_ids) + len(fixed["needle_middle"])
     return PasskeySample(prompt_ids=prompt.astype(np.int64).tolist(), answer=key, answer_ids=key_ids,
-                         needle_start=len(fixed["intro"]) + needle_at)
+                         needle_start=needle_start,
+                         key_positions=list(range(first, first + len(key_ids))) + list(range(second, second + len(key_ids))))
 
 
 def _draw(rng, haystack):

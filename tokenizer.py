@@ -49,6 +49,9 @@ ENDOFTEXT = "<|endoftext|>"
 # whitespace runs that leave their last space to the next word). Hugging Face's ByteLevel pre-tokenizer uses
 # the original, so this one pattern serves both the trainer and the tokenizer.json conversion.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# The same with every digit a pre-token of its own (as LLaMA's tokenizer splits numbers): a number is always one
+# token per digit, so a 5-digit key is 5 tokens whatever its digits.
+DIGITS_PATTERN = GPT2_PATTERN.replace(r" ?\p{N}++", r"\p{N}")
 
 TIKTOKEN_FILE = "tokenizer.tiktoken"  # in a checkpoint directory: a tokenizer trained here
 HF_JSON_FILE = "tokenizer.json"  # in a checkpoint directory: a Hugging Face tokenizer (GPT-NeoX's)
@@ -59,13 +62,13 @@ HF_JSON_FILE = "tokenizer.json"  # in a checkpoint directory: a Hugging Face tok
 # ----------------------------------------------------------------------------------------------------------
 
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = (ENDOFTEXT,),
-              name: str = "bpe") -> tiktoken.Encoding:
+              name: str = "bpe", pattern: str = GPT2_PATTERN) -> tiktoken.Encoding:
     """Learn a byte-level BPE from `texts` (the GPT-2 recipe) and return it as a tiktoken encoding.
 
     `vocab_size` counts everything: the 256 single bytes (ranks 0..255), the learned merges (ranks 256...),
     and the special tokens (the ids after the ranks), so the result has `n_vocab == vocab_size`.
 
-    The text is split into pre-tokens with GPT2_PATTERN and merges never cross a pre-token boundary, so the
+    The text is split into pre-tokens with `pattern` (GPT2_PATTERN or DIGITS_PATTERN) and merges never cross a pre-token boundary, so the
     corpus is just a table of distinct pre-tokens ("words") and their counts. Each step merges the most
     frequent adjacent pair of tokens, counted over all words; ties go to the pair of lower ranks, so the
     result depends only on the text. After a merge only the words that contained the pair change, and only
@@ -81,7 +84,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[st
         raise ValueError(f"vocab_size={vocab_size} is too small: it counts the 256 single bytes and the "
                          f"{len(special_tokens)} special tokens, so it must be at least {256 + len(special_tokens)}")
 
-    word_counts = _count_pretokens(texts, special_tokens)
+    word_counts = _count_pretokens(texts, special_tokens, pattern)
     words = [list(word.encode("utf-8")) for word in word_counts]  # each word as token ranks, bytes at first
     counts = list(word_counts.values())
 
@@ -135,12 +138,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[st
                 del pair_count[pair]
 
     specials = {token: len(token_bytes) + k for k, token in enumerate(special_tokens)}
-    return tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=rank_of, special_tokens=specials)
+    return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=rank_of, special_tokens=specials)
 
 
-def _count_pretokens(texts: Iterable[str], special_tokens: list[str]) -> Counter:
+def _count_pretokens(texts: Iterable[str], special_tokens: list[str], pattern: str) -> Counter:
     """Distinct pre-tokens of all texts -> how often each occurs; special tokens are cut out first."""
-    pretoken = regex.compile(GPT2_PATTERN)
+    pretoken = regex.compile(pattern)
     special = regex.compile("|".join(regex.escape(s) for s in special_tokens)) if special_tokens else None
     word_counts = Counter()
     for text in texts:

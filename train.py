@@ -1,19 +1,28 @@
 """
-Train the passkey testbed: a small Mamba from scratch (or fine-tune ReMamba on top of one).
+Train the passkey testbed: a small Mamba from scratch, or fine-tune one with ReMamba or with ReMamba's control.
 
-    python train.py --out checkpoints/mamba-testbed                        # one GPU (or the CPU)
-    torchrun --nproc_per_node=4 train.py --out ...                         # DistributedDataParallel
-    python train.py --out ... --resume                                     # continue where it stopped
-    python train.py --method remamba --init checkpoints/mamba-testbed      # ReMamba's new parameters
+    python train.py --out my-testbed                          # the byte-level testbed's recipe (one GPU or the CPU)
+    python train.py --out my-testbed --resume                 # continue a stopped run bit for bit
+    torchrun --nproc_per_node=2 train.py --out my-testbed     # DistributedDataParallel, the same samples
+    python train.py --method remamba --init checkpoints/mamba-testbed --out my-remamba
+    python train.py --method sft --init checkpoints/mamba-testbed --out my-sft      # the same without compression
 
-The recipe that makes a small Mamba show the long-context failure (shared/methods/passkey.md): every batch
-mixes passkey samples at L_train, whose haystack is natural prose and whose loss is weighted toward the answer
-(1 on the key's tokens, 0.05 elsewhere), with plain language-model windows of the same prose (weight 1).
-The prose is the first 90 % of --data (passkey.Haystack "train"); evaluation hides needles in the last 10 %.
+Methods.
+  lm       A Mamba from scratch. Every batch mixes passkey samples at L_train, whose haystack is natural prose and
+           whose loss is weighted toward the answer (1 on the key's tokens, --other-weight elsewhere), with plain
+           language-model windows of the same prose (weight 1). That is what makes a small Mamba retrieve at
+           L_train and fail far beyond it. --curriculum S starts with the needle near the question and moves it
+           back over the first S steps. The prose is the first 90 % of --data; evaluation hides needles in the rest.
+  remamba  ReMamba's new parameters, and with --train official the base weights the authors fine-tune (dt_proj
+           fully; embeddings, in_proj, out_proj, where they use LoRA), on passkey samples, the answer's loss only.
+           The compressed region and ratio are drawn at random every step (remamba.training_region). Prompt lengths
+           are drawn from --prompt-lengths × the base's L_train.
+  sft      The paper's control, "Mamba (SFT)": the same base weights, data, steps and schedule, no compression.
 
-Determinism. Sample i of step s is drawn from numpy.random.default_rng([seed, s, i]): the data order is a pure
-function of the step, so --resume (model, optimizer and RNG state restored from train_state.pt) continues
-bit for bit, and K DDP ranks that split each step's global batch see exactly the samples one process would.
+Determinism. Sample i of step s is drawn from numpy.random.default_rng([seed, s, i]) (and the step's prompt
+length and compressed region from default_rng([seed, s])): the data is a pure function of the step, so --resume
+(model, optimizer and RNG state restored from train_state.pt, settings from the same file) continues bit for bit,
+and K DDP ranks that split each step's global batch see exactly the samples one process would.
 """
 
 import argparse
@@ -31,103 +40,267 @@ import torch.nn.functional as F
 
 import passkey
 import tokenizer
-from mamba import Mamba, MambaConfig, atomic_write
+from mamba import Mamba, MambaConfig, atomic_write, training_length
 
-STATE_FILES = {"lm": "train_state.pt", "remamba": "remamba_train_state.pt"}  # all --resume needs, one file
-INFO_FILE = "train_info.json"   # what the checkpoint is: L_train, data, steps, time (read by eval.py)
+STATE_FILE = "train_state.pt"   # everything --resume needs
+# A resumed run takes its settings from its train_state.pt; these it may change when they are typed again, and
+# these are per invocation (never taken from the saved run).
+MAY_CHANGE = ("steps", "save_every", "log_every", "eval_every", "eval_samples")
+PER_INVOCATION = ("out", "resume", "overwrite", "time_limit", "device")
+# defaults that depend on --method: from-scratch training, and the authors' fine-tuning recipe
+METHOD_DEFAULTS = {"lm": dict(lr=1e-3, min_lr=1e-4, warmup=500, steps=12000, batch_size=16, eval_lengths="1,4,16"),
+                   "remamba": dict(lr=2e-5, min_lr=0.0, warmup=0, steps=1000, batch_size=16, eval_lengths="1,2,4"),
+                   "sft": dict(lr=2e-5, min_lr=0.0, warmup=0, steps=1000, batch_size=16, eval_lengths="1,2,4")}
 
 
-def parse_args(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", help="checkpoint directory (created; --resume reads it); remamba: default --init")
-    p.add_argument("--method", choices=["lm", "remamba"], default="lm",
-                   help="lm: train a Mamba from scratch; remamba: train ReMamba's parameters on --init")
-    p.add_argument("--init", help="base checkpoint for --method remamba")
-    p.add_argument("--train-base", action="store_true", help="remamba: train the base model too")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (--resume: to continue)")
+    p.add_argument("--method", choices=list(METHOD_DEFAULTS), default="lm")
+    p.add_argument("--init", help="remamba, sft: the base checkpoint directory")
+    p.add_argument("--train", choices=["new", "official", "all"], default="official",
+                   help="remamba, sft: base weights trained: none (new: ReMamba's own only), the authors' set "
+                        "(official), or all")
+    p.add_argument("--remamba-init", choices=["official", "zero_v"], default="official",
+                   help="remamba: Q/K/V from slices of layer 0 (official) or a zero V_proj output (ablation)")
+    p.add_argument("--prompt-lengths", default="1,1", help="remamba, sft: prompt lengths drawn uniformly "
+                                                           "between these multiples of L_train")
     p.add_argument("--data", default="data/war_and_peace.txt", help="training text (UTF-8 prose)")
-    p.add_argument("--tokenizer", default="bytes",
-                   help="'bytes' (256 single bytes: the testbed's), a .tiktoken file (e.g. data/bpe2048.tiktoken), "
-                        "or 'bpe:N' to train an N-token BPE on --data")
+    p.add_argument("--tokenizer", default="bytes", help="lm: 'bytes' (256 single bytes), a .tiktoken file, "
+                   "'bpe:N' (an N-token BPE trained on --data) or 'bpe-digits:N' (the same, one token per digit)")
     p.add_argument("--filler", choices=passkey.FILLERS, default="prose")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--d-state", type=int, default=16)
-    p.add_argument("--L-train", type=int,
-                   help="training length in tokens (lm: default 512; remamba: default the base model's)")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences per optimizer step)")
+    p.add_argument("--L-train", type=int, help="lm: training length in tokens (default 512); "
+                                               "remamba, sft: the base's (default: its train_info.json)")
+    p.add_argument("--batch-size", type=int, help="global batch, sequences per optimizer step (default 16)")
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--steps", type=int, default=12000)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr", type=float, default=1e-4)
-    p.add_argument("--warmup", type=int, default=500)
+    p.add_argument("--steps", type=int, help="default 12000 (lm), 1000 (remamba, sft)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 for lm, 2e-5 for remamba and sft)")
+    p.add_argument("--min-lr", type=float, help="learning rate at the last step (cosine; default lr / 10, 0)")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default 500 for lm, 0 otherwise)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--passkey-fraction", type=float, default=0.5, help="share of passkey samples (rest: LM windows)")
-    p.add_argument("--other-weight", type=float, default=0.05,
-                   help="lm: loss weight of non-answer passkey tokens (ReMamba is trained on the answer only)")
+    p.add_argument("--passkey-fraction", type=float, default=0.5, help="lm: share of passkey samples")
+    p.add_argument("--other-weight", type=float, default=0.05, help="lm: loss weight of non-answer passkey tokens")
+    p.add_argument("--curriculum", type=int, default=0, help="lm: steps over which the needle moves from near the "
+                                                             "question to anywhere (0: anywhere from the start)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=1000)
     p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--eval-samples", type=int, default=20, help="passkey samples at L_train checked at the end")
-    p.add_argument("--time-limit", type=float, default=0,
-                   help="minutes of this invocation; then save and stop (0: none)")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--device", default="auto")
-    return p.parse_args(argv)
+    p.add_argument("--eval-every", type=int, default=0, help="passkey accuracy every N steps (0: at the end only)")
+    p.add_argument("--eval-samples", type=int, default=20, help="validation samples per length (0: no evaluation)")
+    p.add_argument("--eval-lengths", help="multiples of L_train evaluated (default 1,4,16 for lm, 1,2,4 otherwise)")
+    p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32",
+                   help="weights file precision (float16 halves a checkpoint's size)")
+    p.add_argument("--time-limit", type=float, default=0, help="minutes for this invocation, then save and stop")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its own settings")
+    p.add_argument("--overwrite", action="store_true", help="allow --out to replace a model already there")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    args = p.parse_args(argv)
+    given = {action.dest for action in p._actions   # the flags typed on the command line
+             if any(a == s or a.startswith(s + "=") for s in action.option_strings for a in argv)}
+    return args, given
 
 
 def fail(message):
-    """Stop before any work with a message that says what to change."""
+    """Stop with one line that says what to change (exit status 1)."""
     sys.exit(f"train.py: {message}")
+
+
+def settle(args, given):
+    """Resolve --resume (settings from the saved run), method defaults and check every flag; return the saved
+    training state or None."""
+    state = None
+    state_path = os.path.join(args.out, STATE_FILE)
+    if args.resume:
+        if not os.path.isfile(state_path):
+            fail(f"--resume: {state_path} does not exist (nothing to resume; drop --resume to start a run)")
+        try:
+            state = torch.load(state_path, map_location="cpu", weights_only=False)
+            saved = state["args"]
+        except Exception as e:
+            fail(f"--resume: {state_path} is not a readable training state ({type(e).__name__}); start again in "
+                 f"a new --out")
+        clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {saved.get(k)})" for k in sorted(given)
+                 if k not in MAY_CHANGE + PER_INVOCATION and getattr(args, k) != saved.get(k)]
+        if clash:
+            fail(f"--resume continues the run in {args.out} with its own settings; these differ: {'; '.join(clash)}")
+        for k, v in saved.items():
+            if k not in PER_INVOCATION and not (k in MAY_CHANGE and k in given):
+                setattr(args, k, v)
+        return state
+    for k, v in METHOD_DEFAULTS[args.method].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.min_lr is None:
+        args.min_lr = args.lr / 10 if args.method == "lm" else 0.0
+    if os.path.isfile(state_path):
+        fail(f"{args.out} holds a training run: add --resume to continue it, or choose another --out")
+    if not args.overwrite and any(os.path.exists(os.path.join(args.out, f))
+                                  for f in ("config.json", "pytorch_model.bin", "model.safetensors")):
+        fail(f"{args.out} already holds a model: choose another --out, or add --overwrite to replace it")
+    if not os.path.isfile(args.data):
+        fail(f"--data {args.data}: no such file")
+    for flag in ("batch_size", "grad_accum", "steps", "save_every", "log_every"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
+    for flag in ("warmup", "eval_every", "eval_samples", "curriculum", "time_limit"):
+        if getattr(args, flag) < 0:
+            fail(f"--{flag.replace('_', '-')} must be ≥ 0, got {getattr(args, flag)}")
+    if not (args.lr > 0 and 0 <= args.min_lr <= args.lr):
+        fail(f"--lr must be > 0 and --min-lr in [0, lr]; got {args.lr} and {args.min_lr}")
+    if not 0 <= args.other_weight < 1:
+        fail(f"--other-weight must be in [0, 1) (weight 1 marks the answer); got {args.other_weight}")
+    if not 0 <= args.passkey_fraction <= 1:
+        fail(f"--passkey-fraction must be in [0, 1], got {args.passkey_fraction}")
+    try:
+        args.lengths_x = [float(x) for x in args.prompt_lengths.split(",")]
+        args.eval_x = [float(x) for x in args.eval_lengths.split(",")]
+        assert len(args.lengths_x) == 2 and 1 <= args.lengths_x[0] <= args.lengths_x[1] and min(args.eval_x) > 0
+    except (ValueError, AssertionError):
+        fail(f"--prompt-lengths takes two multiples of L_train, low,high with 1 ≤ low ≤ high (got "
+             f"{args.prompt_lengths!r}); --eval-lengths positive multiples (got {args.eval_lengths!r})")
+    if args.method == "lm":
+        if args.init:
+            fail("--init belongs to --method remamba and sft; --method lm trains a new model from scratch")
+        if args.d_model < 16 or args.d_model % 16:
+            fail(f"--d-model {args.d_model} must be a positive multiple of 16 (the scan kernel's channel block)")
+        if args.n_layer < 1 or args.d_state < 1:
+            fail("--n-layer and --d-state must be ≥ 1")
+        args.L_train = args.L_train or 512
+    else:
+        if not args.init or not os.path.isfile(os.path.join(args.init, "config.json")):
+            fail(f"--method {args.method} needs --init, a base checkpoint directory (got {args.init!r})")
+        if os.path.abspath(args.out) == os.path.abspath(args.init):
+            fail("--out must be a new directory: the fine-tuned model is written beside, never over, --init")
+        if args.method == "sft" and args.train == "new":
+            fail("--method sft --train new trains nothing: the control fine-tunes base weights (official or all)")
+        args.L_train = args.L_train or training_length(args.init)
+        if not args.L_train:
+            fail(f"{args.init} has no train_info.json: pass --L-train, the length the base model was trained at")
+    if args.L_train < 2:
+        fail(f"--L-train must be ≥ 2 tokens, got {args.L_train}")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
 
 
 def load_encoding(spec, text):
     if spec == "bytes":
         return tokenizer.byte_encoding()
-    if spec.startswith("bpe:"):
-        return tokenizer.train_bpe([text], int(spec[4:]))
+    for prefix, pattern in (("bpe:", tokenizer.GPT2_PATTERN), ("bpe-digits:", tokenizer.DIGITS_PATTERN)):
+        if spec.startswith(prefix):
+            if not spec[len(prefix):].isdigit():
+                fail(f"--tokenizer {spec}: {prefix}N takes a vocabulary size, e.g. {prefix}2048")
+            return tokenizer.train_bpe([text], int(spec[len(prefix):]), pattern=pattern)
     if not os.path.isfile(spec):
-        fail(f"--tokenizer {spec}: no such file (give a .tiktoken file, 'bytes' or 'bpe:N')")
+        fail(f"--tokenizer {spec}: no such file (give a .tiktoken file, 'bytes', 'bpe:N' or 'bpe-digits:N')")
     return tokenizer.load_tiktoken(spec)
 
 
-# what a resumed run must share with the run that wrote the state (anything else, e.g. --steps, may change)
-RESUME_FIXED = ("method", "init", "train_base", "data", "tokenizer", "filler", "d_model", "n_layer", "d_state",
-                "L_train", "batch_size", "grad_accum", "passkey_fraction", "other_weight", "seed")
+class Batches:
+    """The training data: sample i of step s is a pure function of (seed, s, i)."""
+
+    def __init__(self, args, encoding, text):
+        self.args, self.encoding = args, encoding
+        self.haystack = passkey.Haystack(text, "train")
+        self.lm_tokens = self.haystack.tokens(encoding)[0]        # the train split as one token stream
+
+    def lm(self, step, indices):
+        """ids (b, L+1), loss weights (b, L), answer mask (b, L): a mix of passkey samples and LM windows."""
+        a, L = self.args, self.args.L_train
+        min_depth = max(0.0, 0.9 * (1 - step / a.curriculum)) if a.curriculum else 0.0
+        rows = []
+        for i in indices:
+            rng = np.random.default_rng([a.seed, step, i])
+            if rng.random() < a.passkey_fraction:
+                ids, w = passkey.training_example(self.encoding, self.haystack, L, rng, a.filler, a.other_weight,
+                                                  min_depth)
+                rows.append((ids, w, w == 1.0))
+            else:
+                start = int(rng.integers(0, len(self.lm_tokens) - L - 1))
+                rows.append((self.lm_tokens[start:start + L + 1].astype(np.int64), np.ones(L, np.float32),
+                             np.zeros(L, bool)))
+        return [torch.from_numpy(np.stack(col)) for col in zip(*rows)]
+
+    def answers(self, step, indices):
+        """Passkey samples of one length for fine-tuning: ids (b, T+1), weights (b, T) (1 on the answer, 0 on the
+        prompt), prompt lengths (b,), and the step's rng (it draws the compressed region)."""
+        a = self.args
+        rng = np.random.default_rng([a.seed, step])
+        T = round(a.L_train * rng.uniform(*a.lengths_x))
+        rows = []
+        for i in indices:
+            ids, w = passkey.training_example(self.encoding, self.haystack, T, np.random.default_rng([a.seed, step, i]),
+                                              a.filler, other_weight=0.0)
+            rows.append((ids, w, int(np.argmax(w > 0)) + 1))
+        ids, w, prompt_lengths = zip(*rows)
+        return torch.from_numpy(np.stack(ids)), torch.from_numpy(np.stack(w)), torch.tensor(prompt_lengths), rng
 
 
-def validate(args, world_size):
-    for flag in ("grad_accum", "save_every", "log_every"):
-        if getattr(args, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
-    if args.batch_size % (args.grad_accum * world_size):
-        fail(f"--batch-size {args.batch_size} must be divisible by --grad-accum ({args.grad_accum}) × "
-             f"processes ({world_size})")
-    if args.method == "remamba":
-        if not args.init:
-            fail("--method remamba needs --init <base checkpoint directory>")
-        if world_size > 1:
-            fail("--method remamba trains on one process; run it with python, not torchrun")
-        args.out = args.out or args.init
-        if args.L_train is None and os.path.isdir(args.init):
-            args.L_train = read_L_train(args.init)
-        if args.train_base and os.path.abspath(args.out) == os.path.abspath(args.init):
-            fail("--train-base changes the base model: give an --out other than --init")
+def weighted_lm_loss(model, ids, weights, answer_mask=None):
+    """Per-sample weighted next-token loss, averaged over samples: ids (b, L+1), weights (b, L).
+    Also returns the mean loss on the answer tokens (answer_mask) for the log, or None."""
+    logits = model(ids[:, :-1])
+    ce = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view_as(weights)
+    loss = ((ce * weights).sum(1) / weights.sum(1)).mean()
+    answer = ce.detach()[answer_mask].mean() if answer_mask is not None and answer_mask.any() else None
+    return loss, answer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and what is trained
+
+
+def base_parameters(model, which):
+    """The base weights a fine-tuning trains: none, the authors' set (dt_proj, embeddings, in_proj, out_proj;
+    lm_head is tied to the embeddings), or all."""
+    if which == "all":
+        return list(model.parameters())
+    if which == "new":
+        return []
+    params = [model.backbone.embedding.weight]
+    for layer in model.backbone.layers:
+        m = layer.mixer
+        params += [m.dt_proj.weight, m.dt_proj.bias, m.in_proj.weight, m.out_proj.weight]
+    return params
+
+
+def build(args, device, text):
+    """(encoding, the module trained, the parameter groups, the bare base model, what generates for evaluation)."""
+    import remamba
+    if args.method == "lm":
+        encoding = tokenizer.load_tokenizer(args.out) if args.resume else load_encoding(args.tokenizer, text)
+        if args.L_train <= passkey.prompt_overhead(encoding):
+            fail(f"--L-train {args.L_train} leaves no room for filler: the passkey prompt's fixed parts take "
+                 f"{passkey.prompt_overhead(encoding)} tokens with this tokenizer")
+        config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=encoding.n_vocab,
+                             d_state=args.d_state)
+        base = trained = Mamba(config).to(device)
+        params = list(base.parameters())
     else:
-        if not args.out:
-            fail("--out is required: the checkpoint directory to write")
-        if args.init or args.train_base:
-            fail("--init and --train-base belong to --method remamba; --method lm trains a new model from scratch")
-        if args.d_model % 16:
-            fail(f"--d-model {args.d_model} must be a multiple of 16 (dt_rank = d_model/16; expand 2 keeps "
-                 f"d_inner a multiple of the scan kernel's channel block)")
-        args.L_train = args.L_train or 512
-    if not 0 <= args.other_weight < 1:
-        fail(f"--other-weight must be in [0, 1): weight 1 marks the answer tokens; got {args.other_weight}")
-    if not 0 <= args.passkey_fraction <= 1:
-        fail(f"--passkey-fraction must be in [0, 1], got {args.passkey_fraction}")
-    if args.steps < 1 or args.warmup < 0:
-        fail("--steps must be ≥ 1 and --warmup ≥ 0")
+        try:
+            base = Mamba.from_pretrained(args.init, device=device)
+            encoding = tokenizer.load_tokenizer(args.init)
+        except (OSError, ValueError) as e:
+            fail(f"--init {args.init}: {e}")
+        base.requires_grad_(False)
+        params = base_parameters(base, args.train)
+        for p in params:
+            p.requires_grad_(True)
+        trained = base
+        if args.method == "remamba":
+            trained = remamba.ReMamba(base, init=args.remamba_init)
+            params = trained.new_parameters() + params
+    decayed = {id(p) for n, p in trained.named_parameters() if p.dim() >= 2 and not n.endswith("A_log")}
+    groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
+    generate = (trained.generate if args.method == "remamba" else base.generate)
+    return encoding, trained, groups, base, generate
 
 
 def lr_at(step, args):
@@ -138,243 +311,193 @@ def lr_at(step, args):
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class Batches:
-    """The training data: sample i of step s is a pure function of (seed, s, i)."""
-
-    def __init__(self, args, encoding, text):
-        self.args, self.encoding = args, encoding
-        self.haystack = passkey.Haystack(text, "train")
-        self.lm_tokens = self.haystack.tokens(encoding)[0]        # the train split as one token stream
-        if len(self.lm_tokens) <= args.L_train + 1:
-            fail(f"--data has {len(self.lm_tokens)} training tokens, fewer than one window of L_train+1")
-
-    def sample(self, step, index):
-        """ids (L+1,) int64, loss weights (L,) float32, answer start (index of the first answer token or -1)."""
-        rng = np.random.default_rng([self.args.seed, step, index])
-        L = self.args.L_train
-        if rng.random() < self.args.passkey_fraction:
-            ids, weights = passkey.training_example(self.encoding, self.haystack, L, rng, self.args.filler,
-                                                    self.args.other_weight)
-            return ids, weights, int(np.argmax(weights == 1.0)) + 1
-        start = int(rng.integers(0, len(self.lm_tokens) - L - 1))
-        return self.lm_tokens[start:start + L + 1].astype(np.int64), np.ones(L, np.float32), -1
-
-    def passkey_only(self, step, index):
-        """ReMamba is fine-tuned on passkey samples only (the answer is its SFT target)."""
-        rng = np.random.default_rng([self.args.seed, step, index])
-        ids, weights = passkey.training_example(self.encoding, self.haystack, self.args.L_train, rng,
-                                                self.args.filler, self.args.other_weight)
-        return ids, int(np.argmax(weights == 1.0)) + 1, rng
+@torch.no_grad()
+def validation_accuracy(generate, encoding, text, L_train, multiples, n, device):
+    """Passkey accuracy (0-1) at each multiple of L_train on n validation samples: needles in the training
+    split's haystack (the model has read that prose, never these samples), depths spread over [0, 1]."""
+    haystack, result = passkey.Haystack(text, "train"), {}
+    for m in multiples:
+        L, correct = round(m * L_train), 0
+        for i in range(n):
+            sample = passkey.make_sample(encoding, haystack, L, depth=i / max(1, n - 1), seed=900_000 + i)
+            new = generate(torch.tensor([sample.prompt_ids], device=device), len(sample.answer_ids) + 2,
+                           eos_token_id=encoding.eot_token)
+            correct += passkey.score(encoding.decode(new[0].tolist()), sample.answer)
+        result[f"{m:g}"] = correct / n
+    return result
 
 
-def weighted_lm_loss(model, ids, weights):
-    """Per-sample weighted next-token loss, averaged over samples: ids (B, L+1), weights (B, L)."""
-    logits = model(ids[:, :-1])
-    ce = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view_as(weights)
-    return ((ce * weights).sum(1) / weights.sum(1)).mean()
+# ----------------------------------------------------------------------------------------------------------
 
 
 def git_commit():
     """The repository's commit; $MAMBA_COMMIT where the tree was copied without .git (a remote GPU machine)."""
-    if os.environ.get("MAMBA_COMMIT"):
-        return os.environ["MAMBA_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except OSError:
-        return "unknown"
-
-
-def passkey_accuracy(generate, encoding, text, L, n, device):
-    """Greedy passkey retrieval at length L on the held-out split (a quick check; eval.py does the full grid)."""
-    haystack = passkey.Haystack(text, "eval")
-    correct = 0
-    for i in range(n):
-        sample = passkey.make_sample(encoding, haystack, L, depth=i / max(1, n - 1), seed=10_000 + i)
-        new = generate(torch.tensor([sample.prompt_ids], device=device), 8)
-        correct += passkey.score(encoding.decode(new[0].tolist()), sample.answer)
-    return correct / n
-
-
-def torchrun_world():
-    """(distributed, rank, world size), from the environment torchrun sets."""
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    return (True, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (False, 0, 1)
-
-
-def setup_device(requested, distributed):
-    """The device to run on ('auto': CUDA when there is one); under torchrun, this rank's GPU and the process
-    group (NCCL on GPUs, gloo on CPUs)."""
-    device = requested if requested != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if distributed:
-        if device == "cuda":
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return device
-
-
-def autocast(device):
-    """bf16 autocast on GPUs (weights, state and residual stream stay fp32); plain fp32 on CPUs."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
-        "cpu", enabled=False)
+        out = ""
+    return os.environ.get("MAMBA_COMMIT") or out or "unknown"
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    distributed, rank, world_size = torchrun_world()
-    validate(args, world_size)
-    for path, what in [(args.data, "--data")] + ([(args.init, "--init")] if args.init else []):
-        if not os.path.exists(path):
-            fail(f"{what} {path}: not found")
-    device = setup_device(args.device, distributed)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    text = open(args.data, encoding="utf-8").read()
-    state_path = os.path.join(args.out, STATE_FILES[args.method])
-    if args.resume and not os.path.isfile(state_path):
-        fail(f"--resume: {state_path} does not exist (nothing to resume; drop --resume to start)")
-    if not args.resume and os.path.isfile(state_path):
-        fail(f"{args.out} already holds a training run: add --resume to continue it, or choose another --out")
-    state = None
-    if args.resume:
-        state = torch.load(state_path, map_location=device, weights_only=False)
-        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {state['args'][k]})"
-                   for k in RESUME_FIXED if state["args"].get(k) != getattr(args, k)]
-        if changed:
-            fail(f"--resume: these settings differ from the run in {args.out}: {'; '.join(changed)}")
+    argv = sys.argv[1:] if argv is None else argv
+    args, given = parse_args(argv)
+    state = settle(args, given)
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ           # started by torchrun
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    if args.batch_size % (args.grad_accum * world):
+        fail(f"--batch-size {args.batch_size} must be divisible by --grad-accum ({args.grad_accum}) × processes "
+             f"({world})")
+    if distributed and args.method != "lm":
+        fail(f"--method {args.method} trains on one process; run it with python, not torchrun")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu)")
+    if distributed:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        fail(f"--device {args.device}: not a device (use auto, cpu, cuda or cuda:N)")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu",
+                                                                                                       enabled=False)
+    try:
+        with open(args.data, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--data {args.data}: not a readable UTF-8 text file ({type(e).__name__})")
+    os.makedirs(args.out, exist_ok=True)
+    if not os.access(args.out, os.W_OK):
+        fail(f"--out {args.out}: not writable")
+    log_file = open(os.path.join(args.out, "train_log.txt"), "a") if rank == 0 else None
+
+    def log(line):
+        if rank == 0:
+            print(line, flush=True)
+            log_file.write(line + "\n")
+            log_file.flush()
 
     torch.manual_seed(args.seed)
-    if args.method == "lm":
-        encoding = tokenizer.load_tokenizer(args.out) if args.resume else load_encoding(args.tokenizer, text)
-        overhead = passkey.prompt_overhead(encoding)
-        if args.L_train <= overhead:
-            fail(f"--L-train {args.L_train} leaves no room for filler: the passkey prompt's fixed parts take "
-                 f"{overhead} tokens with this tokenizer")
-        config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=encoding.n_vocab,
-                             d_state=args.d_state)
-        model = Mamba(config).to(device)
-        trained = model
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith("A_log")]
-        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n.endswith("A_log")]
-        groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    else:
-        import remamba
-        base = Mamba.from_pretrained(args.init, device=device)
-        encoding = tokenizer.load_tokenizer(args.init)
-        trained = remamba.ReMamba(base).to(device)
-        groups = [{"params": list(trained.trainable_parameters(args.train_base)), "weight_decay": 0.0}]
+    encoding, trained, groups, base, generate = build(args, device, text)
     batches = Batches(args, encoding, text)
+    if args.method == "lm" and len(batches.lm_tokens) <= args.L_train + 1:
+        fail(f"--data has {len(batches.lm_tokens)} training tokens, fewer than one window of L_train + 1")
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
     ddp_model = torch.nn.parallel.DistributedDataParallel(trained) if distributed else trained
-
     step, elapsed_before = 0, 0.0
-    if args.resume:
+    if state is not None:
         trained.load_state_dict(state["model"])
-        if args.method == "remamba" and args.train_base:
-            base.load_state_dict(state["base"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng_cpu"])
         step, elapsed_before = state["step"], state["elapsed"]
         log(f"resumed {args.out} at step {step}")
-
-    n_params = sum(p.numel() for g in groups for p in g["params"])
-    per_rank = args.batch_size // args.grad_accum // world_size
-    tokens_per_step = args.batch_size * args.L_train
-    log(f"{args.method}: {n_params / 1e6:.2f}M trainable parameters, vocab {encoding.n_vocab}, L_train "
-        f"{args.L_train}, {args.batch_size} sequences/step, {args.steps} steps, device {device}"
-        f"{f', {world_size} processes' if distributed else ''}")
+    params = [p for g in groups for p in g["params"]]
+    per_rank = args.batch_size // args.grad_accum // world
+    log(f"{args.method}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, vocab {encoding.n_vocab}, "
+        f"L_train {args.L_train}, {args.batch_size} sequences/step, {args.steps} steps, device {device}"
+        + (f", {world} processes" if distributed else ""))
 
     def save(final=False):
         if rank != 0:
             return
-        os.makedirs(args.out, exist_ok=True)
         elapsed = elapsed_before + time.time() - t_start
-        state = {"model": trained.state_dict(), "optimizer": optimizer.state_dict(),
-                 "rng_cpu": torch.get_rng_state(), "step": step, "elapsed": elapsed, "args": vars(args)}
-        if args.method == "remamba" and args.train_base:
-            state["base"] = base.state_dict()  # ReMamba's state_dict holds only its new parameters
-        atomic_write(state_path, lambda f: torch.save(state, f))
-        if args.method == "lm":
-            model.save_pretrained(args.out, encoding)
-            info = {"L_train": args.L_train, "data": args.data, "tokenizer": args.tokenizer, "steps": step,
-                    "train_seconds": round(elapsed, 1), "tokens_per_second": round(step * tokens_per_step / elapsed),
-                    "commit": git_commit(), "device": torch.cuda.get_device_name() if device.startswith("cuda")
-                    else "cpu", "command": "python train.py " + " ".join(argv or sys.argv[1:]),
-                    "finished": final and step >= args.steps}
-            atomic_write(os.path.join(args.out, INFO_FILE), lambda f: f.write(json.dumps(info, indent=2).encode()))
-        else:
-            trained.save(args.out)  # remamba.pt in the checkpoint directory
-            if args.train_base:
-                base.save_pretrained(args.out, encoding)
+        settings = {k: v for k, v in vars(args).items() if k not in ("lengths_x", "eval_x")}
+        atomic_write(os.path.join(args.out, STATE_FILE), lambda f: torch.save(
+            {"model": trained.state_dict(), "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
+             "step": step, "elapsed": elapsed, "args": vars(args)}, f))
+        dtype = torch.float16 if args.save_dtype == "float16" else None
+        base.save_pretrained(args.out, encoding, dtype=dtype)
+        if args.method == "remamba":
+            trained.save(os.path.join(args.out, "remamba.pt"))
+        info = {"L_train": args.L_train, "method": args.method, "steps": step, "finished": final,
+                "train_seconds": round(elapsed, 1), "commit": git_commit(),
+                "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+                "command": "python train.py " + " ".join(argv), "settings": settings}
+        atomic_write(os.path.join(args.out, "train_info.json"), json.dumps(info, indent=2))
+
+    def evaluate():
+        trained.eval()
+        with amp:
+            acc = validation_accuracy(generate, encoding, text, args.L_train, args.eval_x, args.eval_samples, device)
+        trained.train()
+        log(f"eval step {step:6d} | passkey accuracy on {args.eval_samples} validation samples: "
+            + "  ".join(f"{m}×L_train {100 * a:3.0f}%" for m, a in acc.items()))
 
     t_start = last_log = time.time()
-    loss_sum = loss_count = 0
-    while step < args.steps:
-        lr = lr_at(step, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(args.grad_accum):
-            first = (micro * world_size + rank) * per_rank        # this rank's slice of the global batch
-            indices = range(first, first + per_rank)
-            with autocast(device):
-                if args.method == "lm":
-                    samples = [batches.sample(step, i) for i in indices]
-                    ids = torch.from_numpy(np.stack([s[0] for s in samples])).to(device)
-                    weights = torch.from_numpy(np.stack([s[1] for s in samples])).to(device)
-                    loss = weighted_lm_loss(ddp_model, ids, weights)
-                else:
-                    samples = [batches.passkey_only(step, i) for i in indices]
-                    loss = trained.training_loss([torch.from_numpy(s[0]).to(device) for s in samples],
-                                                 [s[1] for s in samples], samples[0][2],
-                                                 train_length=args.L_train)
-            (loss / args.grad_accum).backward()
-            loss_sum += loss.detach().float() / args.grad_accum
-        loss_count += 1
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], args.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        if step % args.log_every == 0 or step == args.steps:
-            mean_loss = loss_sum / loss_count
-            if distributed:
-                dist.all_reduce(mean_loss)
-                mean_loss /= world_size
-            now = time.time()
-            tok_s = loss_count * tokens_per_step / (now - last_log)
-            eta = (args.steps - step) * tokens_per_step / tok_s
-            log(f"step {step:6d}/{args.steps} | loss {mean_loss.item():.4f} | lr {lr:.2e} | "
-                f"{tok_s / 1e3:7.1f}k tok/s | ETA {eta / 60:5.1f} min", flush=True)
-            loss_sum, loss_count, last_log = 0, 0, now
-        if step % args.save_every == 0 or step == args.steps:
-            save(final=step == args.steps)
-        out_of_time = torch.tensor(float(bool(args.time_limit) and time.time() - t_start > args.time_limit * 60),
-                                   device=device)
-        if distributed:  # every rank stops at the same step, or the others would wait in DDP forever
-            dist.all_reduce(out_of_time, op=dist.ReduceOp.MAX)
-        if out_of_time.item() and step < args.steps:
+    last_log_step = step
+    loss_sum = answer_sum = torch.zeros((), device=device)
+    tokens = answer_count = micro_count = 0
+    try:
+        while step < args.steps:
+            lr = lr_at(step, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(args.grad_accum):
+                first = (micro * world + rank) * per_rank            # this rank's slice of the global batch
+                indices = range(first, first + per_rank)
+                with amp:
+                    if args.method == "lm":
+                        ids, weights, answer_mask = (t.to(device) for t in batches.lm(step, indices))
+                        loss, answer = weighted_lm_loss(ddp_model, ids, weights, answer_mask)
+                    else:
+                        ids, weights, prompt_lengths, rng = batches.answers(step, indices)
+                        ids, weights, prompt_lengths = ids.to(device), weights.to(device), prompt_lengths.to(device)
+                        if args.method == "sft":
+                            loss, _ = weighted_lm_loss(trained, ids, weights)
+                        else:
+                            import remamba
+                            region = remamba.training_region(int(prompt_lengths.min()), args.L_train, rng)
+                            loss = trained.training_loss(ids, weights, prompt_lengths, region)
+                        answer = loss.detach()
+                (loss / args.grad_accum).backward()
+                loss_sum += loss.detach().float()
+                if answer is not None:
+                    answer_sum, answer_count = answer_sum + answer.float(), answer_count + 1
+                micro_count += 1
+                tokens += ids.numel() * world
+            torch.nn.utils.clip_grad_norm_(params, args.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % args.log_every == 0 or step == args.steps:
+                losses = torch.stack([loss_sum / micro_count, answer_sum / max(1, answer_count)])
+                if distributed:
+                    dist.all_reduce(losses)
+                    losses /= world
+                now = time.time()
+                rate, seconds_per_step = tokens / (now - last_log), (now - last_log) / (step - last_log_step)
+                eta = (args.steps - step) * seconds_per_step
+                log(f"step {step:6d}/{args.steps} | loss {losses[0].item():.4f} | answer loss {losses[1].item():.4f}"
+                    f" | lr {lr:.2e} | {rate / 1e3:7.1f}k tok/s | ETA {eta / 60:5.1f} min")
+                loss_sum = answer_sum = torch.zeros((), device=device)
+                tokens = answer_count = micro_count = 0
+                last_log, last_log_step = now, step
+            if rank == 0 and args.eval_every and args.eval_samples and step % args.eval_every == 0 \
+                    and step < args.steps:
+                evaluate()
+            if step % args.save_every == 0 or step == args.steps:
+                save(final=step == args.steps)
+            out_of_time = torch.tensor(float(bool(args.time_limit) and time.time() - t_start > args.time_limit * 60),
+                                       device=device)
+            if distributed:  # every rank stops at the same step, or the others would wait in DDP forever
+                dist.all_reduce(out_of_time, op=dist.ReduceOp.MAX)
+            if out_of_time.item() and step < args.steps:
+                save()
+                log(f"time limit reached at step {step}: saved; continue with --resume")
+                break
+    except KeyboardInterrupt:
+        if rank == 0 and step:
             save()
-            log(f"time limit reached at step {step}: saved; continue with --resume")
-            break
-
+        sys.exit(f"\ntrain.py: interrupted at step {step}" + (f"; saved, continue with: python train.py --out "
+                                                              f"{args.out} --resume" if step else ""))
     if rank == 0 and step == args.steps and args.eval_samples:
-        trained.eval()
-        generate = (lambda ids, n: model.generate(ids, n, eos_token_id=encoding.eot_token)) if args.method == "lm" \
-            else (lambda ids, n: trained.generate(ids, n, eos_token_id=encoding.eot_token))
-        with autocast(device):
-            acc = passkey_accuracy(generate, encoding, text, args.L_train, args.eval_samples, device)
-        log(f"passkey accuracy at L_train={args.L_train} on {args.eval_samples} held-out samples: {acc:.1%}")
+        evaluate()
     if distributed:
         dist.destroy_process_group()
-
-
-def read_L_train(checkpoint_dir):
-    """The length a checkpoint was trained at, from the train_info.json that train.py writes beside it."""
-    path = os.path.join(checkpoint_dir, INFO_FILE)
-    if not os.path.isfile(path):
-        sys.exit(f"{path} not found: pass --L-train (the length the model was trained at, e.g. 2048 for the "
-                 f"state-spaces models)")
-    with open(path) as f:
-        return json.load(f)["L_train"]
 
 
 if __name__ == "__main__":
