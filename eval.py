@@ -1,29 +1,34 @@
 """
 Evaluate Mamba and the long-context methods: passkey retrieval, perplexity, LongBench.
 
-    python eval.py --method longmamba                       # bundled testbed: vanilla vs LongMamba, passkey
-    python eval.py --method longmamba,decimamba,remamba --samples 20 --device cuda
-    python eval.py --task ppl --method longmamba --data data/war_and_peace.txt
+    python eval.py --method longmamba                       # the demo: vanilla vs LongMamba on the bundled testbed
+    python eval.py --method longmamba,decimamba,remamba --samples 20 --device cuda --out-dir results/gpu/mamba-testbed
+    python eval.py --task ppl --method longmamba
     python eval.py --task longbench --data-dir LongBench/data --e --method longmamba --model mamba-1.4b --L-train 2048
-    torchrun --nproc_per_node=K eval.py ...                 # samples are sharded across ranks
+    torchrun --nproc_per_node=K eval.py ...                 # passkey samples and LongBench lines are split over ranks
 
-Every requested method is evaluated on the same samples, with vanilla Mamba beside it as the baseline
-(--no-baseline to skip it). A method is a hook on the model (mamba.py), set before the prefill:
+Every method is evaluated on the same samples, with vanilla Mamba beside it (--no-baseline to skip it). A method
+is what generates from a prompt; all but ReMamba are the model with a hook set (mamba.py):
 
     vanilla    no hook
     longmamba  global channels skip unimportant tokens (longmamba.py; calibrated once, saved beside the model)
-    decimamba  unimportant tokens are dropped between layers (decimamba.py)
-    remamba    two passes: compress the first 30 % of the prompt, re-read (remamba.py; needs remamba.pt)
+    decimamba  unimportant tokens are dropped inside the network (decimamba.py)
+    remamba    two passes: compress the start of the prompt, re-read (remamba.py; the model's remamba.pt)
 
-Passkey: prompt (passkey.py, haystack = held-out prose) -> prefill with the method -> greedy decode with the
-recurrent state -> exact match of the digits. Prints a length × depth table per method, writes
-results/passkey_<method>.json and a heatmap picture (PNG with matplotlib, else a text heatmap).
+Passkey: prompt (passkey.py; haystack = held-out prose, or with --split train the training prose: a validation
+set for choosing settings) -> prefill with the method -> greedy decode -> exact match of the digits. Prints a
+length × depth table per method (accuracy in %) and writes <out-dir>/passkey_<label>.json (accuracy as a
+fraction 0-1, with every setting) and a heatmap. Finished cells are kept in <out-dir>/cells/: an interrupted run
+continues where it stopped, and a run with other settings never reuses them.
 """
 
 import argparse
+import contextlib
+import hashlib
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -34,176 +39,299 @@ import torch.nn.functional as F
 
 import passkey
 import tokenizer
-from mamba import Mamba, atomic_write
-from train import autocast, git_commit, read_L_train, setup_device, torchrun_world
+from mamba import Mamba, atomic_write, training_length
 
 METHODS = ("vanilla", "longmamba", "decimamba", "remamba")
 DEFAULT_MODEL = "checkpoints/mamba-testbed"
-DEFAULT_DATA = "data/war_and_peace.txt"
 CALIBRATION_FILE = "longmamba_calibration.pt"
-CALIBRATION_WINDOWS = 100  # LongMamba calibration: windows of L_train tokens (official S = 100)
+# LongMamba's settings, chosen on validation samples (results/README.md has the sweep)
+LONGMAMBA = dict(c=0.05, b=1.0, variant="dt_thre", sc=0.0, decay_state="slowest")
 
 
-def parse_args(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["passkey", "ppl", "longbench"], default="passkey")
-    p.add_argument("--method", default="vanilla",
-                   help=f"one or more of {', '.join(METHODS)}, comma-separated")
+    p.add_argument("--method", default="vanilla", help=f"one or more of {', '.join(METHODS)}, comma-separated")
     p.add_argument("--no-baseline", action="store_true", help="do not evaluate vanilla beside the method")
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (train.py, state-spaces or -hf)")
     p.add_argument("--L-train", type=int, help="the model's training length (default: its train_info.json)")
-    p.add_argument("--lengths", help="comma-separated prompt lengths in tokens (default L_train × 1,2,4,8,16,32)")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths")
-    p.add_argument("--samples", type=int, help="samples per (length, depth) cell (default 20 on GPU, 1 on CPU)")
+    p.add_argument("--lengths", help="prompt lengths: tokens (4096) or multiples of L_train (4x), comma-separated "
+                                     "(default 1x,2x,4x,8x,16x,32x; on a CPU 1x,4x,16x)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: needle depths in [0, 1]")
+    p.add_argument("--samples", type=int, help="passkey: samples per (length, depth) cell (default 20 on a GPU, "
+                                               "3 on a CPU)")
     p.add_argument("--filler", choices=passkey.FILLERS, default="prose")
-    p.add_argument("--data", default=DEFAULT_DATA, help="prose: passkey haystack (held-out split), ppl text, "
-                                                       "LongMamba calibration windows (training split)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default="results")
-    # method settings (defaults: the papers')
-    p.add_argument("--c", type=float, default=0.05, help="LongMamba: global channel when tA_prod > c")
-    p.add_argument("--b", type=float, default=1.0, help="LongMamba: keep Δ > b·threshold")
-    p.add_argument("--variant", choices=["dt_thre", "bound"], default="dt_thre", help="LongMamba filter")
-    p.add_argument("--calibration-windows", type=int, default=CALIBRATION_WINDOWS, help="LongMamba: windows of L_train tokens")
-    p.add_argument("--decimating-layers", help="DeciMamba: comma-separated layer indices (default n_layer // 2)")
-    p.add_argument("--beta", type=float, default=0.5, help="DeciMamba: decay of kept tokens per decimating layer")
-    p.add_argument("--min-len", type=int, default=20, help="DeciMamba: fewest tokens kept")
-    # ppl
-    p.add_argument("--windows", type=int, default=10, help="ppl: windows per length")
-    p.add_argument("--predict", type=int, default=100, help="ppl: tokens scored at the end of each window")
-    # longbench
-    p.add_argument("--data-dir", help="longbench: directory of the official {dataset}.jsonl files")
-    p.add_argument("--config-dir", help="longbench: directory of dataset2prompt.json, dataset2maxlen.json "
-                                        "(default: --data-dir)")
-    p.add_argument("--datasets", help="longbench: comma-separated datasets (default: all found in --data-dir)")
-    p.add_argument("--e", action="store_true", help="longbench: LongBench-E ({dataset}_e.jsonl, length buckets)")
-    p.add_argument("--max-length", type=int, default=159_500, help="longbench: middle-truncate prompts to this")
+    p.add_argument("--data", default="data/war_and_peace.txt", help="the model's training prose: LongMamba's "
+                   "calibration windows (training split), and the haystack unless --haystack is given")
+    p.add_argument("--haystack", help="prose for passkey haystacks and perplexity windows (default --data)")
+    p.add_argument("--split", choices=["eval", "train"], default="eval",
+                   help="haystack: the held-out last 10 %% of --data (eval), or the training part (train: validation)")
+    p.add_argument("--seed", type=int, default=0, help="passkey: which samples (keys, haystack excerpts)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out-dir", help="where results go (default runs/<model directory name>)")
+    p.add_argument("--tag", default="", help="appended to every method's label in file names and tables, e.g. _sft")
+    g = p.add_argument_group("LongMamba")
+    g.add_argument("--c", type=float, default=LONGMAMBA["c"], help="global channel when tA_prod > c")
+    g.add_argument("--b", type=float, default=LONGMAMBA["b"], help="keep Δ > b·threshold")
+    g.add_argument("--variant", choices=["dt_thre", "bound"], default=LONGMAMBA["variant"])
+    g.add_argument("--sc", type=float, default=LONGMAMBA["sc"], help="calibration: clamp Δ at its top-sc quantile "
+                                                                     "(the released script: 0.1-0.2; 0 = none)")
+    g.add_argument("--decay-state", choices=["slowest", "mean"], default=LONGMAMBA["decay_state"])
+    g.add_argument("--calibration-windows", type=int, default=100, help="windows of L_train tokens")
+    g = p.add_argument_group("DeciMamba")
+    g.add_argument("--decimating-layers", help="comma-separated layer indices (default n_layer // 2)")
+    g.add_argument("--beta", type=float, default=0.5, help="each later decimating layer keeps β times as many")
+    g.add_argument("--L-base", type=int, help="tokens the first decimating layer keeps (default L_train)")
+    g.add_argument("--min-len", type=int, default=20, help="fewest tokens kept")
+    g = p.add_argument_group("perplexity")
+    g.add_argument("--windows", type=int, default=10, help="windows per length")
+    g.add_argument("--predict", type=int, default=100, help="tokens scored at the end of each window")
+    g = p.add_argument_group("LongBench")
+    g.add_argument("--data-dir", help="directory of the official {dataset}.jsonl files")
+    g.add_argument("--config-dir", help="directory of dataset2prompt.json, dataset2maxlen.json (default --data-dir)")
+    g.add_argument("--datasets", help="comma-separated datasets (default: all found in --data-dir)")
+    g.add_argument("--e", action="store_true", help="LongBench-E ({dataset}_e.jsonl, length buckets)")
+    g.add_argument("--max-length", type=int, default=159_500, help="middle-truncate prompts to this many tokens")
     args = p.parse_args(argv)
 
     def numbers(flag, text, kind):
         try:
             return [kind(x) for x in text.split(",")] if text else None
         except ValueError:
-            p.error(f"{flag} {text!r}: expected comma-separated {kind.__name__} values, e.g. 512,1024")
+            p.error(f"{flag} {text!r}: expected comma-separated {kind.__name__} values")
 
-    args.length_list = numbers("--lengths", args.lengths, int)
     args.depth_list = numbers("--depths", args.depths, float)
     args.layer_list = numbers("--decimating-layers", args.decimating_layers, int)
-    args.methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    args.methods = list(dict.fromkeys(m.strip() for m in args.method.split(",") if m.strip()))
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
         p.error(f"unknown --method {', '.join(bad) or repr(args.method)}: choose from {', '.join(METHODS)}")
     if not args.no_baseline and "vanilla" not in args.methods:
         args.methods.insert(0, "vanilla")
+    for flag in ("samples", "windows", "predict", "calibration_windows", "min_len", "max_length", "L_train", "L_base"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag.replace('_', '-')} must be ≥ 1, got {value}")
+    if any(not 0 <= d <= 1 for d in args.depth_list):
+        p.error(f"--depths must lie in [0, 1], got {args.depths}")
+    if not 0 < args.beta <= 1 or args.c < 0 or args.b < 0 or not 0 <= args.sc < 1:
+        p.error("--beta must be in (0, 1], --c and --b ≥ 0, --sc in [0, 1)")
     return args
 
 
+def fail(message):
+    """Stop with one line that names the flag or file and says what to do (exit status 1)."""
+    sys.exit(f"eval.py: {message}")
+
+
+def read_text(flag, path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"{flag} {path}: not a readable UTF-8 text file ({type(e).__name__})")
+
+
+def parse_lengths(text, L_train):
+    try:
+        lengths = [round(float(x[:-1]) * L_train) if x.endswith("x") else int(x) for x in text.split(",")]
+        assert all(L >= 1 for L in lengths)
+        return lengths
+    except (ValueError, AssertionError):
+        fail(f"--lengths {text!r}: expected comma-separated token counts (4096) or multiples of L_train (4x)")
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        out = ""
+    return os.environ.get("MAMBA_COMMIT") or out or "unknown"
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Model, tokenizer and methods
+# Methods: each is (label, settings, what generates, the hook set around it)
 
 
-def load(args, device):
-    if not os.path.isdir(args.model):
-        hint = (" (the bundled testbed checkpoint ships with the repository: run from its root)"
-                if args.model == DEFAULT_MODEL else "")
-        sys.exit(f"eval.py: --model {args.model}: no such directory{hint}")
-    model = Mamba.from_pretrained(args.model, device=device).eval()
-    encoding = tokenizer.load_tokenizer(args.model)
-    return model, encoding, args.L_train or read_L_train(args.model)
-
-
-def default_lengths(L_train):
-    return [L_train * m for m in (1, 2, 4, 8, 16, 32)]
-
-
-def calibration_windows(encoding, text, L_train, n):
-    """LongMamba's calibration text: n windows of L_train tokens cut evenly from the training split."""
-    ids = passkey.Haystack(text, "train").tokens(encoding)[0]
-    if len(ids) < n * L_train:
-        raise ValueError(f"--data has {len(ids)} training tokens, fewer than {n} windows of {L_train}")
-    starts = np.linspace(0, len(ids) - L_train, n).astype(np.int64)
-    return torch.from_numpy(np.stack([ids[s:s + L_train] for s in starts]).astype(np.int64))
-
-
-class Method:
-    """A method applied to the model: `generate(prompt_ids (1, L), max_new_tokens)` -> new ids (1, n)."""
-
-    def __init__(self, name, model, encoding, L_train, args, text):
-        self.name, self.model, self.encoding = name, model, encoding
-        self.remamba = None
+def build_methods(args, model, encoding, L_train, text, device):
+    """One entry per method: {"name", "label", "settings", "runner" (has prefill and generate), "hook",
+    "describe"}. The label names the method and the settings that differ from the defaults."""
+    methods = []
+    for name in args.methods:
+        settings, runner, hook, describe = {}, model, None, None
         if name == "longmamba":
             import longmamba
-            self.calibration = longmamba.load_or_calibrate(
-                model, os.path.join(args.model, CALIBRATION_FILE),
-                lambda: calibration_windows(encoding, text, L_train, args.calibration_windows), L_train)
-            self.setup = lambda: longmamba.apply(model, self.calibration, c=args.c, b=args.b, variant=args.variant)
-            self.describe = lambda length: longmamba.describe(self.calibration, args.c, length)
+            calibration = load_calibration(args, model, encoding, L_train, text)
+            settings = dict(c=args.c, b=args.b, variant=args.variant, **calibration["settings"])
+            del settings["model"]
+            hook = longmamba.LongMamba(calibration, args.c, args.b, args.variant)
+            describe = lambda length, cal=calibration: longmamba.describe(cal, args.c, length)  # noqa: E731
         elif name == "decimamba":
             import decimamba
-            self.setup = lambda: decimamba.apply(model, args.layer_list, beta=args.beta, L_base=L_train,
-                                                 min_len=args.min_len)
+            layers = args.layer_list or [model.config.n_layer // 2]
+            if any(not 0 <= i < model.config.n_layer for i in layers):
+                fail(f"--decimating-layers {args.decimating_layers}: this model has layers 0..{model.config.n_layer - 1}")
+            settings = dict(layers=layers, beta=args.beta, L_base=args.L_base or L_train, min_len=args.min_len)
+            hook = decimamba.DeciMamba(layers, settings["L_base"], args.beta, args.min_len)
         elif name == "remamba":
             import remamba
-            self.remamba = remamba.ReMamba.load(model, os.path.join(args.model, remamba.REMAMBA_FILE))
-            self.setup = lambda: model.set_hook(None)
-        else:
-            self.setup = lambda: model.set_hook(None)
+            path = os.path.join(args.model, remamba.REMAMBA_FILE)
+            if not os.path.isfile(path):
+                fail(f"--method remamba: {path} not found; train it with python train.py --method remamba "
+                     f"--init {args.model} --out <new directory>, then pass that directory as --model")
+            try:
+                runner = remamba.ReMamba.load(model, path)
+            except ValueError as e:
+                fail(str(e))
+            settings = dict(ratio=runner.ratio, compress_ratio=runner.compress_ratio, start_ratio=runner.start_ratio)
+        defaults = {**LONGMAMBA, "layers": [model.config.n_layer // 2], "beta": 0.5, "min_len": 20, "L_base": L_train}
+        label = name + "".join(f"_{k}{'-'.join(map(str, v)) if isinstance(v, list) else v}"
+                               for k, v in settings.items() if k in defaults and v != defaults[k]) + args.tag
+        methods.append(dict(name=name, label=label, settings=settings, runner=runner, hook=hook, describe=describe))
+    return methods
 
-    @torch.no_grad()
-    def generate(self, prompt_ids, max_new_tokens):
-        self.setup()
+
+def load_calibration(args, model, encoding, L_train, text):
+    """LongMamba's calibration beside the model, recomputed (and saved) when any of its settings differ."""
+    import longmamba
+    path = os.path.join(args.model, CALIBRATION_FILE)
+    ids = passkey.Haystack(text, "train").tokens(encoding)[0]
+    n = args.calibration_windows
+    if len(ids) < n * L_train:
+        fail(f"--data has {len(ids)} training tokens, fewer than {n} calibration windows of {L_train}")
+    starts = np.linspace(0, len(ids) - L_train, n).astype(np.int64)   # windows cut evenly from the training prose
+    windows = torch.from_numpy(np.stack([ids[s:s + L_train] for s in starts]).astype(np.int64))
+    wanted = dict(L_train=L_train, windows=n, lengths=longmamba.default_lengths(L_train), aggregate="avg",
+                  decay_state=args.decay_state, sc=args.sc, model=longmamba.fingerprint(model),
+                  text=hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16])
+    if os.path.exists(path):
         try:
-            generator = self.remamba if self.remamba is not None else self.model
-            return generator.generate(prompt_ids, max_new_tokens, eos_token_id=self.encoding.eot_token)
-        finally:
-            self.model.set_hook(None)
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved["settings"] == wanted:
+                return saved
+            print(f"longmamba: {path} was computed with other settings or another model; recalibrating")
+        except Exception as e:
+            print(f"longmamba: {path} is not a readable calibration ({type(e).__name__}); recalibrating")
+    if not os.access(args.model, os.W_OK):
+        fail(f"--model {args.model}: not writable, so LongMamba's calibration cannot be saved beside it")
+    print(f"longmamba: calibrating on {n} windows of {L_train} tokens of the training prose ...")
+    start = time.time()
+
+    def progress(done, total):
+        if done % 10 == 0 or done == total:
+            rate = done / (time.time() - start)
+            print(f"  calibration: {done}/{total} windows | ETA {(total - done) / rate:5.0f} s", flush=True)
+
+    calibration = longmamba.calibrate(model, windows, wanted["lengths"], "avg", args.decay_state, args.sc, progress)
+    calibration["settings"] = wanted
+    atomic_write(path, lambda f: torch.save(calibration, f))
+    return calibration
+
+
+@torch.no_grad()
+def generate(method, prompt, max_new_tokens, eos):
+    """The method's greedy continuation of prompt (1, L): new token ids (1, ≤ max_new_tokens)."""
+    with method["runner"].hooked(method["hook"]) if method["hook"] else contextlib.nullcontext():
+        return method["runner"].generate(prompt, max_new_tokens, eos_token_id=eos)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finished cells, kept so that an interrupted run continues
+
+
+class Cells:
+    """A jsonl of finished cells for one (task, method, settings) key; a run with other settings gets another
+    file, so nothing is reused across settings."""
+
+    def __init__(self, out_dir, key):
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        self.path = os.path.join(out_dir, "cells", f"{key['task']}_{key['label']}_{digest}.jsonl")
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.done = {}
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                        self.done[tuple(record["cell"])] = record["value"]
+                    except (ValueError, KeyError):
+                        pass   # a line cut by a kill
+        self.file = open(self.path, "a")
+
+    def add(self, cell, value):
+        self.done[tuple(cell)] = value
+        self.file.write(json.dumps({"cell": list(cell), "value": value}) + "\n")
+        self.file.flush()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Passkey retrieval
 
 
-def run_passkey(args, methods, encoding, L_train, text, device, rank, world):
-    lengths = args.length_list or default_lengths(L_train)
-    depths = args.depth_list
-    samples = args.samples or (20 if device.startswith("cuda") else 1)
-    haystack = passkey.Haystack(text, "eval")
+def run_passkey(args, methods, encoding, lengths, text, device, rank, world, meta):
+    depths, samples = args.depth_list, args.samples
+    haystack = passkey.Haystack(text, args.split)
     cells = [(L, d, i) for L in lengths for d in depths for i in range(samples)]
     mine = cells[rank::world]
-    correct = {m.name: {} for m in methods}
-    start, done_tokens = time.time(), 0
-    total_tokens = sum(L for L, _, _ in mine) * len(methods)
-    for n, (L, depth, i) in enumerate(mine):
-        sample = passkey.make_sample(encoding, haystack, L, depth, seed=args.seed * 1_000_003 + i,
-                                     filler=args.filler)
+    stores = {m["label"]: Cells(args.out_dir + (f"/rank{rank}" if world > 1 else ""),
+                                dict(task="passkey", label=m["label"], settings=m["settings"], model=meta["model"],
+                                     weights=meta["weights"], filler=args.filler, haystack=args.haystack or args.data,
+                                     split=args.split, seed=args.seed)) for m in methods}
+    todo = [c for c in mine if any(tuple(c) not in s.done for s in stores.values())]
+    if rank == 0 and len(todo) < len(mine):
+        print(f"  {len(mine) - len(todo)} of {len(mine)} cells already done (kept in {args.out_dir}/cells)")
+    total = sum(L for L, _, _ in todo) * len(methods) or 1
+    start = last_print = time.time()
+    done = 0
+    for n, (L, depth, i) in enumerate(todo):
+        sample = passkey.make_sample(encoding, haystack, L, depth, seed=args.seed * 1_000_003 + i, filler=args.filler)
         prompt = torch.tensor([sample.prompt_ids], device=device)
-        for method in methods:
+        for m in methods:
+            store = stores[m["label"]]
+            if (L, depth, i) in store.done:
+                continue
             with autocast(device):
-                new = method.generate(prompt, len(sample.answer_ids) + 2)
-            ok = passkey.score(encoding.decode(new[0].tolist()), sample.answer)
-            correct[method.name].setdefault((L, depth), []).append(ok)
-        done_tokens += L * len(methods)
-        if rank == 0 and (n + 1 == len(mine) or (n + 1 < len(mine) and mine[n + 1][0] != L)):
-            elapsed = time.time() - start
-            rate = done_tokens / elapsed
-            print(f"  length {L:>7}: done | {rate / 1e3:6.1f}k prompt tok/s | "
-                  f"ETA {(total_tokens - done_tokens) / rate / 60:5.1f} min", flush=True)
+                new = generate(m, prompt, len(sample.answer_ids) + 2, encoding.eot_token)
+            value = {"correct": bool(passkey.score(encoding.decode(new[0].tolist()), sample.answer))}
+            if m["name"] == "remamba":   # where stage 1 looked: did its top-K keep a key token?
+                import remamba
+                s, e, K = remamba.compression_region(L, m["runner"].ratio, m["runner"].compress_ratio,
+                                                     m["runner"].start_ratio)
+                kept = set(m["runner"].kept_positions(prompt)[0].tolist()) if K else set()
+                value["key_in_region"] = any(s <= p < e for p in sample.key_positions)
+                value["key_kept"] = bool(kept & set(sample.key_positions))
+            store.add((L, depth, i), value)
+        done += L * len(methods)
+        if rank == 0 and (n + 1 == len(todo) or todo[n + 1][0] != L or time.time() - last_print > 30):
+            last_print = time.time()
+            rate = done / (last_print - start)
+            print(f"  length {L:>7} | {n + 1}/{len(todo)} prompts | {rate / 1e3:6.1f}k prompt tok/s | "
+                  f"ETA {(total - done) / rate / 60:5.1f} min", flush=True)
+    results = {m["label"]: stores[m["label"]].done for m in methods}
     if world > 1:
         gathered = [None] * world
-        dist.all_gather_object(gathered, correct)
-        correct = {m: {} for m in correct}
-        for part in gathered:
-            for m, cells_m in part.items():
-                for key, oks in cells_m.items():
-                    correct[m].setdefault(key, []).extend(oks)
-    accuracy = {m: {str(L): {str(d): float(np.mean(correct[m][(L, d)])) for d in depths} for L in lengths}
-                for m in correct}
-    return lengths, depths, samples, accuracy
+        dist.all_gather_object(gathered, results)
+        results = {label: {k: v for part in gathered for k, v in part[label].items()} for label in results}
+    return results
 
 
-def passkey_table(method, lengths, depths, accuracy):
-    lines = [f"{method}: passkey accuracy (%)", f"{'length':>8} " + " ".join(f"{d:>6g}" for d in depths) + "   mean"]
+def passkey_summary(cells, lengths, depths, samples):
+    """accuracy {length: {depth: fraction}}, and for ReMamba the stage-1 selection counts per length."""
+    accuracy = {str(L): {str(d): float(np.mean([cells[(L, d, i)]["correct"] for i in range(samples)]))
+                         for d in depths} for L in lengths}
+    selection = None
+    if "key_kept" in next(iter(cells.values())):
+        selection = {}
+        for L in lengths:
+            in_region = [cells[(L, d, i)] for d in depths for i in range(samples) if cells[(L, d, i)]["key_in_region"]]
+            selection[str(L)] = {"needle_in_region": len(in_region), "key_token_kept": sum(c["key_kept"] for c in in_region),
+                                 "correct_when_in_region": sum(c["correct"] for c in in_region)}
+    return accuracy, selection
+
+
+def passkey_table(label, lengths, depths, accuracy):
+    lines = [f"{label}: passkey accuracy (%)", f"{'length':>8} " + " ".join(f"{d:>6g}" for d in depths) + "   mean"]
     for L in lengths:
         row = [100 * accuracy[str(L)][str(d)] for d in depths]
         lines.append(f"{L:>8} " + " ".join(f"{a:6.0f}" for a in row) + f" {np.mean(row):6.1f}")
@@ -212,42 +340,41 @@ def passkey_table(method, lengths, depths, accuracy):
 
 def side_by_side(blocks):
     width = max(len(line) for block in blocks for line in block) + 4
-    rows = max(len(b) for b in blocks)
     return "\n".join("".join(b[i].ljust(width) if i < len(b) else " " * width for b in blocks).rstrip()
-                     for i in range(rows))
+                     for i in range(max(len(b) for b in blocks)))
 
 
-def heatmap(path, methods, lengths, depths, accuracies, title):
-    """PNG heatmaps (length × depth) side by side, or a text heatmap when matplotlib is missing."""
+def heatmap(path, labels, lengths, depths, accuracies, title):
+    """PNG heatmaps (length × depth, % correct) side by side, or a text heatmap when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         shades = " ░▒▓█"
-        print("(matplotlib not installed: text heatmap, darker = higher accuracy)")
-        for m in methods:
-            print(f"{m}:")
+        print("(matplotlib not installed: a text heatmap, darker = more correct: ' ' 0-20 %, █ 80-100 %)")
+        for m in labels:
+            print(f"{m}:\n{'depth':>8}  " + "".join(f"{d:<4g}"[:4] for d in depths))
             for L in lengths:
-                row = "".join(shades[min(4, int(accuracies[m][str(L)][str(d)] * 4.999))] * 2 for d in depths)
-                print(f"{L:>8} |{row}|")
+                print(f"{L:>8} |" + "".join(shades[min(4, int(accuracies[m][str(L)][str(d)] * 4.999))] * 4
+                                            for d in depths) + "|")
         return None
-    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods) + 1, 0.45 * len(lengths) + 1.6),
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.3 * len(labels) + 1.2, 0.45 * len(lengths) + 1.8),
                              squeeze=False)
-    for ax, m in zip(axes[0], methods):
-        grid = np.array([[accuracies[m][str(L)][str(d)] for d in depths] for L in lengths])
-        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for ax, m in zip(axes[0], labels):
+        grid = 100 * np.array([[accuracies[m][str(L)][str(d)] for d in depths] for L in lengths])
+        image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
         ax.set_yticks(range(len(lengths)), [str(L) for L in lengths])
         for (r, c), v in np.ndenumerate(grid):
-            ax.text(c, r, f"{100 * v:.0f}", ha="center", va="center", fontsize=8)
-        ax.set_title(f"{m} (mean {100 * grid.mean():.0f}%)", fontsize=10)
+            ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=9, color="white" if v < 25 else "black")
+        ax.set_title(f"{m} (mean {grid.mean():.0f} %)", fontsize=10)
         ax.set_xlabel("needle depth")
     axes[0][0].set_ylabel("prompt length (tokens)")
+    fig.colorbar(image, ax=axes[0].tolist(), label="% correct", shrink=0.9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
     os.replace(tmp, path)
     return path
@@ -258,70 +385,74 @@ def heatmap(path, methods, lengths, depths, accuracies, title):
 
 
 @torch.no_grad()
-def run_ppl(args, methods, encoding, L_train, text, device):
-    """Perplexity of the last `--predict` tokens of windows of growing length, `--windows` per length, cut
-    from the held-out last 10 % of --data.
-
-    Each window's prefix is prefilled with the method (LongMamba filters it, DeciMamba shortens it), then
-    the last tokens are scored one recurrent step at a time, as they would be generated. This differs from
-    the papers, which score the window in one forward with the method applied to all of it: here the scored
-    tokens are never filtered or decimated, the same rule as for generation."""
-    ids = passkey.Haystack(text, "eval").tokens(encoding)[0]
-    lengths = args.length_list or default_lengths(L_train)
-    results = {m.name: {} for m in methods}
-    for L in lengths:
-        if L <= args.predict:
-            sys.exit(f"eval.py: --lengths {L} must exceed --predict {args.predict}")
-        if L > len(ids):
-            sys.exit(f"eval.py: the held-out part of --data has {len(ids)} tokens, fewer than a window of {L}")
-        starts = np.linspace(0, max(0, len(ids) - L), args.windows).astype(np.int64)
-        for method in methods:
-            if method.remamba is not None:
-                sys.exit("eval.py: --task ppl does not apply to remamba (it compresses a prompt before answering)")
-            nll = []
-            for s in starts:
+def run_ppl(args, methods, encoding, lengths, text, device, meta):
+    """Perplexity of the last --predict tokens of windows of growing length, --windows per length, cut from
+    the held-out prose. Each window's prefix is prefilled with the method, then the last tokens are scored one
+    recurrent step at a time, as they would be generated: the scored tokens are never filtered or decimated.
+    (The papers score the whole window in one forward with the method applied to all of it.)"""
+    ids = passkey.Haystack(text, args.split).tokens(encoding)[0]
+    if max(lengths) > len(ids) or min(lengths) <= args.predict:
+        fail(f"--lengths must exceed --predict {args.predict} and fit the {len(ids)} held-out tokens of --data")
+    results, start = {}, time.time()
+    for m in methods:
+        if m["name"] == "remamba":
+            fail("--task ppl does not apply to remamba (it compresses a prompt before answering)")
+        store = Cells(args.out_dir, dict(task="ppl", label=m["label"], settings=m["settings"], model=meta["model"],
+                                         weights=meta["weights"], haystack=args.haystack or args.data,
+                                         split=args.split, predict=args.predict))
+        for L in lengths:
+            starts = np.linspace(0, len(ids) - L, args.windows).astype(np.int64)
+            for w, s in enumerate(starts):
+                if (L, w) in store.done:
+                    continue
                 window = torch.from_numpy(ids[s:s + L].astype(np.int64)).to(device)[None]
                 prefix, scored = window[:, :-args.predict], window[0, -args.predict:]
-                method.setup()
-                try:
-                    with autocast(device):
-                        h, caches = method.model.hidden_states(prefix, return_cache=True)
-                        logits = method.model.lm_head(h[:, -1])
-                        for t in range(args.predict):
-                            nll.append(F.cross_entropy(logits.float(), scored[t:t + 1]).item())
-                            if t + 1 < args.predict:
-                                logits = method.model.step(scored[t:t + 1], caches)
-                finally:
-                    method.model.set_hook(None)
-            results[method.name][str(L)] = math.exp(float(np.mean(nll)))
-        print(f"  length {L:>7}: " + "  ".join(f"{m}: {results[m][str(L)]:8.2f}" for m in results), flush=True)
-    return lengths, results
+                nll = []
+                with m["runner"].hooked(m["hook"]), autocast(device):
+                    logits, caches = m["runner"].prefill(prefix)
+                    for t in range(args.predict):
+                        nll.append(F.cross_entropy(logits.float(), scored[t:t + 1]).item())
+                        if t + 1 < args.predict:
+                            logits = m["runner"].step(scored[t:t + 1], caches)
+                store.add((L, w), float(np.mean(nll)))
+            print(f"  {m['label']:>12} length {L:>7}: perplexity {math.exp(np.mean([store.done[(L, w)] for w in range(args.windows)])):8.3f}"
+                  f" | {time.time() - start:6.0f} s", flush=True)
+        results[m["label"]] = {str(L): math.exp(np.mean([store.done[(L, w)] for w in range(args.windows)]))
+                               for L in lengths}
+    return results
 
 
 # ----------------------------------------------------------------------------------------------------------
 # LongBench
 
 
-def run_longbench(args, methods, encoding, device, rank, world):
+def run_longbench(args, methods, encoding, device, rank, world, meta):
     import longbench
     if not args.data_dir or not os.path.isdir(args.data_dir):
-        sys.exit(f"eval.py: --task longbench needs --data-dir, the directory of the official LongBench jsonl files "
-                 f"(got {args.data_dir!r})")
-    dataset2prompt, dataset2maxlen = longbench.load_config(args.config_dir or args.data_dir)
+        fail(f"--task longbench needs --data-dir, the directory of the official LongBench jsonl files "
+             f"(got {args.data_dir!r})")
+    try:
+        dataset2prompt, dataset2maxlen = longbench.load_config(args.config_dir or args.data_dir)
+    except (OSError, ValueError) as e:
+        fail(str(e))
     suffix = "_e.jsonl" if args.e else ".jsonl"
-    if args.datasets:
-        datasets = [d.strip() for d in args.datasets.split(",")]
-    else:
-        pool = longbench.LONGBENCH_E_DATASETS if args.e else longbench.DATASETS
-        datasets = [d for d in pool if os.path.isfile(os.path.join(args.data_dir, d + suffix))]
-        if not datasets:
-            sys.exit(f"eval.py: no {{dataset}}{suffix} files of LongBench in {args.data_dir}")
-    model_name = os.path.basename(os.path.normpath(args.model))
+    pool = longbench.LONGBENCH_E_DATASETS if args.e else longbench.DATASETS
+    found = [d for d in pool if os.path.isfile(os.path.join(args.data_dir, d + suffix))]
+    datasets = [d.strip() for d in args.datasets.split(",")] if args.datasets else found
+    unknown = [d for d in datasets if d not in found]
+    if unknown or not datasets:
+        fail(f"--datasets: no {{dataset}}{suffix} file in {args.data_dir} for {', '.join(unknown) or 'any dataset'}"
+             f"; found: {', '.join(found) or 'none'}")
+    encode = lambda text: encoding.encode(text, allowed_special="all")  # noqa: E731  (as Hugging Face tokenizers)
     tables = {}
-    for method in methods:
-        def generate_fn(prompt_ids, max_new_tokens, eos_token_id, method=method):
+    for m in methods:
+        key = dict(settings=m["settings"], model=meta["model"], weights=meta["weights"], max_length=args.max_length)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        run_dir = os.path.join(args.out_dir, "longbench" + ("_e" if args.e else ""), f"{m['label']}_{digest}")
+
+        def generate_fn(prompt_ids, max_new_tokens, eos_token_id, m=m):
             with autocast(device):
-                return method.generate(torch.tensor([prompt_ids], device=device), max_new_tokens)[0].tolist()
+                return generate(m, torch.tensor([prompt_ids], device=device), max_new_tokens, eos_token_id)[0].tolist()
 
         scores = {}
         for dataset in datasets:
@@ -330,80 +461,140 @@ def run_longbench(args, methods, encoding, device, rank, world):
                 print(reason)
                 continue
             samples = longbench.load_samples(args.data_dir, dataset, e=args.e)
-            out_path = os.path.join(args.out_dir, "longbench", f"{model_name}_{method.name}",
-                                    dataset + ("_e" if args.e else "") + ".jsonl")
-            # special-token text in a context is encoded as the special token, as Hugging Face tokenizers do
-            encode = lambda text: encoding.encode(text, allowed_special="all")  # noqa: E731
-            longbench.predict(samples, dataset, generate_fn, encode, encoding.decode, out_path,
-                              args.max_length, dataset2prompt, dataset2maxlen, encoding.eot_token, rank, world,
+            out_path = os.path.join(run_dir, dataset + ".jsonl")
+            longbench.predict(samples, dataset, generate_fn, encode, encoding.decode, out_path, args.max_length,
+                              dataset2prompt, dataset2maxlen, encoding.eot_token, rank, world,
                               progress=print if rank == 0 else (lambda *a: None))
             if world > 1:
                 dist.barrier()
             if rank == 0:
                 longbench.merge_rank_files(out_path, samples)
                 scores[dataset] = longbench.score_file(out_path, dataset, e=args.e)
-        tables[method.name] = scores
-    return datasets, tables
+        if rank == 0:   # one score file per run folder; a --datasets subset adds to the scores already there
+            path = os.path.join(run_dir, "scores.json")
+            old = json.load(open(path))["scores"] if os.path.exists(path) else {}
+            tables[m["label"]] = {**old, **scores}
+            write_json(path, {"method": m["name"], "settings": m["settings"], **meta, "e": args.e,
+                              "max_length": args.max_length, "units": "score 0-100 (LongBench's)",
+                              "scores": tables[m["label"]]})
+    return tables
 
 
 # ----------------------------------------------------------------------------------------------------------
 
 
+def autocast(device):
+    """bf16 autocast on GPUs (weights, state and residual stream stay fp32); plain fp32 on CPUs."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else \
+        torch.autocast("cpu", enabled=False)
+
+
 def write_json(path, obj):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    atomic_write(path, json.dumps(obj, indent=2))
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    distributed, rank, world = torchrun_world()
-    device = setup_device(args.device, distributed)
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ           # started by torchrun
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        fail(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu)")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        fail(f"--device {args.device}: not a device (use auto, cpu, cuda or cuda:N)")
+    if distributed:
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:   # a busy machine: do not oversubscribe its cores
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(max(1, min(cores, round(cores - os.getloadavg()[0] + 0.5))))
     log = print if rank == 0 else (lambda *a, **k: None)
-    if args.task != "longbench" and not os.path.isfile(args.data):
-        sys.exit(f"eval.py: --data {args.data}: no such file")
-    model, encoding, L_train = load(args, device)
-    text = open(args.data, encoding="utf-8").read() if os.path.isfile(args.data) else ""
-    methods = [Method(name, model, encoding, L_train, args, text) for name in args.methods]
-    device_name = (torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({os.cpu_count()} cores)")
-    meta = {"model": args.model, "L_train": L_train, "command": "python eval.py " + " ".join(argv or sys.argv[1:]),
-            "commit": git_commit(), "device": device_name}
-    log(f"{args.task}: {', '.join(args.methods)} on {args.model} (L_train {L_train}), device {device_name}")
-    t0 = time.time()
 
+    if not os.path.isdir(args.model):
+        fail(f"--model {args.model}: no such directory" + (" (run eval.py from the repository's root)"
+                                                           if args.model == DEFAULT_MODEL else ""))
+    try:
+        model = Mamba.from_pretrained(args.model, device=device).eval()
+        encoding = tokenizer.load_tokenizer(args.model)
+    except (OSError, ValueError) as e:
+        fail(f"--model {args.model}: {e}")
+    L_train = args.L_train or training_length(args.model)
+    if not L_train:
+        fail(f"{args.model} has no train_info.json: pass --L-train, the length the model was trained at "
+             f"(2048 for the state-spaces models)")
+    text = haystack_text = ""
+    if args.task != "longbench":
+        text = read_text("--data", args.data)
+        haystack_text = read_text("--haystack", args.haystack) if args.haystack else text
+    args.out_dir = args.out_dir or os.path.join("runs", os.path.basename(os.path.normpath(args.model)))
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        assert os.access(args.out_dir, os.W_OK)
+    except (OSError, AssertionError):
+        fail(f"--out-dir {args.out_dir}: cannot write there")
+    cpu = not device.startswith("cuda")
+    lengths = parse_lengths(args.lengths or ("1x,4x,16x" if cpu else "1x,2x,4x,8x,16x,32x"), L_train)
     if args.task == "passkey":
-        lengths, depths, samples, accuracy = run_passkey(args, methods, encoding, L_train, text, device, rank, world)
-        if rank == 0:
-            print(side_by_side([passkey_table(m, lengths, depths, accuracy[m]) for m in args.methods]))
-            for m in methods:
-                if m.name == "longmamba":
-                    print("\n" + m.describe(lengths[len(lengths) // 2]))
-            for m in args.methods:
-                write_json(os.path.join(args.out_dir, f"passkey_{m}.json"),
-                           {"method": m, **meta, "lengths": lengths, "depths": depths, "samples": samples,
-                            "accuracy": accuracy[m], "seconds": round(time.time() - t0, 1)})
-            shown = args.methods[-1]
-            png = heatmap(os.path.join(args.out_dir, f"passkey_{shown}.png"), args.methods, lengths, depths,
-                          accuracy, f"passkey retrieval, {os.path.basename(os.path.normpath(args.model))}, "
-                                    f"L_train {L_train}, {samples} sample(s) per cell")
-            print(f"wrote {', '.join(f'{args.out_dir}/passkey_{m}.json' for m in args.methods)}"
-                  + (f" and {png}" if png else "") + f" in {time.time() - t0:.0f} s")
-    elif args.task == "ppl":
-        if distributed:
-            sys.exit("eval.py: --task ppl runs on one process")
-        lengths, results = run_ppl(args, methods, encoding, L_train, text, device)
-        write_json(os.path.join(args.out_dir, f"ppl_{'_'.join(args.methods)}.json"),
-                   {**meta, "data": args.data, "windows": args.windows, "predict": args.predict,
-                    "lengths": lengths, "perplexity": results})
-    else:
-        datasets, tables = run_longbench(args, methods, encoding, device, rank, world)
-        if rank == 0:
-            model_name = os.path.basename(os.path.normpath(args.model))
-            for m, scores in tables.items():
-                print(f"{m}: LongBench{'-E' if args.e else ''} scores")
-                for d, s in scores.items():
-                    print(f"  {d:>22}: {s}")
-                write_json(os.path.join(args.out_dir, f"longbench{'_e' if args.e else ''}_{model_name}_{m}.json"),
-                           {"method": m, **meta, "e": args.e, "max_length": args.max_length, "scores": scores})
+        args.samples = args.samples or (3 if cpu else 20)
+        if min(lengths) < passkey.prompt_overhead(encoding):
+            fail(f"--lengths {min(lengths)}: a passkey prompt needs at least {passkey.prompt_overhead(encoding)} "
+                 f"tokens with this tokenizer")
+    weights = os.path.join(args.model, "pytorch_model.bin")
+    weights = weights if os.path.exists(weights) else os.path.join(args.model, "model.safetensors")
+    meta = {"model": args.model, "weights": f"{os.path.getsize(weights)} bytes, modified {os.path.getmtime(weights):.0f}",
+            "L_train": L_train, "command": "python eval.py " + " ".join(argv), "commit": git_commit(),
+            "device": torch.cuda.get_device_name(device) if not cpu else f"cpu ({os.cpu_count()} cores)"}
+    methods = build_methods(args, model, encoding, L_train, text, device)
+    log(f"{args.task}: {', '.join(m['label'] for m in methods)} on {args.model} (L_train {L_train}), {meta['device']}")
+    t0 = time.time()
+    try:
+        if args.task == "passkey":
+            cells = run_passkey(args, methods, encoding, lengths, haystack_text, device, rank, world, meta)
+            if rank == 0:
+                labels = [m["label"] for m in methods]
+                accuracy = {}
+                for m in methods:
+                    accuracy[m["label"]], selection = passkey_summary(cells[m["label"]], lengths, args.depth_list,
+                                                                      args.samples)
+                    write_json(os.path.join(args.out_dir, f"passkey_{m['label']}.json"),
+                               {"method": m["name"], "settings": m["settings"], **meta, "split": args.split,
+                                "seed": args.seed, "filler": args.filler, "haystack": args.haystack or args.data,
+                                "lengths": lengths,
+                                "depths": args.depth_list, "samples": args.samples,
+                                "units": "accuracy: fraction of samples correct, 0-1",
+                                "accuracy": accuracy[m["label"]], "remamba_selection": selection})
+                print(side_by_side([passkey_table(m, lengths, args.depth_list, accuracy[m]) for m in labels]))
+                for m in methods:
+                    if m["describe"]:
+                        print("\n" + m["describe"](lengths[-1]))
+                name = "passkey_" + "_".join(labels)
+                png = heatmap(os.path.join(args.out_dir, name + ".png"), labels, lengths, args.depth_list, accuracy,
+                              f"passkey retrieval, {os.path.basename(os.path.normpath(args.model))}, L_train {L_train},"
+                              f" {args.samples} samples per cell, {args.split} haystack, seed {args.seed}")
+                print(f"wrote {args.out_dir}/passkey_<method>.json" + (f" and {png}" if png else "")
+                      + f" in {time.time() - t0:.0f} s")
+        elif args.task == "ppl":
+            if distributed:
+                fail("--task ppl runs on one process (python, not torchrun)")
+            results = run_ppl(args, methods, encoding, lengths, haystack_text, device, meta)
+            write_json(os.path.join(args.out_dir, f"ppl_{'_'.join(results)}.json"),
+                       {**meta, "haystack": args.haystack or args.data, "split": args.split, "windows": args.windows,
+                        "predict": args.predict, "lengths": lengths, "units": "perplexity per token",
+                        "settings": {m["label"]: m["settings"] for m in methods}, "perplexity": results})
+            print(f"wrote {args.out_dir}/ppl_{'_'.join(results)}.json in {time.time() - t0:.0f} s")
+        else:
+            tables = run_longbench(args, methods, encoding, device, rank, world, meta)
+            for label, scores in tables.items():
+                log(f"{label}: LongBench{'-E' if args.e else ''} scores\n" +
+                    "\n".join(f"  {d:>22}: {s}" for d, s in scores.items()))
+    except KeyboardInterrupt:
+        sys.exit(f"\neval.py: interrupted; the finished cells are kept in {args.out_dir}/cells and the same "
+                 f"command continues from them")
     if distributed:
         dist.destroy_process_group()
 

@@ -124,10 +124,11 @@ def calibrate(model, windows, lengths=None, aggregate="avg", decay_state="slowes
             "alpha": {L: alpha[:, i] for i, L in enumerate(lengths)}}
 
 
+@torch.no_grad()
 def fingerprint(model):
     """A short number that changes when the weights that set Δ's decay change (another checkpoint, a fine-tune)."""
-    return sum(float(layer.mixer.A_log.double().sum() + layer.mixer.dt_proj.weight.double().abs().sum()
-                     + layer.mixer.dt_proj.bias.double().sum()) for layer in model.backbone.layers)
+    return sum(float(m.A_log.double().sum() + m.dt_proj.weight.double().abs().sum() + m.dt_proj.bias.double().sum())
+               for m in (layer.mixer for layer in model.backbone.layers))
 
 
 # ----------------------------------------------------------------------------------------------------------
