@@ -12,8 +12,10 @@ V="--split train --seed 7 --samples 10"
 final="--lengths 1x,1.5x,2x,3x,4x,8x,16x,32x --samples 20 --out-dir results/gpu/mamba-testbed-words"
 fine="--init $W --steps 1000 --eval-every 250 --eval-samples 20 --eval-lengths 1,2,3,4 --save-every 500 \
       --log-every 100 --save-dtype float16 --prompt-lengths 1,4"
+pids=""
 for r in "R2_official_1-4x --method remamba" "S2_official_1-4x --method sft"; do
     CUDA_VISIBLE_DEVICES=1 python train.py --out $T/$r $fine > $T/${r%% *}.log 2>&1 &
+    pids="$pids $!"
 done
 (   export CUDA_VISIBLE_DEVICES=0
     for hay in war_and_peace tinyshakespeare; do
@@ -33,7 +35,7 @@ done
     $E --method longmamba $final
     $E --method longmamba --sc 0.1 $final
 ) > $T/eval_words.log 2>&1 &
-wait %1 %2
+wait $pids
 (   export CUDA_VISIBLE_DEVICES=1
     $E --model $T/R2_official_1-4x --method remamba --tag _1-4x $final
     $E --model $T/S2_official_1-4x --method vanilla --tag _sft_1-4x $final
