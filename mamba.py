@@ -121,12 +121,11 @@ class MambaConfig:
         if "hidden_size" in d:  # transformers' MambaConfig
             if d.get("use_bias", False) or not d.get("use_conv_bias", True):
                 raise ValueError("use_bias=True or use_conv_bias=False is not supported (no Mamba checkpoint uses them)")
-            config = cls(d_model=d["hidden_size"], n_layer=d.get("num_hidden_layers"), vocab_size=d.get("vocab_size"),
-                         d_state=d.get("state_size", 16), d_conv=d.get("conv_kernel", 4),
-                         expand=d.get("expand", 2), dt_rank=d.get("time_step_rank", "auto"),
-                         pad_vocab_size_multiple=1, norm_eps=d.get("layer_norm_epsilon", 1e-5),
-                         residual_in_fp32=d.get("residual_in_fp32", True),
-                         tie_embeddings=d.get("tie_word_embeddings", True))
+            kw = dict(d_model=d["hidden_size"], n_layer=d.get("num_hidden_layers"), vocab_size=d.get("vocab_size"),
+                      d_state=d.get("state_size", 16), d_conv=d.get("conv_kernel", 4), expand=d.get("expand", 2),
+                      dt_rank=d.get("time_step_rank", "auto"), pad_vocab_size_multiple=1,
+                      norm_eps=d.get("layer_norm_epsilon", 1e-5), residual_in_fp32=d.get("residual_in_fp32", True),
+                      tie_embeddings=d.get("tie_word_embeddings", True))
         else:
             ssm = dict(d.get("ssm_cfg") or {})
             if ssm.pop("layer", "Mamba1") != "Mamba1" or not d.get("rms_norm", True) \
@@ -136,16 +135,16 @@ class MambaConfig:
             unknown = set(ssm) - {f.name for f in fields(cls)}
             if unknown:
                 raise ValueError(f"unsupported ssm_cfg keys {sorted(unknown)}")
-            config = cls(d_model=d.get("d_model"), n_layer=d.get("n_layer"), vocab_size=d.get("vocab_size"),
-                         pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
-                         norm_eps=d.get("norm_epsilon", 1e-5), residual_in_fp32=d.get("residual_in_fp32", True),
-                         tie_embeddings=d.get("tie_embeddings", True), **ssm)
+            kw = dict(d_model=d.get("d_model"), n_layer=d.get("n_layer"), vocab_size=d.get("vocab_size"),
+                      pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
+                      norm_eps=d.get("norm_epsilon", 1e-5), residual_in_fp32=d.get("residual_in_fp32", True),
+                      tie_embeddings=d.get("tie_embeddings", True), **ssm)
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank"):
-            value = getattr(config, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            value = kw.get(name, 1)
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r} (a state-spaces config has "
                                  f"d_model, n_layer, vocab_size; a Hugging Face one hidden_size, num_hidden_layers)")
-        return config
+        return cls(**kw)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -155,22 +155,29 @@ class ReMamba(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     # Using it
 
+    def _stage2_prompt(self, input_ids):
+        """Stage 1 over a prompt (b, L): the hook and the inputs stage 2 reads (the plain prompt, no hook, when
+        nothing is compressed)."""
+        L = input_ids.shape[1]
+        region = compression_region(L, self.ratio, self.compress_ratio, self.start_ratio)
+        if region[2] == 0:
+            return None, {"input_ids": input_ids}
+        embeds, adapt, _ = self._stage2(input_ids, region, torch.full((input_ids.shape[0],), L - 1,
+                                                                      device=input_ids.device))
+        return adapt, {"inputs_embeds": embeds}
+
     def prefill(self, input_ids):
-        """Stage 1 and stage 2 over a prompt (b, L): the last position's logits and the caches to decode from
-        (mamba.Mamba.prefill's outputs)."""
-        region = compression_region(input_ids.shape[1], self.ratio, self.compress_ratio, self.start_ratio)
-        if region[2] == 0:  # nothing to compress: the plain model
-            return self.base.prefill(input_ids)
-        query_at = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
-        embeds, adapt, _ = self._stage2(input_ids, region, query_at)
-        with self.base.hooked(adapt):
-            return self.base.prefill(inputs_embeds=embeds)
+        """Stage 1 and stage 2 over a prompt (b, L): the last position's logits and the caches (Mamba.prefill)."""
+        hook, inputs = self._stage2_prompt(input_ids)
+        with self.base.hooked(hook):
+            return self.base.prefill(**inputs)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens=20, eos_token_id=None):
         """Greedy decoding from stage 2's state: the new token ids (b, ≤ max_new_tokens), as Mamba.generate."""
-        logits, caches = self.prefill(input_ids)
-        return self.base.decode(logits, caches, max_new_tokens, eos_token_id=eos_token_id)
+        hook, inputs = self._stage2_prompt(input_ids)
+        with self.base.hooked(hook):
+            return self.base.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
 
     @torch.no_grad()
     def kept_positions(self, input_ids):

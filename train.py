@@ -55,6 +55,7 @@ METHOD_DEFAULTS = {"lm": dict(lr=1e-3, min_lr=1e-4, warmup=500, steps=12000, bat
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: fail(f"{message} (see --help)")   # one line, not the whole usage
     p.add_argument("--out", required=True, help="checkpoint directory to write (--resume: to continue)")
     p.add_argument("--method", choices=list(METHOD_DEFAULTS), default="lm")
     p.add_argument("--init", help="remamba, sft: the base checkpoint directory")
@@ -169,7 +170,7 @@ def settle(args, given):
             fail(f"--d-model {args.d_model} must be a positive multiple of 16 (the scan kernel's channel block)")
         if args.n_layer < 1 or args.d_state < 1:
             fail("--n-layer and --d-state must be ≥ 1")
-        args.L_train = args.L_train or 512
+        args.L_train = 512 if args.L_train is None else args.L_train
     else:
         if not args.init or not os.path.isfile(os.path.join(args.init, "config.json")):
             fail(f"--method {args.method} needs --init, a base checkpoint directory (got {args.init!r})")
@@ -177,7 +178,7 @@ def settle(args, given):
             fail("--out must be a new directory: the fine-tuned model is written beside, never over, --init")
         if args.method == "sft" and args.train == "new":
             fail("--method sft --train new trains nothing: the control fine-tunes base weights (official or all)")
-        args.L_train = args.L_train or training_length(args.init)
+        args.L_train = training_length(args.init) if args.L_train is None else args.L_train
         if not args.L_train:
             fail(f"{args.init} has no train_info.json: pass --L-train, the length the base model was trained at")
     if args.L_train < 2:

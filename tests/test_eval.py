@@ -1,6 +1,8 @@
-"""eval.py end to end on a tiny checkpoint: tables, result files, pictures, errors."""
+"""eval.py end to end on a tiny checkpoint: tables, result files, pictures, resuming, one-line errors."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -21,38 +23,70 @@ def checkpoint(tmp_path_factory):
     model = Mamba(MambaConfig(d_model=32, n_layer=2, vocab_size=encoding.n_vocab, d_state=8))
     model.save_pretrained(directory, encoding)
     json.dump({"L_train": 128}, open(directory / "train_info.json", "w"))
+    from remamba import ReMamba
+    ReMamba(model).save(str(directory / "remamba.pt"))
     return str(directory)
 
 
+def run(checkpoint, tmp_path, *args):
+    evaluate.main(["--model", checkpoint, "--data", DATA, "--out-dir", str(tmp_path), "--calibration-windows", "4",
+                   "--device", "cpu"] + list(args))
+
+
 def test_passkey_all_methods_write_results(checkpoint, tmp_path, capsys):
-    from remamba import ReMamba
-    ReMamba(Mamba.from_pretrained(checkpoint)).save(os.path.join(checkpoint, "remamba.pt"))
-    evaluate.main(["--model", checkpoint, "--method", "longmamba,decimamba,remamba", "--lengths", "128,256",
-                   "--depths", "0,1", "--samples", "2", "--data", DATA, "--out-dir", str(tmp_path),
-                   "--calibration-windows", "4"])
+    run(checkpoint, tmp_path, "--method", "longmamba,decimamba,remamba", "--lengths", "1x,256", "--depths", "0,1",
+        "--samples", "2")
     out = capsys.readouterr().out
     for m in evaluate.METHODS:
         assert f"{m}: passkey accuracy (%)" in out
         result = json.load(open(tmp_path / f"passkey_{m}.json"))
         assert result["method"] == m and result["lengths"] == [128, 256] and result["depths"] == [0.0, 1.0]
-        assert result["samples"] == 2 and result["L_train"] == 128
+        assert result["samples"] == 2 and result["L_train"] == 128 and "0-1" in result["units"]
         assert set(result["accuracy"]) == {"128", "256"} and set(result["accuracy"]["256"]) == {"0.0", "1.0"}
-        assert all(0 <= a <= 1 for row in result["accuracy"].values() for a in row.values())
-        for key in ("command", "commit", "device", "model"):
-            assert result[key]
+        for key in ("command", "commit", "device", "model", "settings", "haystack", "split", "seed"):
+            assert key in result
+    assert json.load(open(tmp_path / "passkey_longmamba.json"))["settings"]["b"] == evaluate.LONGMAMBA["b"]
+    assert json.load(open(tmp_path / "passkey_decimamba.json"))["settings"]["layers"] == [1]
+    selection = json.load(open(tmp_path / "passkey_remamba.json"))["remamba_selection"]
+    assert set(selection["256"]) == {"needle_in_region", "key_token_kept", "correct_when_in_region"}
     assert "LongMamba calibration" in out and "global channels" in out
     assert os.path.isfile(os.path.join(checkpoint, evaluate.CALIBRATION_FILE))
     pytest.importorskip("matplotlib")
-    assert os.path.getsize(tmp_path / "passkey_remamba.png") > 1000
+    assert os.path.getsize(tmp_path / "passkey_vanilla_longmamba_decimamba_remamba.png") > 1000
 
 
 def test_same_samples_give_the_same_vanilla_table(checkpoint, tmp_path):
-    args = ["--model", checkpoint, "--lengths", "128", "--depths", "0.5", "--samples", "3", "--data", DATA]
-    evaluate.main(args + ["--out-dir", str(tmp_path / "a")])
-    evaluate.main(args + ["--method", "decimamba", "--out-dir", str(tmp_path / "b")])
+    args = ["--lengths", "128", "--depths", "0.5", "--samples", "3"]
+    run(checkpoint, tmp_path / "a", *args)
+    run(checkpoint, tmp_path / "b", *args, "--method", "decimamba", "--tag", "_again")
     a = json.load(open(tmp_path / "a" / "passkey_vanilla.json"))["accuracy"]
-    b = json.load(open(tmp_path / "b" / "passkey_vanilla.json"))["accuracy"]
+    b = json.load(open(tmp_path / "b" / "passkey_vanilla_again.json"))["accuracy"]
     assert a == b
+
+
+def test_an_interrupted_run_resumes_with_the_same_table(checkpoint, tmp_path, monkeypatch, capsys):
+    args = ["--method", "longmamba", "--lengths", "128,300", "--depths", "0,0.5,1", "--samples", "2"]
+    run(checkpoint, tmp_path / "straight", *args)
+    calls, real = [], evaluate.generate
+
+    def interrupted(*a):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(evaluate, "generate", interrupted)
+    with pytest.raises(SystemExit, match="interrupted; the finished cells are kept"):
+        run(checkpoint, tmp_path / "resumed", *args)
+    monkeypatch.setattr(evaluate, "generate", real)
+    run(checkpoint, tmp_path / "resumed", *args)
+    assert "3 of 12 cells already done" in capsys.readouterr().out
+    for m in ("vanilla", "longmamba"):
+        assert json.load(open(tmp_path / "straight" / f"passkey_{m}.json"))["accuracy"] == \
+            json.load(open(tmp_path / "resumed" / f"passkey_{m}.json"))["accuracy"]
+    # other settings never reuse those cells
+    run(checkpoint, tmp_path / "resumed", *args, "--b", "3")
+    assert "already done" not in capsys.readouterr().out.split("longmamba_b3.0")[1]
 
 
 def test_text_heatmap_without_matplotlib(monkeypatch, capsys):
@@ -63,55 +97,96 @@ def test_text_heatmap_without_matplotlib(monkeypatch, capsys):
     accuracy = {"vanilla": {"100": {"0.0": 1.0, "1.0": 0.0}}}
     assert evaluate.heatmap("unused.png", ["vanilla"], [100], [0.0, 1.0], accuracy, "t") is None
     out = capsys.readouterr().out
-    assert "text heatmap" in out and "█" in out
+    assert "text heatmap" in out and "█" in out and "depth" in out and "0   1" in out
 
 
 def test_ppl_task(checkpoint, tmp_path, capsys):
-    evaluate.main(["--model", checkpoint, "--task", "ppl", "--method", "longmamba", "--lengths", "150,300",
-                   "--windows", "2", "--predict", "20", "--data", DATA, "--out-dir", str(tmp_path),
-                   "--calibration-windows", "4"])
+    run(checkpoint, tmp_path, "--task", "ppl", "--method", "longmamba", "--lengths", "150,300", "--windows", "2",
+        "--predict", "20")
     result = json.load(open(tmp_path / "ppl_vanilla_longmamba.json"))
-    assert set(result["perplexity"]) == {"vanilla", "longmamba"}
+    assert set(result["perplexity"]) == {"vanilla", "longmamba"} and result["units"] == "perplexity per token"
     for m in result["perplexity"].values():
         assert set(m) == {"150", "300"} and all(v > 1 for v in m.values())
+    assert "perplexity" in capsys.readouterr().out
 
 
-def test_longbench_task_and_resume(checkpoint, tmp_path, capsys):
+def test_longbench_predictions_are_keyed_by_settings(checkpoint, tmp_path, capsys):
     data_dir = os.path.join(ROOT, "tests", "data", "longbench")
-    args = ["--model", checkpoint, "--task", "longbench", "--data-dir", data_dir, "--datasets", "trec,passage_count",
-            "--out-dir", str(tmp_path), "--no-baseline", "--max-length", "300"]
-    evaluate.main(args)
-    first = open(tmp_path / "longbench" / f"{os.path.basename(checkpoint)}_vanilla" / "trec.jsonl").read()
-    scores = json.load(open(tmp_path / f"longbench_{os.path.basename(checkpoint)}_vanilla.json"))["scores"]
-    assert set(scores) == {"trec", "passage_count"}
-    evaluate.main(args)  # everything already predicted: nothing is redone, nothing duplicated
-    assert open(tmp_path / "longbench" / f"{os.path.basename(checkpoint)}_vanilla" / "trec.jsonl").read() == first
+    args = ["--task", "longbench", "--data-dir", data_dir, "--no-baseline", "--method", "vanilla"]
+    run(checkpoint, tmp_path, *args, "--datasets", "trec,passage_count", "--max-length", "300")
+    [run_dir] = os.listdir(tmp_path / "longbench")
+    first = open(tmp_path / "longbench" / run_dir / "trec.jsonl").read()
+    run(checkpoint, tmp_path, *args, "--datasets", "trec", "--max-length", "300")   # nothing redone
+    assert open(tmp_path / "longbench" / run_dir / "trec.jsonl").read() == first
     assert "0 to go" in capsys.readouterr().out
+    scores = json.load(open(tmp_path / "longbench" / run_dir / "scores.json"))["scores"]
+    assert set(scores) == {"trec", "passage_count"}                                 # a subset run keeps the rest
+    run(checkpoint, tmp_path, *args, "--datasets", "trec", "--max-length", "200")   # other settings: predicted anew
+    assert len(os.listdir(tmp_path / "longbench")) == 2 and "already predicted, 2 to go" in capsys.readouterr().out
 
 
-def test_bad_arguments_give_clear_errors(checkpoint, tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        evaluate.main(["--method", "mamba2"])
-    assert "unknown --method mamba2: choose from vanilla, longmamba, decimamba, remamba" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="no such directory"):
-        evaluate.main(["--model", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="--task longbench needs --data-dir"):
-        evaluate.main(["--model", checkpoint, "--task", "longbench"])
-    os.makedirs(tmp_path / "bare")
-    Mamba(MambaConfig(d_model=16, n_layer=1, vocab_size=2048)).save_pretrained(
-        tmp_path / "bare", tokenizer.load_tiktoken(os.path.join(ROOT, "data", "bpe2048.tiktoken")))
-    with pytest.raises(SystemExit, match="pass --L-train"):
-        evaluate.main(["--model", str(tmp_path / "bare"), "--data", DATA])
-    with pytest.raises(FileNotFoundError, match="train.py --method remamba"):
-        evaluate.main(["--model", str(tmp_path / "bare"), "--L-train", "128", "--method", "remamba", "--data", DATA])
+def test_a_stale_calibration_is_recomputed(checkpoint, tmp_path, capsys):
+    path = os.path.join(checkpoint, evaluate.CALIBRATION_FILE)
+    run(checkpoint, tmp_path, "--method", "longmamba", "--no-baseline", "--lengths", "200", "--samples", "1")
+    run(checkpoint, tmp_path, "--method", "longmamba", "--no-baseline", "--lengths", "200", "--samples", "1",
+        "--calibration-windows", "3")
+    assert "other settings or another model; recalibrating" in capsys.readouterr().out
+    assert torch.load(path, weights_only=True)["settings"]["windows"] == 3
+    open(path, "wb").write(b"garbage")
+    run(checkpoint, tmp_path, "--method", "longmamba", "--no-baseline", "--lengths", "200", "--samples", "1")
+    assert "not a readable calibration (UnpicklingError); recalibrating" in capsys.readouterr().out
+
+
+BAD_INPUTS = [
+    (["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
+    (["--device", "foo"], "--device foo: not a device"),
+    (["--samples", "0"], "--samples must be ≥ 1, got 0"),
+    (["--samples", "-1"], "--samples must be ≥ 1, got -1"),
+    (["--L-train", "0"], "--L-train must be ≥ 1, got 0"),
+    (["--task", "ppl", "--windows", "0"], "--windows must be ≥ 1, got 0"),
+    (["--lengths", "4y"], "--lengths '4y': expected comma-separated token counts"),
+    (["--method", "mamba2"], "unknown --method mamba2: choose from vanilla, longmamba, decimamba, remamba"),
+    (["--model", "no/such/dir"], "--model no/such/dir: no such directory"),
+    (["--data", "mamba.py", "--haystack", "checkpoints/mamba-testbed/pytorch_model.bin"],
+     "--haystack checkpoints/mamba-testbed/pytorch_model.bin: not a readable UTF-8 text file"),
+    (["--task", "longbench"], "--task longbench needs --data-dir"),
+    (["--decimating-layers", "9", "--method", "decimamba"], "--decimating-layers 9: this model has layers 0..3"),
+    (["--out-dir", "README.md"], "--out-dir README.md: cannot write there"),
+    (["--depths", "2"], "--depths must lie in [0, 1]"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_INPUTS)
+def test_bad_inputs_exit_with_one_line(extra, message):
+    done = subprocess.run([sys.executable, "eval.py", "--device", "cpu", "--samples", "1", "--lengths", "512"]
+                          + extra, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) <= 2    # argparse adds its usage line
+
+
+def test_bad_checkpoints_exit_with_one_line(tmp_path):
+    model = Mamba(MambaConfig(d_model=16, n_layer=1, vocab_size=257))
+    model.save_pretrained(tmp_path / "m", tokenizer.byte_encoding())
+    weights = open(tmp_path / "m" / "pytorch_model.bin", "rb").read()
+    cases = {"no train_info.json": ("pass --L-train", lambda d: None),
+             "remamba.pt missing": ("remamba.pt not found; train it with", lambda d: json.dump(
+                 {"L_train": 512}, open(d / "train_info.json", "w"))),
+             "truncated weights": ("pytorch_model.bin: not a readable PyTorch weights file", lambda d: open(
+                 d / "pytorch_model.bin", "wb").write(weights[:1000])),
+             "config without n_layer": ("n_layer must be a positive integer, got None", lambda d: json.dump(
+                 {"d_model": 16, "vocab_size": 257}, open(d / "config.json", "w")))}
+    for name, (message, damage) in cases.items():
+        damage(tmp_path / "m")
+        done = subprocess.run([sys.executable, "eval.py", "--model", str(tmp_path / "m"), "--method", "remamba",
+                               "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, (name, done.stderr)
 
 
 def test_torchrun_shards_samples_and_gathers_the_same_table(tmp_path):
-    import subprocess
-    import sys
     # the bundled testbed, where the table is not all zeros: retrieval at 512, failures at 2048
-    args = ["eval.py", "--lengths", "512,2048", "--depths", "0,1", "--samples", "2", "--data", DATA,
-            "--method", "longmamba"]
+    args = ["eval.py", "--lengths", "512,2048", "--depths", "0,1", "--samples", "2", "--method", "longmamba",
+            "--device", "cpu"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable] + args + ["--out-dir", str(tmp_path / "one")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)

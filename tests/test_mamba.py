@@ -7,11 +7,8 @@ import pytest
 import torch
 
 import mamba
+from conftest import rel_err, small_model
 from mamba import Mamba, MambaConfig
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def scan_inputs(batch, d_inner, d_state, L, groups=None, seed=None):
@@ -70,22 +67,6 @@ def test_backend_selection(monkeypatch):
         mamba.selective_scan(*x.values(), backend="cuda")
 
 
-def small_model(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(d_model=32, n_layer=2, vocab_size=101, d_state=8)
-    cfg.update(kw)
-    return Mamba(MambaConfig(**cfg)).eval()
-
-
-def perturb(model, seed=1):
-    """A fresh init has Δ small and D = 1; move weights so the test exercises every path."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-
 def test_config_defaults_and_json_round_trip():
     c = MambaConfig(d_model=100, n_layer=3, vocab_size=50277)
     assert c.dt_rank == 7 and c.d_inner == 200 and c.padded_vocab_size == 50280
@@ -98,8 +79,10 @@ def test_config_defaults_and_json_round_trip():
         MambaConfig.from_json_dict(dict(hf, use_bias=True))
     with pytest.raises(ValueError, match="only Mamba-1"):
         MambaConfig.from_json_dict({"d_model": 8, "n_layer": 1, "vocab_size": 8, "ssm_cfg": {"layer": "Mamba2"}})
-    with pytest.raises(ValueError, match="d_model must be a positive integer"):
-        MambaConfig(d_model=0, n_layer=1, vocab_size=8)
+    with pytest.raises(ValueError, match="d_model must be a positive integer, got 0"):
+        MambaConfig.from_json_dict({"d_model": 0, "n_layer": 1, "vocab_size": 8})
+    with pytest.raises(ValueError, match="n_layer must be a positive integer, got None"):
+        MambaConfig.from_json_dict({"d_model": 8, "vocab_size": 8})
 
 
 def test_initialisation_matches_mamba_ssm():
@@ -124,16 +107,16 @@ def test_initialisation_matches_mamba_ssm():
 
 
 def test_step_and_generate_match_full_forward():
-    model = perturb(small_model())
+    model = small_model()
     ids = torch.randint(0, 101, (2, 13))
     full = model(ids)
-    logits, caches = model(ids[:, :5], return_cache=True)
-    assert rel_err(logits, full[:, :5]) <= 1e-5
+    logits, caches = model.prefill(ids[:, :5])
+    assert rel_err(logits, full[:, 4]) <= 1e-5
     for t in range(5, 13):
         step_logits = model.step(ids[:, t], caches)
         assert rel_err(step_logits, full[:, t]) <= 1e-5, t
     # prefill shorter than d_conv, then steps
-    logits, caches = model(ids[:, :2], return_cache=True)
+    logits, caches = model.prefill(ids[:, :2])
     for t in range(2, 6):
         assert rel_err(model.step(ids[:, t], caches), full[:, t]) <= 1e-5
     # greedy generate equals arg-max of repeated full forwards
@@ -145,7 +128,7 @@ def test_step_and_generate_match_full_forward():
 
 
 def test_generate_stops_at_eos_and_samples():
-    model = perturb(small_model())
+    model = small_model()
     ids = torch.randint(0, 101, (1, 8))
     greedy = model.generate(ids, max_new_tokens=6)
     eos = int(greedy[0, 2])
@@ -157,59 +140,82 @@ def test_generate_stops_at_eos_and_samples():
 
 
 def test_hook_none_and_identity_are_bit_identical_and_step_calls_it():
-    model = perturb(small_model())
+    model = small_model()
     ids = torch.randint(0, 101, (2, 17))
-    vanilla = model(ids)
+    vanilla = model(ids)   # no hook: the scan applies Δ's bias and softplus itself
     calls = []
 
-    def identity(layer_idx, hidden_states, dt, delta, is_step):
-        calls.append((layer_idx, tuple(hidden_states.shape), tuple(dt.shape), tuple(delta.shape), is_step))
+    def identity(layer_idx, dt, delta, is_step):
+        calls.append((layer_idx, tuple(dt.shape), tuple(delta.shape), delta.dtype, is_step))
         return delta
 
-    model.set_hook(identity)
-    assert torch.equal(model(ids), vanilla)
-    assert calls == [(i, (2, 17, 32), (2, 64, 17), (2, 64, 17), False) for i in range(2)]
-    calls.clear()
-    _, caches = model(ids, return_cache=True)
-    model.step(ids[:, 0], caches)
-    assert calls[-2:] == [(i, (2, 1, 32), (2, 64, 1), (2, 64, 1), True) for i in range(2)]
-    model.set_hook(None)
-    assert torch.equal(model(ids), vanilla)
+    with model.hooked(identity):
+        assert torch.equal(model(ids), vanilla)
+        assert calls == [(i, (2, 64, 17), (2, 64, 17), torch.float32, False) for i in range(2)]
+        calls.clear()
+        _, caches = model.prefill(ids)
+        model.step(ids[:, 0], caches)
+        assert calls[-2:] == [(i, (2, 64, 1), (2, 64, 1), torch.float32, True) for i in range(2)]
+    assert model.hook is None and torch.equal(model(ids), vanilla)
 
 
-def test_hook_changes_delta_and_keeps_tokens():
-    model = perturb(small_model())
+def test_hooked_restores_the_previous_hook_even_on_error():
+    model = small_model()
+    outer = lambda i, dt, delta, is_step: delta  # noqa: E731
+    with model.hooked(outer):
+        with pytest.raises(RuntimeError):
+            with model.hooked(None):
+                assert model.hook is None
+                raise RuntimeError
+        assert model.hook is outer
+    assert model.hook is None
+
+
+def mixer_reference(mixer, hidden_states, keep=None):
+    """One mixer written out with the reference scan; the tokens not in keep dropped before the scan."""
+    L = hidden_states.shape[1]
+    x, z = mixer.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)
+    x = torch.nn.functional.silu(mixer.conv1d(x)[..., :L])
+    dt, B, C = mixer.x_proj(x.transpose(1, 2)).split([mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+    delta = torch.nn.functional.softplus(dt @ mixer.dt_proj.weight.T + mixer.dt_proj.bias).transpose(1, 2)
+    B, C = B.transpose(1, 2), C.transpose(1, 2)
+    if keep is not None:
+        x, z, delta, B, C = (t[:, :, keep] for t in (x, z, delta, B, C))
+    y = mamba.selective_scan_ref(x, delta, -torch.exp(mixer.A_log), B, C, mixer.D, z)
+    return mixer.out_proj(y.transpose(1, 2))
+
+
+def test_hook_changes_delta_and_drops_tokens_before_the_scan():
+    model = small_model()
     ids = torch.randint(0, 101, (1, 12))
     vanilla = model(ids)
-    model.set_hook(lambda i, h, dt, delta, is_step: torch.zeros_like(delta) if i == 1 else delta)
-    assert not torch.allclose(model(ids), vanilla)
-    keep = torch.tensor([[0, 3, 11]])
-    model.set_hook(lambda i, h, dt, delta, is_step: (delta, keep) if i == 0 and not is_step else delta)
-    out = model(ids)
+    with model.hooked(lambda i, dt, delta, is_step: torch.zeros_like(delta) if i == 1 else delta):
+        assert not torch.allclose(model(ids), vanilla)
+    keep = [0, 3, 11]
+    with model.hooked(lambda i, dt, delta, is_step: (delta, torch.tensor([keep])) if i == 0 else delta):
+        out = model(ids)
     assert out.shape == (1, 3, 104)
-    # tokens dropped after layer 0: layer 1 sees only the kept positions of layer 0's output
+    # layer 0's scan reads only the kept tokens (the conv before it sees them all); layer 1 sees 3 positions
+    layers = model.backbone.layers
     residual = model.backbone.embedding(ids).float()
-    residual = model.backbone.layers[0](residual)[0][:, [0, 3, 11]]
-    residual = model.backbone.layers[1](residual)[0]
-    model.set_hook(None)
-    expected = model.lm_head(model.backbone.norm_f(residual))
-    assert rel_err(out, expected) <= 1e-6
-    with pytest.raises(TypeError, match="callable or None"):
-        model.set_hook(3)
+    residual = residual[:, keep] + mixer_reference(layers[0].mixer, layers[0].norm(residual), keep)
+    residual = residual + mixer_reference(layers[1].mixer, layers[1].norm(residual))
+    assert rel_err(out, model.lm_head(model.backbone.norm_f(residual))) <= 1e-5
 
 
-def test_bad_input_messages():
+def test_decoding_continues_from_the_shortened_prefill():
     model = small_model()
-    with pytest.raises(ValueError, match="non-empty"):
-        model(torch.zeros(1, 0, dtype=torch.long))
-    with pytest.raises(ValueError, match=r"token id 500 is outside the vocabulary \[0, 104\)"):
-        model(torch.tensor([[1, 500]]))
-    with pytest.raises(ValueError, match="exactly one of"):
-        model()
-    with pytest.raises(ValueError, match="integer token ids"):
-        model(torch.zeros(1, 3))
-    with pytest.raises(ValueError, match="inputs_embeds must be"):
-        model(inputs_embeds=torch.zeros(1, 3, 7))
+    ids = torch.randint(0, 101, (1, 12))
+    keep = torch.tensor([[0, 3, 11]])
+    drop = lambda i, dt, delta, is_step: (delta, keep) if i == 0 and not is_step else delta  # noqa: E731
+    with model.hooked(drop):
+        logits, caches = model.prefill(ids)
+        assert rel_err(logits, model(ids)[:, -1]) <= 1e-6
+        step = model.step(torch.tensor([5]), caches)
+    # prefill + step equals the forward of the longer prompt that keeps the same tokens and the new one
+    keep2 = torch.tensor([[0, 3, 11, 12]])
+    with model.hooked(lambda i, dt, delta, is_step: (delta, keep2) if i == 0 else delta):
+        assert rel_err(step, model(torch.cat([ids, torch.tensor([[5]])], 1))[:, -1]) <= 1e-5
 
 
 def test_low_precision_load_keeps_decay_rates_in_float32(tmp_path):
@@ -222,7 +228,7 @@ def test_low_precision_load_keeps_decay_rates_in_float32(tmp_path):
 
 
 def test_save_load_round_trip_state_spaces_layout(tmp_path):
-    model = perturb(small_model())
+    model = small_model()
     model.save_pretrained(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["config.json", "pytorch_model.bin"]
     assert json.load(open(tmp_path / "config.json"))["ssm_cfg"]["d_state"] == 8
@@ -260,7 +266,7 @@ def write_safetensors(path, tensors):
 
 @pytest.mark.parametrize("weights_file", ["model.safetensors", "pytorch_model.bin"])
 def test_load_hugging_face_layout(tmp_path, weights_file):
-    model = perturb(small_model())
+    model = small_model()
     json.dump(hf_config(model), open(tmp_path / "config.json", "w"))
     state = hf_state_dict(model)
     if weights_file == "model.safetensors":
@@ -314,7 +320,10 @@ def test_parity_with_transformers(tmp_path):
                                        vocab_size=vocab, expand=2, conv_kernel=4, use_bias=False,
                                        use_conv_bias=True, tie_word_embeddings=True)
         hf = transformers.MambaForCausalLM(cfg).eval()
-        perturb(hf, seed)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in hf.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
         hf.save_pretrained(tmp_path / f"m{seed}")
         ours = Mamba.from_pretrained(str(tmp_path / f"m{seed}"))
         ids = torch.randint(0, vocab, (2, 33))
@@ -324,14 +333,47 @@ def test_parity_with_transformers(tmp_path):
 
 
 def test_bfloat16_weights_keep_state_and_residual_in_float32():
-    model = perturb(small_model())
+    model = small_model()
     ids = torch.randint(0, 101, (2, 19))
     expected = model(ids)
     half = small_model()
     half.load_state_dict(model.state_dict())
     half = half.to(torch.bfloat16)
-    logits, caches = half(ids[:, :11], return_cache=True)
+    logits, caches = half.prefill(ids[:, :11])
     assert caches[0].ssm_state.dtype == torch.float32
-    assert rel_err(logits.float(), expected[:, :11]) < 3e-2
+    assert rel_err(logits.float(), expected[:, 10]) < 3e-2
     for t in range(11, 19):
         assert rel_err(half.step(ids[:, t], caches).float(), expected[:, t]) < 3e-2
+
+
+def test_unreadable_checkpoint_files_name_the_file(tmp_path):
+    model = small_model()
+    model.save_pretrained(tmp_path)
+    weights = (tmp_path / "pytorch_model.bin").read_bytes()
+    (tmp_path / "pytorch_model.bin").write_bytes(weights[:len(weights) // 2])
+    with pytest.raises(ValueError, match="pytorch_model.bin: not a readable PyTorch weights file"):
+        Mamba.from_pretrained(str(tmp_path))
+    os.remove(tmp_path / "pytorch_model.bin")
+    write_safetensors(tmp_path / "model.safetensors", hf_state_dict(model))
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[:len(data) - 100])
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        Mamba.from_pretrained(str(tmp_path))
+    for config in ({"d_model": 32, "vocab_size": 101}, {"d_model": "64", "n_layer": 2, "vocab_size": 101}):
+        json.dump(config, open(tmp_path / "config.json", "w"))
+        with pytest.raises(ValueError, match="config.json: not a Mamba config .*must be a positive integer"):
+            Mamba.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json: not a Mamba config"):
+        Mamba.from_pretrained(str(tmp_path))
+
+
+def test_half_precision_save_keeps_decay_rates_in_float32(tmp_path):
+    model = small_model()
+    model.save_pretrained(tmp_path, dtype=torch.float16)
+    state = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    assert state["backbone.layers.0.mixer.in_proj.weight"].dtype == torch.float16
+    assert state["backbone.layers.0.mixer.A_log"].dtype == state["backbone.layers.0.mixer.D"].dtype == torch.float32
+    loaded = Mamba.from_pretrained(str(tmp_path))
+    ids = torch.randint(0, 101, (1, 9))
+    assert rel_err(loaded(ids), model(ids)) < 1e-2

@@ -28,30 +28,54 @@ def weights(directory):
     return torch.load(os.path.join(directory, "pytorch_model.bin"), weights_only=True)
 
 
-def test_resume_continues_bit_for_bit(tmp_path, capsys):
+def test_resume_continues_bit_for_bit_from_out_alone(tmp_path, capsys):
     run_main(["--out", str(tmp_path / "straight"), "--steps", "4"] + TINY)
-    # the same run stopped by the time limit after its first step, then resumed
+    # the same run stopped by the time limit after its first step, then resumed with --out and --resume only
     run_main(["--out", str(tmp_path / "resumed"), "--steps", "4", "--time-limit", "1e-9"] + TINY)
-    out = capsys.readouterr().out
-    assert "time limit reached at step 1" in out
+    assert "time limit reached at step 1" in capsys.readouterr().out
     assert json.load(open(tmp_path / "resumed" / "train_info.json"))["steps"] == 1
-    run_main(["--out", str(tmp_path / "resumed"), "--steps", "4", "--resume"] + TINY)
+    run_main(["--out", str(tmp_path / "resumed"), "--resume"])
     assert "resumed" in capsys.readouterr().out
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(SystemExit, match=r"--seed 1 \(the run used 0\)"):
-        run_main(["--out", str(tmp_path / "resumed"), "--steps", "5", "--resume", "--seed", "1"] + TINY)
+        run_main(["--out", str(tmp_path / "resumed"), "--resume", "--seed", "1"])
     info = json.load(open(tmp_path / "resumed" / "train_info.json"))
     assert info["L_train"] == 300 and info["steps"] == 4 and info["finished"]
+    assert info["settings"]["lr"] == 1e-3 and info["settings"]["d_model"] == 32     # every setting, defaults too
     assert sorted(os.listdir(tmp_path / "resumed")) == ["config.json", "pytorch_model.bin", "tokenizer.tiktoken",
                                                         "tokenizer.tiktoken.json", "train_info.json",
-                                                        "train_state.pt"]
+                                                        "train_log.txt", "train_state.pt"]
+    run_main(["--out", str(tmp_path / "resumed"), "--resume", "--steps", "6"])      # a longer run may continue
+    assert json.load(open(tmp_path / "resumed" / "train_info.json"))["steps"] == 6
+
+
+def test_an_existing_model_is_never_overwritten_silently(tmp_path):
+    run_main(["--out", str(tmp_path / "m"), "--steps", "1"] + TINY)
+    os.remove(tmp_path / "m" / "train_state.pt")                                   # a model, no training run
+    before = open(tmp_path / "m" / "pytorch_model.bin", "rb").read()
+    with pytest.raises(SystemExit, match="already holds a model: choose another --out, or add --overwrite"):
+        run_main(["--out", str(tmp_path / "m"), "--steps", "1"] + TINY)
+    assert open(tmp_path / "m" / "pytorch_model.bin", "rb").read() == before
+    run_main(["--out", str(tmp_path / "m"), "--steps", "1", "--seed", "3", "--overwrite"] + TINY)
+    assert open(tmp_path / "m" / "pytorch_model.bin", "rb").read() != before
+    with pytest.raises(SystemExit, match="holds a training run: add --resume"):
+        run_main(["--out", str(tmp_path / "m"), "--steps", "1", "--overwrite"] + TINY)
+
+
+def test_ctrl_c_saves_and_says_how_to_continue(tmp_path, monkeypatch):
+    real = train.lr_at
+    monkeypatch.setattr(train, "lr_at", lambda step, args: (_ for _ in ()).throw(KeyboardInterrupt) if step == 2
+                        else real(step, args))
+    with pytest.raises(SystemExit, match="interrupted at step 2; saved, continue with: python train.py --out"):
+        run_main(["--out", str(tmp_path / "c"), "--steps", "4"] + TINY)
+    assert torch.load(tmp_path / "c" / "train_state.pt", weights_only=False)["step"] == 2
 
 
 def losses(output):
-    return [float(x) for x in re.findall(r"loss ([0-9.]+)", output)]
+    return [float(x) for x in re.findall(r"\| loss ([0-9.]+)", output)]
 
 
 def test_ddp_two_processes_match_one(tmp_path):
@@ -74,36 +98,50 @@ def test_ddp_two_processes_match_one(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--d-model", "40"], "--d-model 40 must be a multiple of 16"),
+    (["--d-model", "40"], "--d-model 40 must be a positive multiple of 16"),
     (["--L-train", "100"], "--L-train 100 leaves no room for filler"),
-    (["--data", "no/such/file.txt"], "--data no/such/file.txt: not found"),
+    (["--data", "no/such/file.txt"], "--data no/such/file.txt: no such file"),
+    (["--data", "checkpoints/mamba-testbed/pytorch_model.bin"], "not a readable UTF-8 text file"),
     (["--batch-size", "5", "--grad-accum", "2"], "--batch-size 5 must be divisible"),
     (["--tokenizer", "missing.tiktoken"], "--tokenizer missing.tiktoken: no such file"),
+    (["--tokenizer", "bpe:abc"], "--tokenizer bpe:abc: bpe:N takes a vocabulary size"),
     (["--method", "remamba"], "--method remamba needs --init"),
-    (["--train-base"], "--init and --train-base belong to --method remamba"),
+    (["--method", "sft", "--init", "checkpoints/mamba-testbed", "--train", "new"], "trains nothing"),
+    (["--init", "checkpoints/mamba-testbed"], "--init belongs to --method remamba and sft"),
     (["--resume"], "nothing to resume"),
     (["--other-weight", "1"], "--other-weight must be in [0, 1)"),
     (["--log-every", "0"], "--log-every must be ≥ 1"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--steps", "0"], "--steps must be ≥ 1"),
+    (["--L-train", "0"], "--L-train must be ≥ 2"),
+    (["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
+    (["--device", "foo"], "--device foo: not a device"),
+    (["--prompt-lengths", "4,1"], "--prompt-lengths takes two multiples"),
+    (["--method", "lora"], "argument --method: invalid choice"),
 ])
 def test_bad_configs_stop_with_a_clear_message(tmp_path, extra, message):
     with pytest.raises(SystemExit) as e:
         run_main(["--out", str(tmp_path / "x"), "--steps", "1"] + TINY + extra)
-    assert message in str(e.value)
+    assert message in str(e.value) and "\n" not in str(e.value)
     assert not os.path.exists(tmp_path / "x" / "train_state.pt")
 
 
-def test_remamba_with_base_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("method", ["remamba", "sft"])
+def test_fine_tuning_resumes_bit_for_bit(tmp_path, method):
     run_main(["--out", str(tmp_path / "base"), "--steps", "1"] + TINY)
-    remamba_args = ["--method", "remamba", "--init", str(tmp_path / "base"), "--train-base", "--steps", "3",
-                    "--batch-size", "2", "--warmup", "1", "--log-every", "1", "--eval-samples", "0", "--device", "cpu"]
-    run_main(remamba_args + ["--out", str(tmp_path / "straight")])
-    run_main(remamba_args + ["--out", str(tmp_path / "resumed"), "--time-limit", "1e-9"])
-    run_main(remamba_args + ["--out", str(tmp_path / "resumed"), "--resume"])
+    args = ["--method", method, "--init", str(tmp_path / "base"), "--steps", "3", "--batch-size", "2", "--warmup",
+            "1", "--log-every", "1", "--eval-samples", "0", "--device", "cpu", "--prompt-lengths", "1,1.5"]
+    run_main(args + ["--out", str(tmp_path / "straight")])
+    run_main(args + ["--out", str(tmp_path / "resumed"), "--time-limit", "1e-9"])
+    run_main(["--out", str(tmp_path / "resumed"), "--resume"])
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ra = torch.load(tmp_path / "straight" / "remamba.pt", weights_only=True)["state_dict"]
-    rb = torch.load(tmp_path / "resumed" / "remamba.pt", weights_only=True)["state_dict"]
-    for k in ra:
-        assert torch.equal(ra[k], rb[k]), k
-    assert not torch.equal(a["backbone.norm_f.weight"], weights(tmp_path / "base")["backbone.norm_f.weight"])
+    base = weights(tmp_path / "base")
+    assert not torch.equal(a["backbone.layers.0.mixer.in_proj.weight"], base["backbone.layers.0.mixer.in_proj.weight"])
+    assert torch.equal(a["backbone.layers.0.mixer.x_proj.weight"], base["backbone.layers.0.mixer.x_proj.weight"])
+    if method == "remamba":
+        ra = torch.load(tmp_path / "straight" / "remamba.pt", weights_only=True)["state_dict"]
+        rb = torch.load(tmp_path / "resumed" / "remamba.pt", weights_only=True)["state_dict"]
+        assert ra.keys() == rb.keys() and all(torch.equal(ra[k], rb[k]) for k in ra)
+    assert json.load(open(tmp_path / "resumed" / "train_info.json"))["L_train"] == 300
