@@ -9,6 +9,7 @@ Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between 
 """
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -17,7 +18,6 @@ import triton
 
 import mamba
 import scan_triton
-import train
 
 # ----------------------------------------------------------------------------------------------------------
 # python bench.py scan
@@ -25,12 +25,6 @@ import train
 SCAN_SHAPES = [(1, 1536, 16384), (8, 1536, 2048), (4, 2048, 8192), (1, 5120, 8192), (16, 1536, 4096),
                (1, 1536, 131072)]  # (batch, d_inner, L), d_state 16
 SCAN_D_STATE = 16
-# mamba_ssm's selective_scan_cuda measured on an H100 (issue 3), forward with z, D, delta_bias, softplus; ms
-MAMBA_SSM_ISSUE_H100 = {
-    ("bf16", "fwd"): [0.58, 0.45, 1.38, 0.94, 1.73, 4.37],
-    ("fp32", "fwd"): [1.00, 0.88, 2.53, 1.65, 3.72, 7.86],
-    ("bf16", "bwd"): [2.03, 1.84, 4.90, 3.24, 7.18, 15.4],
-}
 REFERENCE_LIMIT_S = 2.0  # the PyTorch path is timed only where one call takes less than this
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -103,21 +97,17 @@ def bench_scan(args):
         have_cuda_kernel = True
     except ImportError:
         have_cuda_kernel = False
-    source = "mamba_ssm (this GPU)" if have_cuda_kernel else "mamba_ssm (issue, H100)"
+    source = "mamba_ssm"
     reference = "torch chunked (mamba.selective_scan_chunked)"
     rows = [f"| (B, d_inner, L) | dtype | triton fwd | triton bwd | triton fwd+bwd | {reference} fwd | "
             f"fwd+bwd | {source} fwd | bwd |",
             "|---|---|---|---|---|---|---|---|---|"]
     for dtype_name in args.dtypes:
-        for i, (batch, d_inner, L) in enumerate(SCAN_SHAPES):
+        for batch, d_inner, L in SCAN_SHAPES:
             x = scan_inputs(batch, d_inner, L, DTYPES[dtype_name])
             fwd, bwd, both = time_scan(scan_triton.selective_scan, x)
             ref_fwd, _, ref_both = time_scan(mamba.selective_scan_chunked, x, limit_s=REFERENCE_LIMIT_S)
-            if have_cuda_kernel:
-                ssm_fwd, ssm_bwd = time_mamba_ssm(x)
-            else:
-                ssm_fwd = MAMBA_SSM_ISSUE_H100.get((dtype_name, "fwd"), [None] * len(SCAN_SHAPES))[i]
-                ssm_bwd = MAMBA_SSM_ISSUE_H100.get((dtype_name, "bwd"), [None] * len(SCAN_SHAPES))[i]
+            ssm_fwd, ssm_bwd = time_mamba_ssm(x) if have_cuda_kernel else (None, None)
             rows.append(f"| ({batch}, {d_inner}, {L}) | {dtype_name} | {fmt_ms(fwd)} | {fmt_ms(bwd)} | "
                         f"{fmt_ms(both)} | {fmt_ms(ref_fwd)} ({fmt_ratio(ref_fwd, fwd)}) | "
                         f"{fmt_ms(ref_both)} ({fmt_ratio(ref_both, both)}) | "
@@ -130,8 +120,7 @@ def bench_scan(args):
              f"PyTorch path timed only where one forward+backward takes < {REFERENCE_LIMIT_S:.0f} s and fits in "
              "memory, else '-'."]
     if not have_cuda_kernel:
-        notes.append("`selective_scan_cuda` did not import here: the mamba_ssm columns are the H100 times quoted "
-                     "in issue 3 (no fp32 backward given there).")
+        notes.append("`selective_scan_cuda` did not import here (README: how to build it): no mamba_ssm columns.")
     write_result(args.out, "Selective scan", rows, notes)
 
 
@@ -143,50 +132,45 @@ def bench_methods(args):
     """Prefill time of each long-context method ÷ vanilla prefill on a checkpoint at long prompt lengths, the
     prefill's peak memory, and the cost of one recurrent decoding step (no method changes decoding)."""
     import decimamba
-    import eval as evaluate
     import longmamba
     import remamba
-    import tokenizer
 
     model = mamba.Mamba.from_pretrained(args.model, device="cuda").eval()
-    encoding = tokenizer.load_tokenizer(args.model)
-    L_train = train.read_L_train(args.model)
-    text = open(args.data, encoding="utf-8").read()
-    calibration = longmamba.load_or_calibrate(
-        model, os.path.join(args.model, evaluate.CALIBRATION_FILE),
-        lambda: evaluate.calibration_windows(encoding, text, L_train, evaluate.CALIBRATION_WINDOWS), L_train)
-    remamba_model = remamba.ReMamba.load(model, os.path.join(args.model, remamba.REMAMBA_FILE))
-    methods = {  # name: (set the hook, what runs the prefill)
-        "vanilla": (lambda: model.set_hook(None), model),
-        "longmamba": (lambda: longmamba.apply(model, calibration), model),
-        "decimamba": (lambda: decimamba.apply(model, L_base=L_train), model),
-        "remamba": (lambda: model.set_hook(None), remamba_model),  # stage 1 + stage 2
+    L_train = mamba.training_length(args.model)
+    calibration = torch.load(os.path.join(args.model, "longmamba_calibration.pt"), weights_only=True)  # eval.py's
+    remamba_model = remamba.ReMamba.load(mamba.Mamba.from_pretrained(args.remamba, device="cuda").eval(),
+                                         os.path.join(args.remamba, remamba.REMAMBA_FILE))
+    methods = {  # name: (what runs the prefill, its hook)
+        "vanilla": (model, None),
+        "longmamba": (model, longmamba.LongMamba(calibration, b=1.5)),
+        "decimamba": (model, decimamba.DeciMamba([model.config.n_layer // 2], L_base=L_train)),
+        "remamba": (remamba_model, None),  # stage 1 + stage 2
     }
     rows = ["| prompt tokens | method | prefill ms | ÷ vanilla | prompt tokens/ms | peak MiB |",
             "|---|---|---|---|---|---|"]
+    vocab = model.config.vocab_size
     for L in args.lengths:
-        ids = torch.randint(0, encoding.n_vocab, (1, L), device="cuda")
+        ids = torch.randint(0, vocab, (1, L), device="cuda")
         times = {}
-        for name, (set_hook, runner) in methods.items():
-            set_hook()
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for name, (runner, hook) in methods.items():
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), model.hooked(hook):
                 torch.cuda.reset_peak_memory_stats()  # one prefill alone: do_bench's L2-flush buffer is not counted
-                runner(ids)
+                runner.prefill(ids)
                 peak = torch.cuda.max_memory_allocated() / 2**20
-                times[name] = triton.testing.do_bench(lambda: runner(ids), warmup=25, rep=200, return_mode="median")
-            model.set_hook(None)
+                times[name] = triton.testing.do_bench(lambda: runner.prefill(ids), warmup=25, rep=200,
+                                                      return_mode="median")
             rows.append(f"| {L} | {name} | {times[name]:.2f} | {times[name] / times['vanilla']:.2f} | "
                         f"{L / times[name]:.0f} | {peak:.0f} |")
             print(rows[-1], flush=True)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        _, caches = model(torch.randint(0, encoding.n_vocab, (1, 1024), device="cuda"), return_cache=True)
+        _, caches = model.prefill(torch.randint(0, vocab, (1, 1024), device="cuda"))
         token = torch.zeros(1, dtype=torch.long, device="cuda")
         step_ms = triton.testing.do_bench(lambda: model.step(token, caches), warmup=25, rep=200, return_mode="median")
     notes = [f"Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, L_train "
              f"{L_train}; batch 1, bf16 autocast, random token ids; times are medians of triton.testing.do_bench.",
-             "LongMamba: dt_thre, c = 0.05, b = 1 (its calibration is loaded, not timed). DeciMamba: default layer, "
-             "beta 0.5, L_base = L_train. ReMamba: stage 1 (full forward) + stage 2 (re-forward of the compressed "
-             "prompt), the logits of stage 2.",
+             "LongMamba: dt_thre, c = 0.05, b = 1.5 (its calibration is loaded, not timed). DeciMamba: the middle "
+             f"layer, beta 0.5, L_base = L_train. ReMamba ({args.remamba}): stage 1 (full forward) + stage 2 "
+             "(re-forward of the compressed prompt).",
              f"Decoding: one recurrent step (any method) takes {step_ms:.3f} ms."]
     write_result(args.out, "Long-context methods: prefill overhead", rows, notes)
 
@@ -195,16 +179,25 @@ def bench_methods(args):
 # Shared: provenance and writing results
 
 
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except OSError:
+        out = ""
+    return os.environ.get("MAMBA_COMMIT") or out or "unknown"
+
+
 def provenance():
     return (f"Command: `python bench.py {' '.join(sys.argv[1:])}`  \n"
-            f"Commit: {train.git_commit()}  \n"
+            f"Commit: {git_commit()}  \n"
             f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
 
 
 def write_result(path, title, rows, notes):
     text = "\n".join([f"# {title}", "", provenance(), "", *rows, "", *notes, ""])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    mamba.atomic_write(path, lambda f: f.write(text.encode()))
+    mamba.atomic_write(path, text)
     print(f"wrote {path}")
 
 
@@ -216,8 +209,8 @@ def main():
     scan.add_argument("--out", default="results/scan_bench.md", help="markdown table written here")
     scan.set_defaults(run=bench_scan)
     methods = sections.add_parser("methods", help="prefill time of LongMamba, DeciMamba, ReMamba ÷ vanilla")
-    methods.add_argument("--model", default="checkpoints/mamba-testbed")
-    methods.add_argument("--data", default="data/war_and_peace.txt", help="LongMamba calibration text if needed")
+    methods.add_argument("--model", default="checkpoints/mamba-testbed", help="with its longmamba_calibration.pt")
+    methods.add_argument("--remamba", default="checkpoints/mamba-testbed-remamba", help="a ReMamba checkpoint")
     methods.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[16384, 65536])
     methods.add_argument("--out", default="results/methods_bench.md", help="markdown table written here")
     methods.set_defaults(run=bench_methods)

@@ -37,16 +37,20 @@ class DeciMamba:
     def __init__(self, layers, L_base, beta=0.5, min_len=20, tail=1):
         self.budget = {layer: max(int(L_base * beta ** s), min_len) for s, layer in enumerate(sorted(layers))}
         self.tail = tail
+        self.survivors = None   # after a prefill: the prompt positions (b, k) every decimating layer kept
 
     def __call__(self, layer_idx, dt, delta, is_step):
         if is_step or layer_idx not in self.budget:
             return delta
         batch, _, L = delta.shape
+        if layer_idx == min(self.budget):
+            self.survivors = torch.arange(L, device=delta.device).expand(batch, -1)
         candidates = L - self.tail
         k = min(candidates, self.budget[layer_idx])
         if k == candidates:
             return delta                                                      # nothing to drop
         importance = delta[..., :candidates].norm(dim=1)                      # (b, L - tail): ‖Δ_{:,t}‖₂
         top = importance.topk(k, dim=-1).indices.sort(-1).values              # (b, k), in original order
-        tail = torch.arange(candidates, L, device=delta.device).expand(batch, -1)
-        return delta, torch.cat([top, tail], dim=-1)
+        keep = torch.cat([top, torch.arange(candidates, L, device=delta.device).expand(batch, -1)], dim=-1)
+        self.survivors = self.survivors.gather(1, keep)
+        return delta, keep

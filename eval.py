@@ -72,6 +72,8 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out-dir", help="where results go (default runs/<model directory name>)")
     p.add_argument("--tag", default="", help="appended to every method's label in file names and tables, e.g. _sft")
+    p.add_argument("--report", metavar="DIR", help="print a markdown table and draw one heatmap of the passkey "
+                                                   "results in DIR, then stop")
     g = p.add_argument_group("LongMamba")
     g.add_argument("--c", type=float, default=LONGMAMBA["c"], help="global channel when tA_prod > c")
     g.add_argument("--b", type=float, default=LONGMAMBA["b"], help="keep Δ > b·threshold")
@@ -110,10 +112,11 @@ def parse_args(argv):
         p.error(f"unknown --method {', '.join(bad) or repr(args.method)}: choose from {', '.join(METHODS)}")
     if not args.no_baseline and "vanilla" not in args.methods:
         args.methods.insert(0, "vanilla")
-    for flag in ("samples", "windows", "predict", "calibration_windows", "min_len", "max_length", "L_train", "L_base"):
+    for flag, low in (("samples", 1), ("windows", 1), ("predict", 1), ("calibration_windows", 1), ("min_len", 1),
+                      ("max_length", 2), ("L_train", 1), ("L_base", 1)):
         value = getattr(args, flag)
-        if value is not None and value < 1:
-            p.error(f"--{flag.replace('_', '-')} must be ≥ 1, got {value}")
+        if value is not None and value < low:
+            p.error(f"--{flag.replace('_', '-')} must be ≥ {low}, got {value}")
     if any(not 0 <= d <= 1 for d in args.depth_list):
         p.error(f"--depths must lie in [0, 1], got {args.depths}")
     if not 0 < args.beta <= 1 or args.c < 0 or args.b < 0 or not 0 <= args.sc < 1:
@@ -232,10 +235,10 @@ def load_calibration(args, model, encoding, L_train, text):
 
 
 @torch.no_grad()
-def generate(method, prompt, max_new_tokens, eos):
+def generate(method, prompt, max_new_tokens, stops, min_new_tokens=0):
     """The method's greedy continuation of prompt (1, L): new token ids (1, ≤ max_new_tokens)."""
     with method["runner"].hooked(method["hook"]) if method["hook"] else contextlib.nullcontext():
-        return method["runner"].generate(prompt, max_new_tokens, eos_token_id=eos)
+        return method["runner"].generate(prompt, max_new_tokens, eos_token_id=stops, min_new_tokens=min_new_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -296,13 +299,7 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
             with autocast(device):
                 new = generate(m, prompt, len(sample.answer_ids) + 2, encoding.eot_token)
             value = {"correct": bool(passkey.score(encoding.decode(new[0].tolist()), sample.answer))}
-            if m["name"] == "remamba":   # where stage 1 looked: did its top-K keep a key token?
-                import remamba
-                s, e, K = remamba.compression_region(L, m["runner"].ratio, m["runner"].compress_ratio,
-                                                     m["runner"].start_ratio)
-                kept = set(m["runner"].kept_positions(prompt)[0].tolist()) if K else set()
-                value["key_in_region"] = any(s <= p < e for p in sample.key_positions)
-                value["key_kept"] = bool(kept & set(sample.key_positions))
+            value.update(mechanism(m, sample, prompt))
             store.add((L, depth, i), value)
         done += L * len(methods)
         if rank == 0 and (n + 1 == len(todo) or todo[n + 1][0] != L or time.time() - last_print > 30):
@@ -318,18 +315,44 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
     return results
 
 
+def mechanism(method, sample, prompt):
+    """Where a method looked, for one sample: did ReMamba's stage 1 keep a token of the key when the needle lay in
+    its compressed region; did every token of one copy of the key survive DeciMamba's decimation."""
+    key = set(sample.key_positions)
+    half = len(sample.key_positions) // 2
+    copies = [set(sample.key_positions[:half]), set(sample.key_positions[half:])]
+    if method["name"] == "remamba":
+        import remamba
+        rm = method["runner"]
+        s, e, K = remamba.compression_region(prompt.shape[1], rm.ratio, rm.compress_ratio, rm.start_ratio)
+        kept = set(rm.kept_positions(prompt)[0].tolist()) if K else set()
+        return {"key_in_region": any(s <= p < e for p in key), "key_kept": bool(kept & key)}
+    if method["name"] == "decimamba" and method["hook"].survivors is not None:
+        survivors = set(method["hook"].survivors[0].tolist())
+        return {"key_survived": any(c <= survivors for c in copies),
+                "question_survived": set(range(sample.question_start, prompt.shape[1])) <= survivors}
+    return {}
+
+
 def passkey_summary(cells, lengths, depths, samples):
-    """accuracy {length: {depth: fraction}}, and for ReMamba the stage-1 selection counts per length."""
+    """accuracy {length: {depth: fraction}}, and per length the counts of the mechanism checks (ReMamba,
+    DeciMamba) with how many of those samples were answered correctly."""
     accuracy = {str(L): {str(d): float(np.mean([cells[(L, d, i)]["correct"] for i in range(samples)]))
                          for d in depths} for L in lengths}
-    selection = None
-    if "key_kept" in next(iter(cells.values())):
-        selection = {}
-        for L in lengths:
-            in_region = [cells[(L, d, i)] for d in depths for i in range(samples) if cells[(L, d, i)]["key_in_region"]]
-            selection[str(L)] = {"needle_in_region": len(in_region), "key_token_kept": sum(c["key_kept"] for c in in_region),
-                                 "correct_when_in_region": sum(c["correct"] for c in in_region)}
-    return accuracy, selection
+    first = next(iter(cells.values()))
+    if "key_kept" in first:                                   # ReMamba: samples whose needle was compressed
+        counts = lambda c: {"needle_in_region": c["key_in_region"], "key_token_kept": c["key_in_region"] and  # noqa
+                            c["key_kept"], "correct_when_in_region": c["key_in_region"] and c["correct"]}
+    elif "key_survived" in first:                             # DeciMamba
+        counts = lambda c: {"key_survived": c["key_survived"], "correct_when_key_survived":  # noqa: E731
+                            c["key_survived"] and c["correct"], "question_survived": c["question_survived"]}
+    else:
+        return accuracy, None
+    per_length = {}
+    for L in lengths:
+        rows = [counts(cells[(L, d, i)]) for d in depths for i in range(samples) if (L, d, i) in cells]
+        per_length[str(L)] = {k: int(sum(r[k] for r in rows)) for k in rows[0]} | {"samples": len(rows)}
+    return accuracy, per_length
 
 
 def passkey_table(label, lengths, depths, accuracy):
@@ -361,8 +384,8 @@ def heatmap(path, labels, lengths, depths, accuracies, title):
                 print(f"{L:>8} |" + "".join(shades[min(4, int(accuracies[m][str(L)][str(d)] * 4.999))] * 4
                                             for d in depths) + "|")
         return None
-    fig, axes = plt.subplots(1, len(labels), figsize=(3.3 * len(labels) + 1.2, 0.45 * len(lengths) + 1.8),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(labels), figsize=(2.7 * len(labels) + 1.5, 0.42 * len(lengths) + 1.9),
+                             squeeze=False, sharey=True)
     for ax, m in zip(axes[0], labels):
         grid = 100 * np.array([[accuracies[m][str(L)][str(d)] for d in depths] for L in lengths])
         image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
@@ -370,7 +393,7 @@ def heatmap(path, labels, lengths, depths, accuracies, title):
         ax.set_yticks(range(len(lengths)), [str(L) for L in lengths])
         for (r, c), v in np.ndenumerate(grid):
             ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize=9, color="white" if v < 25 else "black")
-        ax.set_title(f"{m} (mean {grid.mean():.0f} %)", fontsize=10)
+        ax.set_title(f"{m}\nmean {grid.mean():.0f} %", fontsize=9)
         ax.set_xlabel("needle depth")
     axes[0][0].set_ylabel("prompt length (tokens)")
     fig.colorbar(image, ax=axes[0].tolist(), label="% correct", shrink=0.9)
@@ -395,7 +418,7 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
     ids = passkey.Haystack(text, args.split).tokens(encoding)[0]
     if max(lengths) > len(ids) or min(lengths) <= args.predict:
         fail(f"--lengths must exceed --predict {args.predict} and fit the {len(ids)} held-out tokens of --data")
-    results, start = {}, time.time()
+    results, start, done, total = {}, time.time(), 0, sum(lengths) * args.windows * len(methods)
     for m in methods:
         if m["name"] == "remamba":
             fail("--task ppl does not apply to remamba (it compresses a prompt before answering)")
@@ -405,6 +428,7 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
         for L in lengths:
             starts = np.linspace(0, len(ids) - L, args.windows).astype(np.int64)
             for w, s in enumerate(starts):
+                done += L
                 if (L, w) in store.done:
                     continue
                 window = torch.from_numpy(ids[s:s + L].astype(np.int64)).to(device)[None]
@@ -417,8 +441,10 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
                         if t + 1 < args.predict:
                             logits = m["runner"].step(scored[t:t + 1], caches)
                 store.add((L, w), float(np.mean(nll)))
-            print(f"  {m['label']:>12} length {L:>7}: perplexity {math.exp(np.mean([store.done[(L, w)] for w in range(args.windows)])):8.3f}"
-                  f" | {time.time() - start:6.0f} s", flush=True)
+            rate = done / (time.time() - start)
+            ppl = math.exp(np.mean([store.done[(L, w)] for w in range(args.windows)]))
+            print(f"  {m['label']:>12} length {L:>7}: perplexity {ppl:8.3f} | {rate / 1e3:6.1f}k tok/s | "
+                  f"ETA {(total - done) / rate / 60:5.1f} min", flush=True)
         results[m["label"]] = {str(L): math.exp(np.mean([store.done[(L, w)] for w in range(args.windows)]))
                                for L in lengths}
     return results
@@ -452,9 +478,10 @@ def run_longbench(args, methods, encoding, device, rank, world, meta):
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         run_dir = os.path.join(args.out_dir, "longbench" + ("_e" if args.e else ""), f"{m['label']}_{digest}")
 
-        def generate_fn(prompt_ids, max_new_tokens, eos_token_id, m=m):
+        def generate_fn(prompt_ids, max_new_tokens, stops, min_new_tokens, m=m):
             with autocast(device):
-                return generate(m, torch.tensor([prompt_ids], device=device), max_new_tokens, eos_token_id)[0].tolist()
+                return generate(m, torch.tensor([prompt_ids], device=device), max_new_tokens, stops,
+                                min_new_tokens)[0].tolist()
 
         scores = {}
         for dataset in datasets:
@@ -495,9 +522,8 @@ def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=2))
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
+def setup(args):
+    """Device (and the torchrun process group), checked before any work: (device, rank, world size)."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ           # started by torchrun
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -507,6 +533,8 @@ def main(argv=None):
         torch.device(device)
     except RuntimeError:
         fail(f"--device {args.device}: not a device (use auto, cpu, cuda or cuda:N)")
+    if distributed and args.task == "ppl":
+        fail("--task ppl runs on one process (python, not torchrun)")
     if distributed:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -515,8 +543,17 @@ def main(argv=None):
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:   # a busy machine: do not oversubscribe its cores
         cores = os.cpu_count() or 1
         torch.set_num_threads(max(1, min(cores, round(cores - os.getloadavg()[0] + 0.5))))
-    log = print if rank == 0 else (lambda *a, **k: None)
+    args.out_dir = args.out_dir or os.path.join("runs", os.path.basename(os.path.normpath(args.model)))
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        assert os.access(args.out_dir, os.W_OK)
+    except (OSError, AssertionError):
+        fail(f"--out-dir {args.out_dir}: cannot write there")
+    return device, rank, world
 
+
+def load_model(args, device):
+    """(model, encoding, L_train), or one line saying what is wrong with --model."""
     if not os.path.isdir(args.model):
         fail(f"--model {args.model}: no such directory" + (" (run eval.py from the repository's root)"
                                                            if args.model == DEFAULT_MODEL else ""))
@@ -529,16 +566,63 @@ def main(argv=None):
     if not L_train:
         fail(f"{args.model} has no train_info.json: pass --L-train, the length the model was trained at "
              f"(2048 for the state-spaces models)")
-    text = haystack_text = ""
-    if args.task != "longbench":
-        text = read_text("--data", args.data)
-        haystack_text = read_text("--haystack", args.haystack) if args.haystack else text
-    args.out_dir = args.out_dir or os.path.join("runs", os.path.basename(os.path.normpath(args.model)))
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        assert os.access(args.out_dir, os.W_OK)
-    except (OSError, AssertionError):
-        fail(f"--out-dir {args.out_dir}: cannot write there")
+    return model, encoding, L_train
+
+
+def write_passkey(args, methods, cells, lengths, meta, L_train):
+    """Each method's JSON, the tables side by side and one heatmap named after the run."""
+    accuracy = {}
+    for m in methods:
+        accuracy[m["label"]], counts = passkey_summary(cells[m["label"]], lengths, args.depth_list, args.samples)
+        write_json(os.path.join(args.out_dir, f"passkey_{m['label']}.json"),
+                   {"method": m["name"], "settings": m["settings"], **meta, "split": args.split, "seed": args.seed,
+                    "filler": args.filler, "haystack": args.haystack or args.data, "lengths": lengths,
+                    "depths": args.depth_list, "samples": args.samples,
+                    "units": "accuracy: fraction of samples correct, 0-1", "accuracy": accuracy[m["label"]],
+                    "mechanism": counts})
+    labels = list(accuracy)
+    print(side_by_side([passkey_table(m, lengths, args.depth_list, accuracy[m]) for m in labels]))
+    for m in methods:
+        if m["describe"]:
+            print("\n" + m["describe"](lengths[-1]))
+    png = heatmap(os.path.join(args.out_dir, "passkey_" + "_".join(labels) + ".png"), labels, lengths,
+                  args.depth_list, accuracy, f"passkey retrieval, {os.path.basename(os.path.normpath(args.model))}, "
+                  f"L_train {L_train}, {args.samples} samples per cell, {args.split} haystack, seed {args.seed}")
+    return f"{args.out_dir}/passkey_<method>.json" + (f" and {png}" if png else "")
+
+
+def report(directory):
+    """A markdown table (mean accuracy per length, %) and one heatmap of every passkey_*.json in a directory."""
+    import glob
+    paths = sorted(glob.glob(os.path.join(directory, "passkey_*.json")), key=lambda p: "vanilla.json" not in p)
+    results = {os.path.basename(p)[8:-5]: json.load(open(p)) for p in paths}
+    if not results:
+        fail(f"--report {directory}: no passkey_*.json files there")
+    lengths = next(iter(results.values()))["lengths"]
+    L_train = next(iter(results.values()))["L_train"]
+    print(f"| mean passkey accuracy (%) | " + " | ".join(f"{L} ({L / L_train:g}×)" for L in lengths) + " |")
+    print("|---" * (len(lengths) + 1) + "|")
+    for label, r in results.items():
+        row = [r["accuracy"].get(str(L)) for L in lengths]
+        print(f"| {label} | " + " | ".join("-" if a is None else f"{100 * np.mean(list(a.values())):.0f}"
+                                           for a in row) + " |")
+    same = {label: r for label, r in results.items() if r["lengths"] == lengths}
+    first = next(iter(same.values()))
+    heatmap(os.path.join(directory, "passkey_all.png"), list(same), lengths, first["depths"],
+            {label: r["accuracy"] for label, r in same.items()},
+            f"passkey retrieval, {os.path.basename(os.path.normpath(first['model']))} (L_train {L_train}), "
+            f"{first['samples']} samples per cell, {first['split']} haystack, seed {first['seed']}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.report:
+        return report(args.report)
+    device, rank, world = setup(args)
+    model, encoding, L_train = load_model(args, device)
+    text = read_text("--data", args.data) if args.task != "longbench" else ""
+    haystack_text = read_text("--haystack", args.haystack) if args.haystack else text
     cpu = not device.startswith("cuda")
     lengths = parse_lengths(args.lengths or ("1x,4x,16x" if cpu else "1x,2x,4x,8x,16x,32x"), L_train)
     if args.task == "passkey":
@@ -552,52 +636,31 @@ def main(argv=None):
             "L_train": L_train, "command": "python eval.py " + " ".join(argv), "commit": git_commit(),
             "device": torch.cuda.get_device_name(device) if not cpu else f"cpu ({os.cpu_count()} cores)"}
     methods = build_methods(args, model, encoding, L_train, text, device)
-    log(f"{args.task}: {', '.join(m['label'] for m in methods)} on {args.model} (L_train {L_train}), {meta['device']}")
+    if rank == 0:
+        print(f"{args.task}: {', '.join(m['label'] for m in methods)} on {args.model} (L_train {L_train}), "
+              f"{meta['device']}")
     t0 = time.time()
     try:
         if args.task == "passkey":
             cells = run_passkey(args, methods, encoding, lengths, haystack_text, device, rank, world, meta)
             if rank == 0:
-                labels = [m["label"] for m in methods]
-                accuracy = {}
-                for m in methods:
-                    accuracy[m["label"]], selection = passkey_summary(cells[m["label"]], lengths, args.depth_list,
-                                                                      args.samples)
-                    write_json(os.path.join(args.out_dir, f"passkey_{m['label']}.json"),
-                               {"method": m["name"], "settings": m["settings"], **meta, "split": args.split,
-                                "seed": args.seed, "filler": args.filler, "haystack": args.haystack or args.data,
-                                "lengths": lengths,
-                                "depths": args.depth_list, "samples": args.samples,
-                                "units": "accuracy: fraction of samples correct, 0-1",
-                                "accuracy": accuracy[m["label"]], "remamba_selection": selection})
-                print(side_by_side([passkey_table(m, lengths, args.depth_list, accuracy[m]) for m in labels]))
-                for m in methods:
-                    if m["describe"]:
-                        print("\n" + m["describe"](lengths[-1]))
-                name = "passkey_" + "_".join(labels)
-                png = heatmap(os.path.join(args.out_dir, name + ".png"), labels, lengths, args.depth_list, accuracy,
-                              f"passkey retrieval, {os.path.basename(os.path.normpath(args.model))}, L_train {L_train},"
-                              f" {args.samples} samples per cell, {args.split} haystack, seed {args.seed}")
-                print(f"wrote {args.out_dir}/passkey_<method>.json" + (f" and {png}" if png else "")
-                      + f" in {time.time() - t0:.0f} s")
+                print(f"wrote {write_passkey(args, methods, cells, lengths, meta, L_train)} in {time.time() - t0:.0f} s")
         elif args.task == "ppl":
-            if distributed:
-                fail("--task ppl runs on one process (python, not torchrun)")
             results = run_ppl(args, methods, encoding, lengths, haystack_text, device, meta)
-            write_json(os.path.join(args.out_dir, f"ppl_{'_'.join(results)}.json"),
-                       {**meta, "haystack": args.haystack or args.data, "split": args.split, "windows": args.windows,
-                        "predict": args.predict, "lengths": lengths, "units": "perplexity per token",
-                        "settings": {m["label"]: m["settings"] for m in methods}, "perplexity": results})
-            print(f"wrote {args.out_dir}/ppl_{'_'.join(results)}.json in {time.time() - t0:.0f} s")
+            path = os.path.join(args.out_dir, f"ppl_{'_'.join(results)}.json")
+            write_json(path, {**meta, "haystack": args.haystack or args.data, "split": args.split,
+                              "windows": args.windows, "predict": args.predict, "lengths": lengths,
+                              "units": "perplexity per token", "settings": {m["label"]: m["settings"] for m in methods},
+                              "perplexity": results})
+            print(f"wrote {path} in {time.time() - t0:.0f} s")
         else:
-            tables = run_longbench(args, methods, encoding, device, rank, world, meta)
-            for label, scores in tables.items():
-                log(f"{label}: LongBench{'-E' if args.e else ''} scores\n" +
-                    "\n".join(f"  {d:>22}: {s}" for d, s in scores.items()))
+            for label, scores in run_longbench(args, methods, encoding, device, rank, world, meta).items():
+                print(f"{label}: LongBench{'-E' if args.e else ''} scores\n" +
+                      "\n".join(f"  {d:>22}: {s}" for d, s in scores.items()))
     except KeyboardInterrupt:
         sys.exit(f"\neval.py: interrupted; the finished cells are kept in {args.out_dir}/cells and the same "
                  f"command continues from them")
-    if distributed:
+    if world > 1:
         dist.destroy_process_group()
 
 

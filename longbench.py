@@ -34,6 +34,8 @@ from collections import Counter
 
 import numpy as np
 
+from mamba import atomic_write
+
 try:
     import jieba
 except ImportError:
@@ -141,14 +143,17 @@ def build_prompt(dataset, sample, dataset2prompt):
         raise ValueError(f"the {dataset} template asks for field {err} which the sample lacks") from None
 
 
-def truncate_middle(ids, max_length):
-    """Keep the first and the last max_length//2 tokens of a prompt longer than max_length tokens."""
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+def truncate_middle(ids, max_length, encode=None, decode=None):
+    """Keep the first and the last max_length//2 tokens of a prompt longer than max_length tokens. As the
+    official pred.py, with encode and decode the two halves are decoded, joined and the text encoded again
+    (which can give a few tokens more or fewer than max_length)."""
+    assert max_length >= 2, max_length
     if len(ids) <= max_length:
         return ids
     half = max_length // 2
-    return ids[:half] + ids[len(ids) - half:]
+    if decode is None:
+        return ids[:half] + ids[len(ids) - half:]
+    return encode(decode(ids[:half]) + decode(ids[len(ids) - half:]))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -163,15 +168,6 @@ def _rank_paths(out_path):
     """Every {out_path}.rank{r} there is, whatever the world size of the run that left it."""
     pattern = re.compile(re.escape(os.path.basename(out_path)) + r"\.rank\d+$")
     return sorted(p for p in glob.glob(glob.escape(out_path) + ".rank*") if pattern.fullmatch(os.path.basename(p)))
-
-
-def _write_atomic(path, lines):
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.writelines(line.encode("utf-8") for line in lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_predictions(path, repair):
@@ -198,7 +194,7 @@ def _read_predictions(path, repair):
             raise ValueError(f"{path}:{line_number}: a prediction line is a JSON object with 'pred'")
         records.append(record)
     if cut and repair:
-        _write_atomic(path, lines)
+        atomic_write(path, "".join(lines))
     return records
 
 
@@ -224,8 +220,9 @@ def predict(samples, dataset, generate_fn, encode, decode, out_path, max_length,
     """Predict the samples of one dataset, appending one official jsonl line per sample; returns how many
     new lines were written.
 
-    generate_fn(prompt_ids: list[int], max_new_tokens: int, eos_token_id) -> list[int], the new tokens of a
-    greedy decode (a trailing EOS is dropped here). encode: str -> list[int]; decode: list[int] -> str.
+    generate_fn(prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], min_new_tokens: int) ->
+    list[int], the new tokens of a greedy decode that stops after any of stop_ids (a trailing EOS is dropped
+    here). As the official pred.py, samsum also stops at a newline and emits at least one token. encode: str -> list[int]; decode: list[int] -> str.
     Samples already in out_path or any {out_path}.rank* file (same `_id`) are skipped, so a killed run
     resumes where it stopped. Rank r of world_size handles samples i with i % world_size == r; with more
     than one rank, rank r writes {out_path}.rank{r}: after all ranks return (a barrier), rank 0 calls
@@ -237,6 +234,7 @@ def predict(samples, dataset, generate_fn, encode, decode, out_path, max_length,
     if dataset not in dataset2maxlen:
         raise ValueError(f"dataset2maxlen.json has no generation length for {dataset!r}")
     max_new_tokens = dataset2maxlen[dataset]
+    stops = [eos_token_id] + ([encode("\n")[-1]] if dataset == "samsum" else [])
     own_path = out_path if world_size == 1 else rank_path(out_path, rank)
 
     sample_ids = {sample["_id"] for sample in samples}
@@ -253,8 +251,9 @@ def predict(samples, dataset, generate_fn, encode, decode, out_path, max_length,
     start = time.time()
     with open(own_path, "a", encoding="utf-8") as f:
         for count, sample in enumerate(todo, start=1):
-            prompt_ids = truncate_middle(encode(build_prompt(dataset, sample, dataset2prompt)), max_length)
-            new_ids = list(generate_fn(prompt_ids, max_new_tokens, eos_token_id))
+            prompt_ids = truncate_middle(encode(build_prompt(dataset, sample, dataset2prompt)), max_length, encode,
+                                         decode)
+            new_ids = list(generate_fn(prompt_ids, max_new_tokens, stops, 1 if dataset == "samsum" else 0))
             if new_ids and new_ids[-1] == eos_token_id:
                 new_ids = new_ids[:-1]
             record = {"pred": decode(new_ids), "answers": sample["answers"], "all_classes": sample["all_classes"],
@@ -289,7 +288,7 @@ def merge_rank_files(out_path, samples):
     if missing:
         raise RuntimeError(f"{missing} of {len(sample_ids)} samples have no prediction in {', '.join(paths)}; "
                            "run the prediction again: it resumes")
-    _write_atomic(out_path, [lines[sample["_id"]] for sample in samples])
+    atomic_write(out_path, "".join(lines[sample["_id"]] for sample in samples))
     for path in paths[1:]:
         os.remove(path)
     return len(samples)
@@ -510,13 +509,14 @@ def length_bucket(length):
 
 
 def score_e(dataset, predictions, answers, lengths, all_classes):
-    """LongBench-E: the official score per length bucket, {"0-4k", "4-8k", "8k+"}; None for an empty
-    bucket (the official scorer writes NaN there). Means and rounding are numpy's, as in the official one."""
+    """LongBench-E: the official score per length bucket, {"0-4k", "4-8k", "8k+"}; NaN for an empty bucket, as
+    the official scorer. Means and rounding are numpy's, as in the official one."""
     _check_lists(predictions, answers, lengths)
     buckets = {bucket: [] for bucket in E_BUCKETS}
     for prediction, ground_truths, length in zip(predictions, answers, lengths):
         buckets[length_bucket(length)].append(sample_score(dataset, prediction, ground_truths, all_classes))
-    return {bucket: float(round(100 * np.mean(scores), 2)) if scores else None for bucket, scores in buckets.items()}
+    return {bucket: float(round(100 * np.mean(scores), 2)) if scores else float("nan")
+            for bucket, scores in buckets.items()}
 
 
 def score_file(pred_path, dataset, e=False):

@@ -483,20 +483,25 @@ class Mamba(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids=None, max_new_tokens=20, temperature=0.0, top_k=None, eos_token_id=None,
-                 inputs_embeds=None):
+                 inputs_embeds=None, min_new_tokens=0):
         """Prefill with the parallel scan, then one O(1) recurrent step per new token (decode)."""
         logits, caches = self.prefill(input_ids, inputs_embeds)
-        return self.decode(logits, caches, max_new_tokens, temperature, top_k, eos_token_id)
+        return self.decode(logits, caches, max_new_tokens, temperature, top_k, eos_token_id, min_new_tokens)
 
     @torch.no_grad()
-    def decode(self, logits, caches, max_new_tokens, temperature=0.0, top_k=None, eos_token_id=None):
+    def decode(self, logits, caches, max_new_tokens, temperature=0.0, top_k=None, eos_token_id=None,
+               min_new_tokens=0):
         """Continue from a prefill's last logits (b, padded_vocab) and caches. Greedy at temperature 0.
-        Returns the new token ids (b, ≤ max_new_tokens); a sequence that emitted eos_token_id is padded with it,
-        and decoding stops once every sequence has emitted it."""
+        eos_token_id: a stop token id or a list of them, never emitted before min_new_tokens tokens.
+        Returns the new token ids (b, ≤ max_new_tokens); a sequence that emitted a stop token is padded with it,
+        and decoding stops once every sequence has."""
+        stops = torch.tensor([] if eos_token_id is None else eos_token_id, device=logits.device).long().flatten()
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         new_tokens = []
         for i in range(max_new_tokens):
             logits = logits[:, :self.config.vocab_size].float()   # never sample the vocabulary's padding
+            if i < min_new_tokens and len(stops):
+                logits[:, stops] = float("-inf")
             if temperature == 0.0:
                 token = logits.argmax(-1)
             else:
@@ -505,11 +510,11 @@ class Mamba(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 token = torch.multinomial(F.softmax(logits, -1), 1)[:, 0]
-            if eos_token_id is not None:
-                token = token.masked_fill(finished, eos_token_id)
-                finished |= token == eos_token_id
+            if len(stops):
+                token = torch.where(finished, new_tokens[-1] if new_tokens else token, token)
+                finished |= torch.isin(token, stops)
             new_tokens.append(token)
-            if (eos_token_id is not None and bool(finished.all())) or i == max_new_tokens - 1:
+            if bool(finished.all()) and len(stops) or i == max_new_tokens - 1:
                 break
             logits = self.step(token, caches)
         if not new_tokens:

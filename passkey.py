@@ -123,6 +123,7 @@ class PasskeySample:
     answer_ids: list[int]     # the tokens of " 68452", what the model should generate after the prompt
     needle_start: int         # index in prompt_ids of the needle's first token
     key_positions: list[int]  # indices in prompt_ids of the key's tokens, both times it appears in the needle
+    question_start: int       # index in prompt_ids of the question's first token
 
 
 @functools.cache
@@ -233,7 +234,8 @@ def _assemble(encoding, haystack, length, depth, key, start):
     second = first + len(key_ids) + len(fixed["needle_middle"])
     return PasskeySample(prompt_ids=prompt.astype(np.int64).tolist(), answer=key, answer_ids=key_ids,
                          needle_start=needle_start,
-                         key_positions=list(range(first, first + len(key_ids))) + list(range(second, second + len(key_ids))))
+                         key_positions=list(range(first, first + len(key_ids))) + list(range(second, second + len(key_ids))),
+                         question_start=len(prompt) - len(fixed["question"]))
 
 
 def _draw(rng, haystack):

@@ -173,11 +173,12 @@ class ReMamba(nn.Module):
             return self.base.prefill(**inputs)
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens=20, eos_token_id=None):
+    def generate(self, input_ids, max_new_tokens=20, eos_token_id=None, min_new_tokens=0):
         """Greedy decoding from stage 2's state: the new token ids (b, ≤ max_new_tokens), as Mamba.generate."""
         hook, inputs = self._stage2_prompt(input_ids)
         with self.base.hooked(hook):
-            return self.base.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+            return self.base.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                      min_new_tokens=min_new_tokens)
 
     @torch.no_grad()
     def kept_positions(self, input_ids):

@@ -5,7 +5,17 @@ Selective scan in Triton: forward and backward kernels, parallel over batch, cha
                    return_last_state=False)
 
 Same signature and result as `mamba.selective_scan_ref` (and mamba_ssm's `selective_scan_fn`), differentiable
-with respect to u, delta, A, B, C, D, z and delta_bias. For every batch b, channel d and state n (N = d_state):
+with respect to u, delta, A, B, C, D, z and delta_bias. It is the algorithm of `mamba.selective_scan_chunked`,
+the PyTorch twin to read first, with one GPU thread per channel:
+
+    for every chunk c, in parallel:              # pass 1 (only when batch × channels cannot fill the GPU)
+        S_c, ΣΔ_c = scan the chunk from h = 0    #   its end state and the sum of its Δ
+    h_start[0] = 0                               # pass 2, the carry: sequential over chunks
+    for c = 0, 1, ...: h_start[c+1] = exp(A·ΣΔ_c) h_start[c] + S_c
+    for every chunk c, in parallel:              # pass 3
+        h = h_start[c]; for every token t of c: h = a_t h + b_t; y_t = C_t · h + D u_t; out_t = y_t · silu(z_t)
+
+For every batch b, channel d and state n (N = d_state):
 
     Δ_t = softplus(delta_t + delta_bias)          (or delta_t + delta_bias without softplus)
     h_t = a_t h_{t-1} + b_t,   a_t = exp(Δ_t A),  b_t = Δ_t B_t u_t        eq. (2a), fp32 state
@@ -26,9 +36,8 @@ the T outputs at once. B and C are transposed once to (L, N) float32 rows, so B_
 Every token waits on B_t and C_t, which all threads of a program read, so their latency must not be paid
 token by token: the tile loop is software-pipelined (Triton's `tl.range(..., num_stages=2)`), which copies
 the next tile's B and C rows into shared memory asynchronously (cp.async) while the current tile is worked on,
-and the u, Δ, z tiles of the next iteration are loaded into registers before the current one is used. (On an
-H100 the pipelining made the forward 1.36 to 1.44 times faster, and tiles of 8 tokens instead of 4 made the
-float32 forward 1.9 to 2 times faster again, each measured side by side in one run: notes/scan_triton_notes.md.) Rows must start 16-byte aligned
+and the u, Δ, z tiles of the next iteration are loaded into registers before the current one is used. Rows must
+start 16-byte aligned
 for vector loads, so a length L that is not a multiple of 8 is padded (a copy) before the kernels run. The
 exponential is exp2 with A pre-scaled by log2(e): one hardware instruction.
 
@@ -47,8 +56,7 @@ summarised independently and stitched together afterwards:
 Pass 1 costs a second sweep over the chunk (without C, z and the output), so it only runs when the batch and
 channels alone cannot fill the GPU: `_chunk_len` picks as few chunks as give every SM enough warps, and with
 one chunk the forward is the single pass 3. A thread walks its tokens one after the other, each step waiting
-on the last, so the GPU needs many threads in flight to stay busy: on an H100 a single chunk was 1.7 times
-(batch 16) to 26 times (batch 1, L = 128k) slower than the chunked forward (notes/scan_triton_notes.md).
+on the last, so the GPU needs many threads in flight to stay busy.
 
 The backward
 ------------
@@ -80,13 +88,13 @@ import torch
 import triton
 import triton.language as tl
 
-# Launch configuration, measured on an H100 (notes/scan_triton_notes.md has the alternatives and their times)
+# Launch configuration, chosen by timing the alternatives (notes/scan_triton_notes.md has them)
 SEG = 64                # tokens between the states the forward saves for the backward
 FWD_WARPS = 4           # warps per forward program, 32·num_warps channels: its 4 warps share the loads of B_t, C_t
-FWD_T = 8               # tokens per forward tile (fp32 tiles of 4 tokens were 1.9-2 times slower)
+FWD_T = 8               # tokens per forward tile: two 16-byte loads per float32 row
 FWD_STAGES = 2          # the forward's tile loop is software-pipelined: B, C rows one tile ahead
-BWD_WARPS = 1           # the backward's threads hold 255 registers; 2 warps per program were 20% slower
-BWD_T = 4               # tokens per tile in the backward, whose tiles keep T states per thread (T = 2: 25% slower)
+BWD_WARPS = 1           # the backward's threads hold 255 registers: one warp per program
+BWD_T = 4               # tokens per tile in the backward, whose tiles keep T states per thread
 FWD_WARPS_PER_SM = 64   # chunks are cut until there is this much work per SM (more than fits at once: shorter
 BWD_WARPS_PER_SM = 64   # chunks even out the programs' finishing times)
 CARRY_BLOCK = 128       # pass 2: (channel, state) elements per program, one per thread
@@ -306,8 +314,8 @@ def _adjoint_summary_kernel(dout_ptr, delta_ptr, A2_ptr, Ct_ptr, z_ptr, delta_bi
                             HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
                             T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (channel block, chunk c, batch b): walk the chunk backwards from a zero adjoint,
-        g_t = C_t dy_t + x,  x <- a_t g_t,
-    and write what reaches the previous chunk's last token (x at the chunk's first token) and ΣΔ_c."""
+        g_t = C_t dy_t + carried,  carried <- a_t g_t,
+    and write what reaches the previous chunk's last token (carried at the chunk's first token) and ΣΔ_c."""
     d, d_mask, g = _program_channels(d_inner, group_size, BLOCK_D)
     c = tl.program_id(1)
     n_chunks = tl.num_programs(1)
@@ -317,7 +325,7 @@ def _adjoint_summary_kernel(dout_ptr, delta_ptr, A2_ptr, Ct_ptr, z_ptr, delta_bi
     state_offs = d[:, None] * BLOCK_N + n[None, :]
     A2 = tl.load(A2_ptr + state_offs, mask=d_mask[:, None], other=0.0)
     bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
-    x = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    carried = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     rows = (b * d_inner + d) * stride
     bc_rows = (b * n_groups + g) * stride
@@ -347,9 +355,9 @@ def _adjoint_summary_kernel(dout_ptr, delta_ptr, A2_ptr, Ct_ptr, z_ptr, delta_bi
         bc_tile = (bc_rows + t0) * BLOCK_N + n
         for j in tl.static_range(T - 1, -1, -1):
             C_j = tl.load(Ct_ptr + bc_tile + j * BLOCK_N)
-            adjoint = x + _token(dy, j, T)[:, None] * C_j[None, :]                        # g_t
-            x = tl.exp2(A2 * _token(delta, j, T)[:, None]) * adjoint                       # a_t g_t
-    tl.store(adjoint_ptr + (b * n_chunks + c) * d_inner * BLOCK_N + state_offs, x, mask=d_mask[:, None])
+            adjoint = carried + _token(dy, j, T)[:, None] * C_j[None, :]                        # g_t
+            carried = tl.exp2(A2 * _token(delta, j, T)[:, None]) * adjoint                       # a_t g_t
+    tl.store(adjoint_ptr + (b * n_chunks + c) * d_inner * BLOCK_N + state_offs, carried, mask=d_mask[:, None])
     tl.store(delta_sum_ptr + (b * n_chunks + c) * d_inner + d, delta_sum, mask=d_mask)
 
 
@@ -380,7 +388,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, del
     bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
     D = _load(D_ptr, d, d_mask) if HAS_D else tl.zeros((BLOCK_D,), dtype=tl.float32)
     chunk = (b * n_chunks + c) * d_inner
-    x = tl.load(adjoint_ptr + chunk * BLOCK_N + state_offs, mask=state_mask, other=0.0)  # a_{t+1} g_{t+1}
+    carried = tl.load(adjoint_ptr + chunk * BLOCK_N + state_offs, mask=state_mask, other=0.0)  # a_{t+1} g_{t+1}
     dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     ddelta_bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
@@ -476,7 +484,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, del
                 delta_j = _token(delta, j, T)
                 dy_j = _token(dy, j, T)
                 a = tl.exp2(A2 * delta_j[:, None])                                      # a_t
-                adjoint = x + dy_j[:, None] * C_j[None, :]                              # g_t
+                adjoint = carried + dy_j[:, None] * C_j[None, :]                              # g_t
                 decayed = a * states[j]                                                 # a_t h_{t-1}
                 g_decayed = adjoint * decayed
                 gB = tl.sum(adjoint * B_j[None, :], axis=1)                             # Σ_n g_t B_t
@@ -485,7 +493,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, del
                                          LN2 * tl.sum(A2 * g_decayed, axis=1), T)        # A = A2·ln(2)
                 dA += delta_j[:, None] * g_decayed
                 tl.atomic_add(dBt_ptr + bc_offs, tl.sum(adjoint * _token(du, j, T)[:, None], axis=0), sem="relaxed")
-                x = a * adjoint                                                         # a_t g_t
+                carried = a * adjoint                                                         # a_t g_t
             if DELTA_SOFTPLUS:
                 ddelta_tile *= tl.sigmoid(delta_pre)                                    # softplus' = sigmoid
             ddelta_tile = tl.where(in_sequence, ddelta_tile, 0.0)
@@ -533,8 +541,8 @@ def _rows(x, L_pad):
 
 def _transposed(M, L_pad, block_n):
     """(batch, G, N, L) -> (batch, G, L_pad, BLOCK_N) float32, zero-padded: B_t, C_t become contiguous rows,
-    and a tile running past L reads zeros without a mask. One copy kernel when there is nothing to pad: these
-    small host-side kernels count, as the forward of a (8, 1536, 2048) scan takes only ~0.4 ms on an H100."""
+    and a tile running past L reads zeros without a mask. One copy kernel when there is nothing to pad: on small
+    scans these host-side kernels are a visible part of the time."""
     padded = M.shape[3] != L_pad or M.shape[2] != block_n
     out = (torch.zeros if padded else torch.empty)(*M.shape[:2], L_pad, block_n, dtype=torch.float32,
                                                     device=M.device)
@@ -649,46 +657,16 @@ def _carry(states, delta_sums, A2, initial, reverse):
         BLOCK=CARRY_BLOCK, BLOCK_N=block_n, GROUP=CARRY_GROUP, num_warps=CARRY_BLOCK // 32)
 
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
-    """Clear errors for inputs the kernels cannot take; returns the number of B/C groups."""
-    if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"selective_scan: u and delta must both be (batch, d_inner, L); got {tuple(u.shape)} "
-                         f"and {tuple(delta.shape)}")
+    """What the kernels cannot take; returns the number of B/C groups."""
     batch, d_inner, L = u.shape
-    if A.dim() != 2 or A.shape[0] != d_inner:
-        raise ValueError(f"selective_scan: A must be (d_inner={d_inner}, d_state); got {tuple(A.shape)}")
-    d_state = A.shape[1]
-    if not 1 <= d_state <= 64:
-        raise ValueError(f"selective_scan: d_state = {d_state}; the Triton kernel supports 1 to 64 (use "
-                         "mamba.selective_scan_chunked for larger states)")
-    for name, M in (("B", B), ("C", C)):
-        grouped = M.dim() == 4 and M.shape[1] >= 1 and d_inner % M.shape[1] == 0
-        if not (M.dim() == 3 or grouped) or M.shape[0] != batch or M.shape[-2:] != (d_state, L):
-            raise ValueError(f"selective_scan: {name} must be (batch={batch}, d_state={d_state}, L={L}) or "
-                             f"(batch, G, d_state, L) with d_inner={d_inner} divisible by G; got "
-                             f"{tuple(M.shape)}")
-    if B.shape != C.shape:
-        raise ValueError(f"selective_scan: B and C must have the same shape; got {tuple(B.shape)} and "
-                         f"{tuple(C.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"selective_scan: z must be shaped like u {tuple(u.shape)}; got {tuple(z.shape)}")
-    for name, v in (("D", D), ("delta_bias", delta_bias)):
-        if v is not None and v.shape != (d_inner,):
-            raise ValueError(f"selective_scan: {name} must be (d_inner={d_inner},); got {tuple(v.shape)}")
-    tensors = {"u": u, "delta": delta, "A": A, "B": B, "C": C, "D": D, "z": z, "delta_bias": delta_bias}
-    for name, x in tensors.items():
-        if x is not None and x.dtype not in _FLOATS:
-            raise ValueError(f"selective_scan: {name} has dtype {x.dtype}; use float32, bfloat16 or float16")
-        if x is not None and x.device != u.device:
-            raise ValueError(f"selective_scan: {name} is on {x.device} but u is on {u.device}; put all inputs "
-                             "on one device")
-    if u.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"selective_scan: the Triton kernel needs CUDA tensors (got {u.device}); on a CPU use "
-                         "mamba.selective_scan_chunked, or set TRITON_INTERPRET=1 before importing triton to "
-                         "run the kernels in Triton's (slow) interpreter")
+    assert delta.shape == u.shape and (z is None or z.shape == u.shape), "u, delta, z: (batch, d_inner, L)"
+    assert A.shape[0] == d_inner and 1 <= A.shape[1] <= 64, "A: (d_inner, d_state), d_state 1 to 64"
+    assert B.shape == C.shape and B.shape[0] == batch and B.shape[-2:] == (A.shape[1], L) \
+        and (B.dim() == 3 or d_inner % B.shape[1] == 0), "B, C: (batch, d_state, L) or (batch, G, d_state, L)"
+    assert all(x is None or x.shape == (d_inner,) for x in (D, delta_bias)), "D, delta_bias: (d_inner,)"
+    assert u.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", \
+        "CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported); on a CPU use mamba.selective_scan"
     return 1 if B.dim() == 3 else B.shape[1]
 
 

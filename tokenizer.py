@@ -30,7 +30,6 @@ import functools
 import heapq
 import json
 import os
-import tempfile
 import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -40,6 +39,8 @@ import regex
 import tiktoken
 from tiktoken.core import raise_disallowed_special_token
 from tiktoken.load import load_tiktoken_bpe
+
+from mamba import atomic_write
 
 ENDOFTEXT = "<|endoftext|>"
 
@@ -199,8 +200,8 @@ def save_tiktoken(encoding: tiktoken.Encoding, path: str | os.PathLike) -> None:
     lines = b"".join(base64.b64encode(token) + b" %d\n" % rank
                      for token, rank in sorted(ranks.items(), key=lambda item: item[1]))
     companion = {"name": encoding.name, "pat_str": encoding._pat_str, "special_tokens": encoding._special_tokens}
-    _write_atomically(path, lines)
-    _write_atomically(path + ".json", (json.dumps(companion, indent=1, ensure_ascii=False) + "\n").encode())
+    atomic_write(path, lines)
+    atomic_write(path + ".json", (json.dumps(companion, indent=1, ensure_ascii=False) + "\n").encode())
 
 
 def load_tiktoken(path: str | os.PathLike) -> tiktoken.Encoding:
@@ -244,28 +245,6 @@ def get_encoding(name: str) -> tiktoken.Encoding:
             f"offline. Use a tokenizer on disk instead: tokenizer.load_tiktoken('file.tiktoken') for a ranks "
             f"file, or tokenizer.from_hf_tokenizer_json('tokenizer.json') for a Hugging Face tokenizer") from err
 
-
-def _write_atomically(path: str, data: bytes) -> None:
-    """Write data to path through a temporary file in the same directory, so a reader never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Hugging Face byte-level BPE (tokenizer.json), e.g. GPT-NeoX-20B's
-# ----------------------------------------------------------------------------------------------------------
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> character table, used by Hugging Face ByteLevel to write byte strings as text.
@@ -489,7 +468,7 @@ def save_tokenizer(encoding: tiktoken.Encoding, checkpoint_dir: str | os.PathLik
     directory = Path(checkpoint_dir)
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(encoding, HFByteLevelBPE):
-        _write_atomically(str(directory / HF_JSON_FILE), encoding.tokenizer_json.encode("utf-8"))
+        atomic_write(str(directory / HF_JSON_FILE), encoding.tokenizer_json.encode("utf-8"))
         for stale in (directory / TIKTOKEN_FILE, directory / (TIKTOKEN_FILE + ".json")):
             stale.unlink(missing_ok=True)
     else:

@@ -341,10 +341,8 @@ def git_commit():
     return os.environ.get("MAMBA_COMMIT") or out or "unknown"
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args, given = parse_args(argv)
-    state = settle(args, given)
+def setup_device(args):
+    """Device and, under torchrun, the process group: (device, rank, world size). Checked before any work."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ           # started by torchrun
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     if args.batch_size % (args.grad_accum * world):
@@ -355,149 +353,172 @@ def main(argv=None):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         fail(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu)")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        fail(f"--device {args.device}: not a device (use auto, cpu, cuda or cuda:N)")
     if distributed:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        fail(f"--device {args.device}: not a device (use auto, cpu, cuda or cuda:N)")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu",
-                                                                                                       enabled=False)
-    try:
-        with open(args.data, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        fail(f"--data {args.data}: not a readable UTF-8 text file ({type(e).__name__})")
-    os.makedirs(args.out, exist_ok=True)
-    if not os.access(args.out, os.W_OK):
-        fail(f"--out {args.out}: not writable")
-    log_file = open(os.path.join(args.out, "train_log.txt"), "a") if rank == 0 else None
+    return device, rank, world
 
-    def log(line):
-        if rank == 0:
+
+class Run:
+    """One training run: the model, its optimizer and data, how a step's loss is computed, saving, evaluating."""
+
+    def __init__(self, args, argv, state):
+        self.args, self.argv = args, argv
+        self.device, self.rank, self.world = setup_device(args)
+        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else \
+            torch.autocast("cpu", enabled=False)
+        try:
+            with open(args.data, encoding="utf-8") as f:
+                self.text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--data {args.data}: not a readable UTF-8 text file ({type(e).__name__})")
+        os.makedirs(args.out, exist_ok=True)
+        if not os.access(args.out, os.W_OK):
+            fail(f"--out {args.out}: not writable")
+        self.log_file = open(os.path.join(args.out, "train_log.txt"), "a") if self.rank == 0 else None
+        torch.manual_seed(args.seed)
+        self.encoding, self.trained, groups, self.base, self.generate = build(args, self.device, self.text)
+        self.batches = Batches(args, self.encoding, self.text)
+        if args.method == "lm" and len(self.batches.lm_tokens) <= args.L_train + 1:
+            fail(f"--data has {len(self.batches.lm_tokens)} training tokens, fewer than one window of L_train + 1")
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=self.device.startswith("cuda"))
+        self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.trained) if self.world > 1 else self.trained
+        self.step, self.elapsed_before = 0, 0.0
+        if state is not None:
+            self.trained.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng_cpu"])
+            self.step, self.elapsed_before = state["step"], state["elapsed"]
+            self.log(f"resumed {args.out} at step {self.step}")
+        self.log(f"{args.method}: {sum(p.numel() for p in self.params) / 1e6:.2f}M trainable parameters, vocab "
+                 f"{self.encoding.n_vocab}, L_train {args.L_train}, {args.batch_size} sequences/step, {args.steps} "
+                 f"steps, device {self.device}" + (f", {self.world} processes" if self.world > 1 else ""))
+        self.t_start = time.time()
+
+    def log(self, line):
+        if self.rank == 0:
             print(line, flush=True)
-            log_file.write(line + "\n")
-            log_file.flush()
+            self.log_file.write(line + "\n")
+            self.log_file.flush()
 
-    torch.manual_seed(args.seed)
-    encoding, trained, groups, base, generate = build(args, device, text)
-    batches = Batches(args, encoding, text)
-    if args.method == "lm" and len(batches.lm_tokens) <= args.L_train + 1:
-        fail(f"--data has {len(batches.lm_tokens)} training tokens, fewer than one window of L_train + 1")
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.startswith("cuda"))
-    ddp_model = torch.nn.parallel.DistributedDataParallel(trained) if distributed else trained
-    step, elapsed_before = 0, 0.0
-    if state is not None:
-        trained.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng_cpu"])
-        step, elapsed_before = state["step"], state["elapsed"]
-        log(f"resumed {args.out} at step {step}")
-    params = [p for g in groups for p in g["params"]]
-    per_rank = args.batch_size // args.grad_accum // world
-    log(f"{args.method}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, vocab {encoding.n_vocab}, "
-        f"L_train {args.L_train}, {args.batch_size} sequences/step, {args.steps} steps, device {device}"
-        + (f", {world} processes" if distributed else ""))
+    def loss(self, indices):
+        """This rank's share of a step: (loss with a graph, the answer tokens' mean loss or None, tokens)."""
+        args, device, step = self.args, self.device, self.step
+        if args.method == "lm":
+            ids, weights, answer_mask = (t.to(device) for t in self.batches.lm(step, indices))
+            loss, answer = weighted_lm_loss(self.ddp_model, ids, weights, answer_mask)
+            return loss, answer, ids.numel()
+        ids, weights, prompt_lengths, rng = self.batches.answers(step, indices)
+        ids, weights, prompt_lengths = ids.to(device), weights.to(device), prompt_lengths.to(device)
+        if args.method == "sft":
+            loss, _ = weighted_lm_loss(self.trained, ids, weights)
+        else:
+            import remamba
+            region = remamba.training_region(int(prompt_lengths.min()), args.L_train, rng)
+            loss = self.trained.training_loss(ids, weights, prompt_lengths, region)
+        return loss, loss.detach(), ids.numel()
 
-    def save(final=False):
-        if rank != 0:
+    def save(self, final=False):
+        if self.rank != 0:
             return
-        elapsed = elapsed_before + time.time() - t_start
-        settings = {k: v for k, v in vars(args).items() if k not in ("lengths_x", "eval_x")}
+        args = self.args
+        elapsed = self.elapsed_before + time.time() - self.t_start
         atomic_write(os.path.join(args.out, STATE_FILE), lambda f: torch.save(
-            {"model": trained.state_dict(), "optimizer": optimizer.state_dict(), "rng_cpu": torch.get_rng_state(),
-             "step": step, "elapsed": elapsed, "args": vars(args)}, f))
-        dtype = torch.float16 if args.save_dtype == "float16" else None
-        base.save_pretrained(args.out, encoding, dtype=dtype)
+            {"model": self.trained.state_dict(), "optimizer": self.optimizer.state_dict(),
+             "rng_cpu": torch.get_rng_state(), "step": self.step, "elapsed": elapsed, "args": vars(args)}, f))
+        self.base.save_pretrained(args.out, self.encoding, dtype=torch.float16 if args.save_dtype == "float16" else None)
         if args.method == "remamba":
-            trained.save(os.path.join(args.out, "remamba.pt"))
-        info = {"L_train": args.L_train, "method": args.method, "steps": step, "finished": final,
+            self.trained.save(os.path.join(args.out, "remamba.pt"))
+        info = {"L_train": args.L_train, "method": args.method, "steps": self.step, "finished": final,
                 "train_seconds": round(elapsed, 1), "commit": git_commit(),
-                "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-                "command": "python train.py " + " ".join(argv), "settings": settings}
+                "device": torch.cuda.get_device_name() if self.device.startswith("cuda") else "cpu",
+                "command": "python train.py " + " ".join(self.argv),
+                "settings": {k: v for k, v in vars(args).items() if k not in ("lengths_x", "eval_x")}}
         atomic_write(os.path.join(args.out, "train_info.json"), json.dumps(info, indent=2))
 
-    def evaluate():
-        trained.eval()
-        with amp:
-            acc = validation_accuracy(generate, encoding, text, args.L_train, args.eval_x, args.eval_samples, device)
-        trained.train()
-        log(f"eval step {step:6d} | passkey accuracy on {args.eval_samples} validation samples: "
-            + "  ".join(f"{m}×L_train {100 * a:3.0f}%" for m, a in acc.items()))
+    def evaluate(self):
+        self.trained.eval()
+        with self.amp:
+            acc = validation_accuracy(self.generate, self.encoding, self.text, self.args.L_train, self.args.eval_x,
+                                      self.args.eval_samples, self.device)
+        self.trained.train()
+        self.log(f"eval step {self.step:6d} | passkey accuracy on {self.args.eval_samples} validation samples: "
+                 + "  ".join(f"{m}×L_train {100 * a:3.0f}%" for m, a in acc.items()))
 
-    t_start = last_log = time.time()
-    last_log_step = step
-    loss_sum = answer_sum = torch.zeros((), device=device)
-    tokens = answer_count = micro_count = 0
-    try:
-        while step < args.steps:
-            lr = lr_at(step, args)
-            for group in optimizer.param_groups:
+    def out_of_time(self):
+        """Whether --time-limit has passed, agreed by every rank (or the others would wait in DDP forever)."""
+        late = torch.tensor(float(bool(self.args.time_limit) and time.time() - self.t_start > self.args.time_limit * 60),
+                            device=self.device)
+        if self.world > 1:
+            dist.all_reduce(late, op=dist.ReduceOp.MAX)
+        return bool(late.item())
+
+    def train(self):
+        args = self.args
+        per_rank = args.batch_size // args.grad_accum // self.world
+        last_log, last_log_step = time.time(), self.step
+        losses, tokens = [], 0
+        while self.step < args.steps:
+            lr = lr_at(self.step, args)
+            for group in self.optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(args.grad_accum):
-                first = (micro * world + rank) * per_rank            # this rank's slice of the global batch
-                indices = range(first, first + per_rank)
-                with amp:
-                    if args.method == "lm":
-                        ids, weights, answer_mask = (t.to(device) for t in batches.lm(step, indices))
-                        loss, answer = weighted_lm_loss(ddp_model, ids, weights, answer_mask)
-                    else:
-                        ids, weights, prompt_lengths, rng = batches.answers(step, indices)
-                        ids, weights, prompt_lengths = ids.to(device), weights.to(device), prompt_lengths.to(device)
-                        if args.method == "sft":
-                            loss, _ = weighted_lm_loss(trained, ids, weights)
-                        else:
-                            import remamba
-                            region = remamba.training_region(int(prompt_lengths.min()), args.L_train, rng)
-                            loss = trained.training_loss(ids, weights, prompt_lengths, region)
-                        answer = loss.detach()
+                first = (micro * self.world + self.rank) * per_rank          # this rank's slice of the global batch
+                with self.amp:
+                    loss, answer, n = self.loss(range(first, first + per_rank))
                 (loss / args.grad_accum).backward()
-                loss_sum += loss.detach().float()
-                if answer is not None:
-                    answer_sum, answer_count = answer_sum + answer.float(), answer_count + 1
-                micro_count += 1
-                tokens += ids.numel() * world
-            torch.nn.utils.clip_grad_norm_(params, args.clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % args.log_every == 0 or step == args.steps:
-                losses = torch.stack([loss_sum / micro_count, answer_sum / max(1, answer_count)])
-                if distributed:
-                    dist.all_reduce(losses)
-                    losses /= world
+                losses.append((loss.detach().float(), answer))
+                tokens += n * self.world
+            torch.nn.utils.clip_grad_norm_(self.params, args.clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            if self.step % args.log_every == 0 or self.step == args.steps:
+                answers = [a.float() for _, a in losses if a is not None]
+                mean = torch.stack([torch.stack([l for l, _ in losses]).mean(),
+                                    torch.stack(answers).mean() if answers else torch.zeros_like(losses[0][0])])
+                if self.world > 1:
+                    dist.all_reduce(mean)
+                    mean /= self.world
                 now = time.time()
-                rate, seconds_per_step = tokens / (now - last_log), (now - last_log) / (step - last_log_step)
-                eta = (args.steps - step) * seconds_per_step
-                log(f"step {step:6d}/{args.steps} | loss {losses[0].item():.4f} | answer loss {losses[1].item():.4f}"
-                    f" | lr {lr:.2e} | {rate / 1e3:7.1f}k tok/s | ETA {eta / 60:5.1f} min")
-                loss_sum = answer_sum = torch.zeros((), device=device)
-                tokens = answer_count = micro_count = 0
-                last_log, last_log_step = now, step
-            if rank == 0 and args.eval_every and args.eval_samples and step % args.eval_every == 0 \
-                    and step < args.steps:
-                evaluate()
-            if step % args.save_every == 0 or step == args.steps:
-                save(final=step == args.steps)
-            out_of_time = torch.tensor(float(bool(args.time_limit) and time.time() - t_start > args.time_limit * 60),
-                                       device=device)
-            if distributed:  # every rank stops at the same step, or the others would wait in DDP forever
-                dist.all_reduce(out_of_time, op=dist.ReduceOp.MAX)
-            if out_of_time.item() and step < args.steps:
-                save()
-                log(f"time limit reached at step {step}: saved; continue with --resume")
-                break
+                eta = (args.steps - self.step) * (now - last_log) / (self.step - last_log_step)
+                self.log(f"step {self.step:6d}/{args.steps} | loss {mean[0].item():.4f} | answer loss "
+                         f"{mean[1].item():.4f} | lr {lr:.2e} | {tokens / (now - last_log) / 1e3:7.1f}k tok/s | "
+                         f"ETA {eta / 60:5.1f} min")
+                last_log, last_log_step, losses, tokens = now, self.step, [], 0
+            if self.rank == 0 and args.eval_every and args.eval_samples and self.step % args.eval_every == 0 \
+                    and self.step < args.steps:
+                self.evaluate()
+            if self.step % args.save_every == 0 or self.step == args.steps:
+                self.save(final=self.step == args.steps)
+            if self.out_of_time() and self.step < args.steps:
+                self.save()
+                self.log(f"time limit reached at step {self.step}: saved; continue with --resume")
+                return
+        if self.rank == 0 and args.eval_samples:
+            self.evaluate()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args, given = parse_args(argv)
+    state = settle(args, given)
+    run = Run(args, argv, state)
+    try:
+        run.train()
     except KeyboardInterrupt:
-        if rank == 0 and step:
-            save()
-        sys.exit(f"\ntrain.py: interrupted at step {step}" + (f"; saved, continue with: python train.py --out "
-                                                              f"{args.out} --resume" if step else ""))
-    if rank == 0 and step == args.steps and args.eval_samples:
-        evaluate()
-    if distributed:
+        if run.rank == 0 and run.step:
+            run.save()
+        sys.exit(f"\ntrain.py: interrupted at step {run.step}" + (f"; saved, continue with: python train.py --out "
+                                                                  f"{args.out} --resume" if run.step else ""))
+    if run.world > 1:
         dist.destroy_process_group()
 
 

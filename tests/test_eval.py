@@ -47,8 +47,10 @@ def test_passkey_all_methods_write_results(checkpoint, tmp_path, capsys):
             assert key in result
     assert json.load(open(tmp_path / "passkey_longmamba.json"))["settings"]["b"] == evaluate.LONGMAMBA["b"]
     assert json.load(open(tmp_path / "passkey_decimamba.json"))["settings"]["layers"] == [1]
-    selection = json.load(open(tmp_path / "passkey_remamba.json"))["remamba_selection"]
-    assert set(selection["256"]) == {"needle_in_region", "key_token_kept", "correct_when_in_region"}
+    selection = json.load(open(tmp_path / "passkey_remamba.json"))["mechanism"]
+    assert set(selection["256"]) == {"needle_in_region", "key_token_kept", "correct_when_in_region", "samples"}
+    decimated = json.load(open(tmp_path / "passkey_decimamba.json"))["mechanism"]["256"]
+    assert decimated["samples"] == 4 and decimated["question_survived"] <= 4
     assert "LongMamba calibration" in out and "global channels" in out
     assert os.path.isfile(os.path.join(checkpoint, evaluate.CALIBRATION_FILE))
     pytest.importorskip("matplotlib")
@@ -153,6 +155,7 @@ BAD_INPUTS = [
     (["--decimating-layers", "9", "--method", "decimamba"], "--decimating-layers 9: this model has layers 0..3"),
     (["--out-dir", "README.md"], "--out-dir README.md: cannot write there"),
     (["--depths", "2"], "--depths must lie in [0, 1]"),
+    (["--task", "longbench", "--max-length", "1"], "--max-length must be ≥ 2, got 1"),
 ]
 
 

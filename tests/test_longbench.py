@@ -130,7 +130,8 @@ def test_score_and_buckets():
     buckets = lb.score_e("qasper", ["16", "GELU", "one A100 GPU", ""], [["16"], ["SiLU"], ["one A100 GPU"], ["2048"]],
                          [1200, 3999, 4000, 8000], None)
     assert buckets == {"0-4k": 50.0, "4-8k": 100.0, "8k+": 0.0}
-    assert lb.score_e("qasper", ["16"], [["16"]], [7999], None) == {"0-4k": None, "4-8k": 100.0, "8k+": None}
+    assert lb.score_e("qasper", ["16"], [["16"]], [7999], None) == {"0-4k": pytest.approx(float("nan"), nan_ok=True), "4-8k": 100.0,
+                                                                     "8k+": pytest.approx(float("nan"), nan_ok=True)}
     with pytest.raises(ValueError, match="no predictions"):
         lb.score("qasper", [], [], None)
     with pytest.raises(ValueError, match="answers"):
@@ -170,8 +171,10 @@ def test_truncate_middle():
     assert lb.truncate_middle(ids, 4) == [0, 1, 8, 9]
     assert lb.truncate_middle(ids, 5) == [0, 1, 8, 9]  # odd: 2 * (5 // 2) tokens, as the official int(5/2)
     assert lb.truncate_middle(ids, 2) == [0, 9]
-    with pytest.raises(ValueError, match="at least 2"):
-        lb.truncate_middle(ids, 1)
+    # the official form: both halves decoded, joined and encoded again (here the join merges "ab" + "cd")
+    words = {0: "ab", 1: "cd", 2: "abcd", 9: "x"}
+    enc = lambda text: [2] if text == "abcd" else [k for k, v in words.items() if v == text]  # noqa: E731
+    assert lb.truncate_middle([0, 5, 6, 1], 2, enc, lambda ids: "".join(words[i] for i in ids)) == [2]
 
 
 def test_error_messages(tmp_path):
@@ -220,11 +223,12 @@ class FakeModel:
     def __init__(self, die_after=None):
         self.prompts, self.die_after = [], die_after
 
-    def __call__(self, prompt_ids, max_new_tokens, eos_token_id):
+    def __call__(self, prompt_ids, max_new_tokens, stop_ids, min_new_tokens):
         if self.die_after is not None and len(self.prompts) == self.die_after:
             raise KeyboardInterrupt("killed")
         self.prompts.append(prompt_ids)
-        return prompt_ids[::-1][:max_new_tokens] + [eos_token_id]
+        self.stops = (stop_ids, min_new_tokens)
+        return prompt_ids[::-1][:max_new_tokens] + [stop_ids[0]]
 
 
 def run(samples, out_path, model, dataset="qasper", max_length=120, **kwargs):
@@ -389,3 +393,12 @@ def test_chinese_parity_with_jieba_and_rouge():
         for g in texts:
             joined = [" ".join(lb.jieba.cut(t, cut_all=False)) for t in (p, g)]
             assert lb.rouge_zh_score(p, g) == official_rouge(rouge, *joined)
+
+
+def test_samsum_stops_at_a_newline_and_emits_at_least_one_token(tmp_path):
+    model = FakeModel()
+    run(lb.load_samples(DATA, "qasper"), tmp_path / "qasper.jsonl", model)
+    assert model.stops == ([EOS], 0)
+    samsum = [dict(s, _id=f"samsum-{i}") for i, s in enumerate(lb.load_samples(DATA, "qasper"))]
+    run(samsum, tmp_path / "samsum.jsonl", model, dataset="samsum")
+    assert model.stops == ([EOS, encode("\n")[-1]], 1)

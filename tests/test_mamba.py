@@ -377,3 +377,12 @@ def test_half_precision_save_keeps_decay_rates_in_float32(tmp_path):
     loaded = Mamba.from_pretrained(str(tmp_path))
     ids = torch.randint(0, 101, (1, 9))
     assert rel_err(loaded(ids), model(ids)) < 1e-2
+
+
+def test_decode_stops_at_any_stop_token_but_not_before_min_new_tokens():
+    model = small_model()
+    ids = torch.randint(0, 101, (1, 8))
+    first = int(model.generate(ids, max_new_tokens=1)[0, 0])
+    assert model.generate(ids, 6, eos_token_id=[7 if first != 7 else 8, first]).tolist() == [[first]]
+    held = model.generate(ids, 6, eos_token_id=first, min_new_tokens=1)
+    assert int(held[0, 0]) != first and held.shape[1] >= 2
