@@ -180,12 +180,9 @@ def bench_methods(args):
 
 
 def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        out = ""
-    return os.environ.get("MAMBA_COMMIT") or out or "unknown"
+    """This checkout's commit ($MAMBA_COMMIT where the tree was copied without .git)."""
+    return os.environ.get("MAMBA_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
+        capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
 
 
 def provenance():

@@ -147,12 +147,9 @@ def parse_lengths(text, L_train):
 
 
 def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        out = ""
-    return os.environ.get("MAMBA_COMMIT") or out or "unknown"
+    """This checkout's commit ($MAMBA_COMMIT where the tree was copied without .git)."""
+    return os.environ.get("MAMBA_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
+        capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -621,7 +618,7 @@ def main(argv=None):
         return report(args.report)
     device, rank, world = setup(args)
     model, encoding, L_train = load_model(args, device)
-    text = read_text("--data", args.data) if args.task != "longbench" else ""
+    text = read_text("--data", args.data)         # the training prose: calibration windows, the default haystack
     haystack_text = read_text("--haystack", args.haystack) if args.haystack else text
     cpu = not device.startswith("cuda")
     lengths = parse_lengths(args.lengths or ("1x,4x,16x" if cpu else "1x,2x,4x,8x,16x,32x"), L_train)

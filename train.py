@@ -332,13 +332,9 @@ def validation_accuracy(generate, encoding, text, L_train, multiples, n, device)
 
 
 def git_commit():
-    """The repository's commit; $MAMBA_COMMIT where the tree was copied without .git (a remote GPU machine)."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except OSError:
-        out = ""
-    return os.environ.get("MAMBA_COMMIT") or out or "unknown"
+    """This checkout's commit ($MAMBA_COMMIT where the tree was copied without .git)."""
+    return os.environ.get("MAMBA_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
+        capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
 
 
 def setup_device(args):
