@@ -173,7 +173,8 @@ def build_methods(args, model, encoding, L_train, text, device):
             import decimamba
             layers = args.layer_list or [model.config.n_layer // 2]
             if any(not 0 <= i < model.config.n_layer for i in layers):
-                fail(f"--decimating-layers {args.decimating_layers}: this model has layers 0..{model.config.n_layer - 1}")
+                fail(f"--decimating-layers {args.decimating_layers}: this model has layers "
+                     f"0..{model.config.n_layer - 1}")
             settings = dict(layers=layers, beta=args.beta, L_base=args.L_base or L_train, min_len=args.min_len)
             hook = decimamba.DeciMamba(layers, settings["L_base"], args.beta, args.min_len)
         elif name == "remamba":
@@ -202,8 +203,7 @@ def load_calibration(args, model, encoding, L_train, text):
     n = args.calibration_windows
     if len(ids) < n * L_train:
         fail(f"--data has {len(ids)} training tokens, fewer than {n} calibration windows of {L_train}")
-    starts = np.linspace(0, len(ids) - L_train, n).astype(np.int64)   # windows cut evenly from the training prose
-    windows = torch.from_numpy(np.stack([ids[s:s + L_train] for s in starts]).astype(np.int64))
+    windows = longmamba.calibration_windows(ids, L_train, n)
     wanted = dict(L_train=L_train, windows=n, lengths=longmamba.default_lengths(L_train), aggregate="avg",
                   decay_state=args.decay_state, sc=args.sc, model=longmamba.fingerprint(model),
                   text=hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16])
@@ -629,7 +629,8 @@ def main(argv=None):
                  f"tokens with this tokenizer")
     weights = os.path.join(args.model, "pytorch_model.bin")
     weights = weights if os.path.exists(weights) else os.path.join(args.model, "model.safetensors")
-    meta = {"model": args.model, "weights": f"{os.path.getsize(weights)} bytes, modified {os.path.getmtime(weights):.0f}",
+    meta = {"model": args.model,
+            "weights": f"{os.path.getsize(weights)} bytes, modified {os.path.getmtime(weights):.0f}",
             "L_train": L_train, "command": "python eval.py " + " ".join(argv), "commit": git_commit(),
             "device": torch.cuda.get_device_name(device) if not cpu else f"cpu ({os.cpu_count()} cores)"}
     methods = build_methods(args, model, encoding, L_train, text, device)
@@ -641,7 +642,8 @@ def main(argv=None):
         if args.task == "passkey":
             cells = run_passkey(args, methods, encoding, lengths, haystack_text, device, rank, world, meta)
             if rank == 0:
-                print(f"wrote {write_passkey(args, methods, cells, lengths, meta, L_train)} in {time.time() - t0:.0f} s")
+                written = write_passkey(args, methods, cells, lengths, meta, L_train)
+                print(f"wrote {written} in {time.time() - t0:.0f} s")
         elif args.task == "ppl":
             results = run_ppl(args, methods, encoding, lengths, haystack_text, device, meta)
             path = os.path.join(args.out_dir, f"ppl_{'_'.join(results)}.json")

@@ -34,6 +34,7 @@ every statistic (sc 0.10 / 0.15 / 0.20 in its loop); `sc=0` (default) is the unc
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +54,13 @@ def default_lengths(L_train):
 
 # ----------------------------------------------------------------------------------------------------------
 # 1. Calibration (offline, once per model)
+
+
+def calibration_windows(ids, L_train, n=DEFAULT_WINDOWS):
+    """n windows of L_train tokens cut evenly from a long token stream ids (numpy), as (n, L_train) int64 ids."""
+    assert len(ids) >= n * L_train, f"{len(ids)} tokens, fewer than {n} windows of {L_train}"
+    starts = np.linspace(0, len(ids) - L_train, n).astype(np.int64)
+    return torch.from_numpy(np.stack([ids[s:s + L_train] for s in starts]).astype(np.int64))
 
 
 def _thresholds(delta, decay, L):

@@ -120,7 +120,7 @@ class MambaConfig:
         Raises ValueError saying what is missing or unsupported."""
         if "hidden_size" in d:  # transformers' MambaConfig
             if d.get("use_bias", False) or not d.get("use_conv_bias", True):
-                raise ValueError("use_bias=True or use_conv_bias=False is not supported (no Mamba checkpoint uses them)")
+                raise ValueError("use_bias=True or use_conv_bias=False is not supported (no Mamba checkpoint has them)")
             kw = dict(d_model=d["hidden_size"], n_layer=d.get("num_hidden_layers"), vocab_size=d.get("vocab_size"),
                       d_state=d.get("state_size", 16), d_conv=d.get("conv_kernel", 4), expand=d.get("expand", 2),
                       dt_rank=d.get("time_step_rank", "auto"), pad_vocab_size_multiple=1,
@@ -673,7 +673,8 @@ def read_safetensors(path):
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
             if end > len(body):
                 raise ValueError(f"tensor {name} ends at byte {end} of a {len(body)}-byte body")
-            flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
+            flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if end > begin else \
+                torch.empty(0, dtype=dtype)
             tensors[name] = flat.reshape(info["shape"])
     except (struct.error, ValueError, KeyError, TypeError, RuntimeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt? {e})") from None

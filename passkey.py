@@ -234,7 +234,7 @@ def _assemble(encoding, haystack, length, depth, key, start):
     second = first + len(key_ids) + len(fixed["needle_middle"])
     return PasskeySample(prompt_ids=prompt.astype(np.int64).tolist(), answer=key, answer_ids=key_ids,
                          needle_start=needle_start,
-                         key_positions=list(range(first, first + len(key_ids))) + list(range(second, second + len(key_ids))),
+                         key_positions=[*range(first, first + len(key_ids)), *range(second, second + len(key_ids))],
                          question_start=len(prompt) - len(fixed["question"]))
 
 

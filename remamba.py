@@ -99,7 +99,7 @@ class ReMamba(nn.Module):
                 proj[2].bias.zero_()
             d, mixer = c.d_model, base.backbone.layers[0].mixer
             if init == "official":
-                w_in, w_out = mixer.in_proj.weight, mixer.out_proj.weight                 # (2·d_inner, d), (d, d_inner)
+                w_in, w_out = mixer.in_proj.weight, mixer.out_proj.weight     # (2·d_inner, d), (d, d_inner)
                 for proj, rows in ((self.K_proj, (0, d)), (self.Q_proj, (2 * d, 3 * d))):
                     proj[0].weight.copy_(w_in[rows[0]:rows[1]])
                     proj[2].weight.copy_(w_in[rows[0] + d:rows[1] + d])
@@ -212,7 +212,8 @@ class ReMamba(nn.Module):
         import mamba
         payload = {"settings": {"ratio": self.ratio, "compress_ratio": self.compress_ratio,
                                 "start_ratio": self.start_ratio},
-                   "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items() if not k.startswith("base.")}}
+                   "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()
+                                  if not k.startswith("base.")}}
         mamba.atomic_write(path, lambda f: torch.save(payload, f))
 
     @classmethod

@@ -69,8 +69,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[st
     `vocab_size` counts everything: the 256 single bytes (ranks 0..255), the learned merges (ranks 256...),
     and the special tokens (the ids after the ranks), so the result has `n_vocab == vocab_size`.
 
-    The text is split into pre-tokens with `pattern` (GPT2_PATTERN or DIGITS_PATTERN) and merges never cross a pre-token boundary, so the
-    corpus is just a table of distinct pre-tokens ("words") and their counts. Each step merges the most
+    The text is split into pre-tokens with `pattern` (GPT2_PATTERN or DIGITS_PATTERN) and merges never cross a
+    pre-token boundary, so the corpus is just a table of distinct pre-tokens ("words") and their counts. Each step merges the most
     frequent adjacent pair of tokens, counted over all words; ties go to the pair of lower ranks, so the
     result depends only on the text. After a merge only the words that contained the pair change, and only
     their pairs' counts are updated (an index pair -> words holding it finds them), which is what makes

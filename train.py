@@ -429,7 +429,8 @@ class Run:
         atomic_write(os.path.join(args.out, STATE_FILE), lambda f: torch.save(
             {"model": self.trained.state_dict(), "optimizer": self.optimizer.state_dict(),
              "rng_cpu": torch.get_rng_state(), "step": self.step, "elapsed": elapsed, "args": vars(args)}, f))
-        self.base.save_pretrained(args.out, self.encoding, dtype=torch.float16 if args.save_dtype == "float16" else None)
+        dtype = torch.float16 if args.save_dtype == "float16" else None
+        self.base.save_pretrained(args.out, self.encoding, dtype=dtype)
         if args.method == "remamba":
             self.trained.save(os.path.join(args.out, "remamba.pt"))
         info = {"L_train": args.L_train, "method": args.method, "steps": self.step, "finished": final,
@@ -450,8 +451,8 @@ class Run:
 
     def out_of_time(self):
         """Whether --time-limit has passed, agreed by every rank (or the others would wait in DDP forever)."""
-        late = torch.tensor(float(bool(self.args.time_limit) and time.time() - self.t_start > self.args.time_limit * 60),
-                            device=self.device)
+        limit = self.args.time_limit
+        late = torch.tensor(float(bool(limit) and time.time() - self.t_start > limit * 60), device=self.device)
         if self.world > 1:
             dist.all_reduce(late, op=dist.ReduceOp.MAX)
         return bool(late.item())

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import mamba
+from conftest import rel_err
 import scan_triton
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -31,10 +32,6 @@ def use_chunks(monkeypatch, chunked):
     """Chunks of 2 segments (16 tokens: passes 1 to 3 in both directions), or the whole sequence as one."""
     chunk_len = (lambda batch, d_inner, L, *_: 16) if chunked else (lambda batch, d_inner, L, *_: 8 * (-(-L // 8)))
     monkeypatch.setattr(scan_triton, "_chunk_len", chunk_len)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def make_inputs(seed, batch, d_inner, d_state, L, groups=None, D=True, z=True, delta_bias=True, softplus=True,
