@@ -130,11 +130,16 @@ def fail(message):
 
 
 def read_text(flag, path):
+    """A prose file, checked to give both the training and the held-out split sentences."""
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read()
+            text = f.read()
+        passkey.Haystack(text, "eval")
+        return text
     except (OSError, UnicodeDecodeError) as e:
         fail(f"{flag} {path}: not a readable UTF-8 text file ({type(e).__name__})")
+    except ValueError as e:
+        fail(f"{flag} {path}: {e}")
 
 
 def parse_lengths(text, L_train):

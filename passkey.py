@@ -68,15 +68,13 @@ class Haystack:
 
     text:  the whole text (e.g. a book); whitespace is kept, "\\r\\n" becomes "\\n".
     split: "train" (first 90 % of the sentences), "eval" (last 10 %) or "all".
-    Token ids are computed once per encoding object, on first use, and cached here (pass the same object). "".join(haystack.sentences) is the
-    split's text, e.g. for language-model windows that must not overlap the eval split.
+    Token ids are computed once per encoding object, on first use, and cached here (pass the same object).
+    "".join(haystack.sentences) is the split's text, e.g. for language-model windows that must not overlap the
+    eval split. A text too short to give the split a sentence raises ValueError (it comes from a user's file).
     """
 
     def __init__(self, text, split):
-        if not isinstance(text, str):
-            raise TypeError(f"Haystack text must be a str (the file's contents), got {type(text).__name__}")
-        if split not in SPLITS:
-            raise ValueError(f"Haystack split must be one of {SPLITS}, got {split!r}")
+        assert split in SPLITS, split
         # Every sentence, the first one included, must begin with whitespace so that sentences concatenate
         # cleanly, also where the filler wraps from the end of the text to its start.
         text = text.replace("\r\n", "\n").rstrip()
@@ -146,11 +144,8 @@ def make_sample(encoding, haystack, length, depth, seed, filler="prose"):
     seed:     picks the key and where in the haystack the filler starts; the same seed at another length or
               depth gives the same key. Same (encoding, haystack, length, depth, seed, filler) -> same sample.
     """
-    filler_haystack = _filler_haystack(haystack, filler)
-    _check_length(encoding, length)
-    _check_depth(depth)
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int (it makes the sample reproducible), got {seed!r}")
+    assert prompt_overhead(encoding) <= length and 0 <= depth <= 1 and seed >= 0, (length, depth, seed)
+    filler_haystack = _REPEAT_HAYSTACK if filler == "repeat" else haystack
     key, start = _draw(np.random.default_rng(seed), filler_haystack)
     return _assemble(encoding, filler_haystack, length, depth, key, start)
 
@@ -166,13 +161,8 @@ def training_example(encoding, haystack, length, rng, filler="prose", other_weig
     answer or the ANSWER_END that closes it (a model that goes on with more digits is wrong), and other_weight
     elsewhere: a language-model loss on every token of a long haystack drowns the few tokens of the key.
     """
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError(f"rng must be a numpy.random.Generator (numpy.random.default_rng(seed)), "
-                        f"got {type(rng).__name__}")
-    if not 0 <= other_weight <= 1:
-        raise ValueError(f"other_weight is the loss weight of non-answer tokens, in [0, 1]; got {other_weight}")
-    filler_haystack = _filler_haystack(haystack, filler)
-    _check_length(encoding, length)
+    assert prompt_overhead(encoding) <= length, f"length {length} leaves no room for filler"
+    filler_haystack = _REPEAT_HAYSTACK if filler == "repeat" else haystack
     depth = min_depth + (1 - min_depth) * rng.random()
     key, start = _draw(rng, filler_haystack)
     answer_end_ids = _fixed_ids(encoding)["answer_end"]
@@ -243,29 +233,3 @@ def _draw(rng, haystack):
     key = str(rng.integers(KEY_LOW, KEY_HIGH))
     start = int(rng.integers(len(haystack.sentences)))
     return key, start
-
-
-def _filler_haystack(haystack, filler):
-    if filler == "repeat":
-        return _REPEAT_HAYSTACK
-    if filler != "prose":
-        raise ValueError(f"filler must be one of {FILLERS}, got {filler!r}")
-    if not isinstance(haystack, Haystack):
-        raise ValueError("filler='prose' needs a Haystack of natural text, e.g. "
-                         "passkey.Haystack(open('data/war_and_peace.txt', encoding='utf-8').read(), 'eval'); "
-                         f"got {type(haystack).__name__} (or use filler='repeat' for the classic filler)")
-    return haystack
-
-
-def _check_length(encoding, length):
-    if not isinstance(length, (int, np.integer)) or isinstance(length, bool):
-        raise TypeError(f"length is a number of tokens (an int), got {type(length).__name__}")
-    overhead = prompt_overhead(encoding)
-    if length < overhead:
-        raise ValueError(f"length {length} is too short: the intro, needle, question and answer alone take up "
-                         f"to {overhead} tokens of this tokenizer; use length >= {overhead}")
-
-
-def _check_depth(depth):
-    if not 0 <= depth <= 1:
-        raise ValueError(f"depth is where the needle sits in the filler, from 0 (start) to 1 (end); got {depth}")

@@ -372,8 +372,11 @@ class Run:
         try:
             with open(args.data, encoding="utf-8") as f:
                 self.text = f.read()
+            passkey.Haystack(self.text, "eval")
         except (OSError, UnicodeDecodeError) as e:
             fail(f"--data {args.data}: not a readable UTF-8 text file ({type(e).__name__})")
+        except ValueError as e:
+            fail(f"--data {args.data}: {e}")
         os.makedirs(args.out, exist_ok=True)
         if not os.access(args.out, os.W_OK):
             fail(f"--out {args.out}: not writable")

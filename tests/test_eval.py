@@ -159,10 +159,13 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("extra,message", BAD_INPUTS)
-def test_bad_inputs_exit_with_one_line(extra, message):
+@pytest.mark.parametrize("extra,message", BAD_INPUTS + [(["--haystack", "EMPTY"], "split is empty")])
+def test_bad_inputs_exit_with_one_line(extra, message, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n")
+    extra = [str(tmp_path / "empty.txt") if x == "EMPTY" else x for x in extra]
+    out_dir = [] if "--out-dir" in extra else ["--out-dir", str(tmp_path / "out")]
     done = subprocess.run([sys.executable, "eval.py", "--device", "cpu", "--samples", "1", "--lengths", "512"]
-                          + extra, cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          + out_dir + extra, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) <= 2    # argparse adds its usage line

@@ -172,33 +172,17 @@ def test_million_token_sample_is_fast(book):
     assert seconds < 10
 
 
-def test_bad_input_messages(book, haystack):
+def test_bad_inputs(book, haystack):
     overhead = passkey.prompt_overhead(BYTES)
-    with pytest.raises(ValueError, match=f"use length >= {overhead}"):
+    with pytest.raises(AssertionError):
         passkey.make_sample(BYTES, haystack, overhead - 1, 0.5, seed=0)
-    with pytest.raises(ValueError, match=f"use length >= {overhead}"):
+    with pytest.raises(AssertionError):
         passkey.training_example(BYTES, haystack, 10, np.random.default_rng(0))
-    with pytest.raises(TypeError, match="length is a number of tokens"):
-        passkey.make_sample(BYTES, haystack, 1000.0, 0.5, seed=0)
     for depth in [-0.1, 1.5, math.nan]:
-        with pytest.raises(ValueError, match="depth is where the needle sits"):
+        with pytest.raises(AssertionError):
             passkey.make_sample(BYTES, haystack, 1000, depth, seed=0)
+    # a haystack is read from a user's file: its problems get a clear message
     with pytest.raises(ValueError, match="split is empty"):
         passkey.Haystack("One sentence only.", "train")
     with pytest.raises(ValueError, match="split is empty"):
         passkey.Haystack(" \n\n ", "all")
-    with pytest.raises(ValueError, match="split must be one of"):
-        passkey.Haystack(book, "test")
-    with pytest.raises(TypeError, match="must be a str"):
-        passkey.Haystack(BOOK, "all")
-    for seed in [None, -1, 1.5]:
-        with pytest.raises(ValueError, match="seed must be a non-negative int"):
-            passkey.make_sample(BYTES, haystack, 1000, 0.5, seed=seed)
-    with pytest.raises(ValueError, match="filler must be one of"):
-        passkey.make_sample(BYTES, haystack, 1000, 0.5, seed=0, filler="grass")
-    with pytest.raises(ValueError, match="needs a Haystack"):
-        passkey.make_sample(BYTES, None, 1000, 0.5, seed=0)
-    with pytest.raises(TypeError, match="numpy.random.Generator"):
-        passkey.training_example(BYTES, haystack, 1000, 0)
-    with pytest.raises(ValueError, match="other_weight"):
-        passkey.training_example(BYTES, haystack, 1000, np.random.default_rng(0), other_weight=2.0)
