@@ -185,7 +185,7 @@ def test_bad_checkpoints_exit_with_one_line(tmp_path):
     for name, (message, damage) in cases.items():
         damage(tmp_path / "m")
         done = subprocess.run([sys.executable, "eval.py", "--model", str(tmp_path / "m"), "--method", "remamba",
-                               "--device", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                               "--device", "cpu", "--out-dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, (name, done.stderr)
 
 
