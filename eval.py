@@ -326,8 +326,8 @@ def mechanism(method, sample, prompt):
     if method["name"] == "remamba":
         import remamba
         rm = method["runner"]
-        s, e, K = remamba.compression_region(prompt.shape[1], rm.ratio, rm.compress_ratio, rm.start_ratio)
-        kept = set(rm.kept_positions(prompt)[0].tolist()) if K else set()
+        s, e, _ = remamba.compression_region(prompt.shape[1], rm.ratio, rm.compress_ratio, rm.start_ratio)
+        kept = set(rm.kept[0].tolist())                          # what the generation's stage 1 kept
         return {"key_in_region": any(s <= p < e for p in key), "key_kept": bool(kept & key)}
     if method["name"] == "decimamba" and method["hook"].survivors is not None:
         survivors = set(method["hook"].survivors[0].tolist())
@@ -420,10 +420,10 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
     ids = passkey.Haystack(text, args.split).tokens(encoding)[0]
     if max(lengths) > len(ids) or min(lengths) <= args.predict:
         fail(f"--lengths must exceed --predict {args.predict} and fit the {len(ids)} held-out tokens of --data")
+    if any(m["name"] == "remamba" for m in methods):
+        fail("--task ppl does not apply to remamba (it compresses a prompt before answering)")
     results, start, done, total = {}, time.time(), 0, sum(lengths) * args.windows * len(methods)
     for m in methods:
-        if m["name"] == "remamba":
-            fail("--task ppl does not apply to remamba (it compresses a prompt before answering)")
         store = Cells(args.out_dir, dict(task="ppl", label=m["label"], settings=m["settings"], model=meta["model"],
                                          weights=meta["weights"], haystack=args.haystack or args.data,
                                          split=args.split, predict=args.predict))
@@ -444,11 +444,10 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
                             logits = m["runner"].step(scored[t:t + 1], caches)
                 store.add((L, w), float(np.mean(nll)))
             rate = done / (time.time() - start)
-            ppl = math.exp(np.mean([store.done[(L, w)] for w in range(args.windows)]))
+            ppl = results.setdefault(m["label"], {})[str(L)] = math.exp(
+                np.mean([store.done[(L, w)] for w in range(args.windows)]))
             print(f"  {m['label']:>12} length {L:>7}: perplexity {ppl:8.3f} | {rate / 1e3:6.1f}k tok/s | "
                   f"ETA {(total - done) / rate / 60:5.1f} min", flush=True)
-        results[m["label"]] = {str(L): math.exp(np.mean([store.done[(L, w)] for w in range(args.windows)]))
-                               for L in lengths}
     return results
 
 

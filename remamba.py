@@ -89,6 +89,7 @@ class ReMamba(nn.Module):
         super().__init__()
         assert init in INITS, init
         self.base = base
+        self.kept = None   # after a prefill: the positions (b, K) whose states stage 2 read
         self.ratio, self.compress_ratio, self.start_ratio = ratio, compress_ratio, start_ratio
         c = base.config
         self.Q_proj, self.K_proj, self.V_proj = _mlp(c.d_model), _mlp(c.d_model), _mlp(c.d_model)
@@ -157,33 +158,29 @@ class ReMamba(nn.Module):
 
     def _stage2_prompt(self, input_ids):
         """Stage 1 over a prompt (b, L): the hook and the inputs stage 2 reads (the plain prompt, no hook, when
-        nothing is compressed), and the kept positions (b, K)."""
+        nothing is compressed); the kept positions go to self.kept."""
         L = input_ids.shape[1]
         region = compression_region(L, self.ratio, self.compress_ratio, self.start_ratio)
         if region[2] == 0:
-            return None, {"input_ids": input_ids}, input_ids.new_zeros(input_ids.shape[0], 0)
-        embeds, adapt, kept = self._stage2(input_ids, region, torch.full((input_ids.shape[0],), L - 1,
-                                                                         device=input_ids.device))
-        return adapt, {"inputs_embeds": embeds}, kept
+            self.kept = input_ids.new_zeros(input_ids.shape[0], 0)
+            return None, {"input_ids": input_ids}
+        embeds, adapt, self.kept = self._stage2(input_ids, region, torch.full((input_ids.shape[0],), L - 1,
+                                                                              device=input_ids.device))
+        return adapt, {"inputs_embeds": embeds}
 
     def prefill(self, input_ids):
         """Stage 1 and stage 2 over a prompt (b, L): the last position's logits and the caches (Mamba.prefill)."""
-        hook, inputs, _ = self._stage2_prompt(input_ids)
+        hook, inputs = self._stage2_prompt(input_ids)
         with self.base.hooked(hook):
             return self.base.prefill(**inputs)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens=20, eos_token_id=None, min_new_tokens=0):
         """Greedy decoding from stage 2's state: the new token ids (b, ≤ max_new_tokens), as Mamba.generate."""
-        hook, inputs, _ = self._stage2_prompt(input_ids)
+        hook, inputs = self._stage2_prompt(input_ids)
         with self.base.hooked(hook):
             return self.base.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
                                       min_new_tokens=min_new_tokens)
-
-    @torch.no_grad()
-    def kept_positions(self, input_ids):
-        """Where stage 1 looks: the positions (b, K) whose states stage 2 reads, for a prompt (b, L)."""
-        return self._stage2_prompt(input_ids)[2]
 
     def training_loss(self, ids, weights, prompt_lengths, region):
         """The weighted next-token loss of a batch read through ReMamba.

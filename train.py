@@ -272,7 +272,7 @@ def base_parameters(model, which):
 
 
 def build(args, device, text):
-    """(encoding, the module trained, the parameter groups, the bare base model, what generates for evaluation)."""
+    """(encoding, the module trained (its generate is what evaluation runs), the parameter groups, the base model)."""
     import remamba
     if args.method == "lm":
         encoding = tokenizer.load_tokenizer(args.out) if args.resume else load_encoding(args.tokenizer, text)
@@ -300,8 +300,7 @@ def build(args, device, text):
     decayed = {id(p) for n, p in trained.named_parameters() if p.dim() >= 2 and not n.endswith("A_log")}
     groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": args.weight_decay},
               {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
-    generate = (trained.generate if args.method == "remamba" else base.generate)
-    return encoding, trained, groups, base, generate
+    return encoding, trained, groups, base
 
 
 def lr_at(step, args):
@@ -382,7 +381,7 @@ class Run:
             fail(f"--out {args.out}: not writable")
         self.log_file = open(os.path.join(args.out, "train_log.txt"), "a") if self.rank == 0 else None
         torch.manual_seed(args.seed)
-        self.encoding, self.trained, groups, self.base, self.generate = build(args, self.device, self.text)
+        self.encoding, self.trained, groups, self.base = build(args, self.device, self.text)
         self.batches = Batches(args, self.encoding, self.text)
         if args.method == "lm" and len(self.batches.lm_tokens) <= args.L_train + 1:
             fail(f"--data has {len(self.batches.lm_tokens)} training tokens, fewer than one window of L_train + 1")
@@ -446,7 +445,7 @@ class Run:
     def evaluate(self):
         self.trained.eval()
         with self.amp:
-            acc = validation_accuracy(self.generate, self.encoding, self.text, self.args.L_train, self.args.eval_x,
+            acc = validation_accuracy(self.trained.generate, self.encoding, self.text, self.args.L_train, self.args.eval_x,
                                       self.args.eval_samples, self.device)
         self.trained.train()
         self.log(f"eval step {self.step:6d} | passkey accuracy on {self.args.eval_samples} validation samples: "

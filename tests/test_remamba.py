@@ -182,7 +182,7 @@ def test_generate_decodes_from_stage_2_and_restores_the_hook():
         assert base.hook is sentinel and sentinel_calls == []      # ReMamba replaces it during both stages
     with base.hooked(None):
         assert torch.equal(new, base.decode(logits, caches, 6))       # decoding steps keep their own Δ
-    kept = rm.kept_positions(ids)
+    kept = rm.kept                                                 # what the last prefill's stage 1 kept
     assert kept.shape == (2, compression_region(30)[2]) and int(kept.max()) < compression_region(30)[1]
 
 
