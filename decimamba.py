@@ -13,7 +13,7 @@ last `tail` are protected (the response; in generation the last prompt token, fr
     k = min(L - tail, max(⌊L_base · β^s⌋, min_len))  tokens kept among the L - tail unprotected ones
     keep the k most important of them and the tail, in their original order
 
-The decimating layer gathers x, Δ, B, C and z at the kept positions *before* its own selective scan (mamba.py
+The decimating layer gathers x, dt, B, C and z at the kept positions *before* its own selective scan (mamba.py
 does that when the hook returns `keep`), so its SSM, its recurrent state for decoding, the residual stream and
 every later layer see the k + tail kept tokens only. Decoding steps are never decimated.
 
@@ -27,9 +27,11 @@ is therefore already "fine-tuned with decimation".
 
 import torch
 
+import mamba
+
 
 class DeciMamba:
-    """The hook (mamba.py's contract): returns (delta, keep) at the decimating layers of a prefill.
+    """The hook (mamba.py's contract): returns (dt, keep) at the decimating layers of a prefill.
 
     layers: decimating layer indices; beta in (0, 1]: each later decimating layer keeps β times as many tokens;
     L_base: the tokens the first one keeps (official: the training length, 2,000); min_len: never fewer."""
@@ -39,18 +41,18 @@ class DeciMamba:
         self.tail = tail
         self.survivors = None   # after a prefill: the prompt positions (b, k) every decimating layer kept
 
-    def __call__(self, layer_idx, dt, delta, is_step):
-        if is_step or layer_idx not in self.budget:
-            return delta
-        batch, _, L = delta.shape
+    def __call__(self, layer_idx, dt, dt_bias):
+        if layer_idx not in self.budget:
+            return dt
+        batch, _, L = dt.shape
         if layer_idx == min(self.budget):
-            self.survivors = torch.arange(L, device=delta.device).expand(batch, -1)
+            self.survivors = torch.arange(L, device=dt.device).expand(batch, -1)
         candidates = L - self.tail
         k = min(candidates, self.budget[layer_idx])
         if k == candidates:
-            return delta                                                      # nothing to drop
-        importance = delta[..., :candidates].norm(dim=1)                      # (b, L - tail): ‖Δ_{:,t}‖₂
+            return dt                                                         # nothing to drop
+        importance = mamba.delta_of(dt[..., :candidates], dt_bias).norm(dim=1)   # (b, L - tail): ‖Δ_{:,t}‖₂
         top = importance.topk(k, dim=-1).indices.sort(-1).values              # (b, k), in original order
-        keep = torch.cat([top, torch.arange(candidates, L, device=delta.device).expand(batch, -1)], dim=-1)
+        keep = torch.cat([top, torch.arange(candidates, L, device=dt.device).expand(batch, -1)], dim=-1)
         self.survivors = self.survivors.gather(1, keep)
-        return delta, keep
+        return dt, keep

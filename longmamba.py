@@ -15,7 +15,7 @@ global channel's Σ_t Δ is about 16× larger, the early tokens decay away, and 
 model was trained on.
 
 The fix: a global channel takes in only its critical tokens, those with a large Δ_t, and skips the others with
-Δ_t := 0 (exp(0·A) = 1 keeps the state, 0·B_t x_t adds nothing). It keeps as many as make its total Δ over the
+Δ_t := 0 (exp(0·A) = 1 keeps the state, 0·B_t x_t adds nothing; the hook sets dt = -inf, softplus(-inf) = 0). It keeps as many as make its total Δ over the
 long prompt equal to its total over a training window, found offline by stretching the window's sorted Δ curve
 to the prompt length (`_thresholds`). Which tokens a channel skips is decided in `LongMamba.__call__`, the hook.
 Local channels and decoding steps are untouched.
@@ -37,6 +37,8 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import mamba
 
 # The official length grid for its 2,000-token training length: 1k ... 192k tokens.
 OFFICIAL_L_TRAIN = 2000
@@ -110,10 +112,10 @@ def calibrate(model, windows, lengths=None, aggregate="avg", decay_state="slowes
     device = model.lm_head.weight.device
     per_window = []   # per window: per layer (decay, tA_prod, threshold, alpha)
 
-    def record(layer_idx, dt, delta, is_step):
+    def record(layer_idx, dt, dt_bias):
         A = -torch.exp(model.backbone.layers[layer_idx].mixer.A_log.float())
-        per_window[-1].append(window_statistics(delta[0], A, lengths, decay_state, sc))
-        return delta
+        per_window[-1].append(window_statistics(mamba.delta_of(dt, dt_bias)[0], A, lengths, decay_state, sc))
+        return dt
 
     with model.hooked(record):
         for i, window in enumerate(windows):
@@ -159,20 +161,29 @@ class LongMamba:
         self.is_global = calibration["tA_prod"] > c                          # (n_layer, C)
         self.threshold, self.decay = calibration["threshold"], calibration["decay"]
 
-    def __call__(self, layer_idx, dt, delta, is_step):
-        seqlen = delta.shape[-1]
-        is_global = self.is_global[layer_idx].to(delta.device)
-        if is_step or seqlen < self.filter_from or not is_global.any():
-            return delta                                                      # decoding steps, short prompts
+    def __call__(self, layer_idx, dt, dt_bias):
+        seqlen = dt.shape[-1]
+        is_global = self.is_global[layer_idx].to(dt.device)
+        if seqlen < self.filter_from or not is_global.any():
+            return dt                                                         # short prompts
         if self.variant == "dt_thre":
             nearest = min(self.lengths, key=lambda L: abs(L - seqlen))       # the calibrated length nearest seqlen
-            threshold = self.b * self.threshold[nearest][layer_idx].to(delta.device)
-            keep = ~is_global[:, None] | (delta > threshold[:, None])         # local channels keep every token
+            threshold = self.b * self.threshold[nearest][layer_idx].to(dt.device)            # on Δ
+            # Δ = softplus(dt + dt_bias) > threshold  <=>  dt > softplus⁻¹(threshold) − dt_bias, as softplus
+            # increases: the test runs on dt, so Δ is never formed; local channels keep every token
+            dt_threshold = torch.where(is_global, inverse_softplus(threshold) - dt_bias, -math.inf)
+            skip = dt <= dt_threshold[:, None]
         else:
-            ranked, order = delta.sort(-1, descending=True)
-            kept_ranked = ranked.cumsum(-1) <= self.decay[layer_idx].to(delta.device)[:, None]
-            keep = ~is_global[:, None] | torch.empty_like(kept_ranked).scatter_(-1, order, kept_ranked)
-        return torch.where(keep, delta, 0.0)                                  # Δ := 0: the token is skipped
+            ranked, order = mamba.delta_of(dt, dt_bias).sort(-1, descending=True)
+            kept_ranked = ranked.cumsum(-1) <= self.decay[layer_idx].to(dt.device)[:, None]
+            skip = is_global[:, None] & ~torch.empty_like(kept_ranked).scatter_(-1, order, kept_ranked)
+        return dt.masked_fill(skip, -math.inf)                        # Δ = softplus(-inf) = 0: the token is skipped
+
+
+def inverse_softplus(y):
+    """x with softplus(x) = y (float64 inside): y + log(1 − e^−y); −inf for y = 0."""
+    y64 = y.double()
+    return (y64 + torch.log(-torch.expm1(-y64))).to(y.dtype)
 
 
 def describe(calibration, c=0.05, length=None):

@@ -31,22 +31,25 @@ makes the scan "selective". The state h is always accumulated in float32.
 The method hook is the only way a long-context method changes Mamba. LongMamba, DeciMamba and ReMamba
 (longmamba.py, decimamba.py, remamba.py) change what the scan sees, and this file knows nothing of them. A method
 may also wrap the model (ReMamba runs it twice), but inside the model it acts through this hook, called once per
-mixer per forward (and per recurrent step) after Δ is computed and before the scan:
+mixer per parallel forward (training, a prompt's prefill) after the selection is computed and before the scan:
 
-    def hook(layer_idx, dt, delta, is_step):
-        # dt     (b, d_inner, l): dt_proj.weight @ dt_low_rank, before the bias and the softplus
-        # delta  (b, d_inner, l): softplus(dt + dt_proj.bias) in float32, the Δ the scan would use
-        # is_step  True for a one-token recurrent decoding step (l == 1)
-        return delta                   # the Δ to scan with (same shape), or
-        return delta, keep             # keep (b, k): sorted positions. The mixer gathers x, Δ, B, C and z at them
+    def hook(layer_idx, dt, dt_bias):
+        # dt       (b, d_inner, l): dt_proj.weight @ dt_low_rank; the scan makes Δ = softplus(dt + dt_bias)
+        # dt_bias  (d_inner,) float32; delta_of(dt, dt_bias) is that Δ, for a method that needs to see it
+        return dt                      # the dt to scan with (same shape; -inf gives Δ = 0: the token is skipped)
+        return dt, keep                # keep (b, k): sorted positions. The mixer gathers x, dt, B, C and z at them
                                        # before its scan, so this layer's SSM, the residual stream and every later
-                                       # layer see only these k tokens (not allowed in a decoding step)
+                                       # layer see only these k tokens
+
+The scan forms Δ itself (the bias add and the softplus are fused into it), so Δ is never written to memory
+unless a method asks for it.
+
+Decoding steps are not hooked: every method here changes how a prompt is read, and generation continues from
+the state that reading left, with plain Mamba steps (as in each method's paper and code).
 
     with model.hooked(hook):           # apply a method; the hook that was set before comes back afterwards
         model.generate(prompt_ids)
     model(ids)                         # no hook: vanilla Mamba, bit for bit
-
-Without a hook Δ is never materialised in float32: the scan adds the bias and applies the softplus itself.
 """
 
 import contextlib
@@ -60,6 +63,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:
+    import scan_triton  # the Triton scan, used for CUDA tensors
+except ImportError:     # no triton package: the PyTorch scans only
+    scan_triton = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,23 +266,15 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
 def selective_scan(u, *args, backend=None, **kwargs):
     """Dispatch to a scan implementation: `backend` or $MAMBA_SCAN in {ref, torch, triton}; by default
     the Triton kernel for CUDA tensors when Triton imports, and the chunked PyTorch scan otherwise."""
-    backend = backend or os.environ.get("MAMBA_SCAN") or ("triton" if u.is_cuda and _triton_available() else "torch")
+    backend = backend or os.environ.get("MAMBA_SCAN") or ("triton" if u.is_cuda and scan_triton else "torch")
     if backend == "ref":
         return selective_scan_ref(u, *args, **kwargs)
     if backend == "torch":
         return selective_scan_chunked(u, *args, **kwargs)
     if backend == "triton":
-        import scan_triton
+        assert scan_triton is not None, "the triton scan needs the triton package"
         return scan_triton.selective_scan(u, *args, **kwargs)
     raise ValueError(f"unknown scan backend {backend!r} (argument or MAMBA_SCAN): use ref, torch or triton")
-
-
-def _triton_available():
-    try:
-        import scan_triton  # noqa: F401  (imports triton)
-        return True
-    except ImportError:
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -298,6 +298,11 @@ class LayerCache:
     """Recurrent state of one mixer: everything a decoding step needs to know about the past."""
     conv_state: torch.Tensor  # (b, d_inner, d_conv): the last d_conv inputs of the causal conv
     ssm_state: torch.Tensor   # (b, d_inner, n) float32: h_t
+
+
+def delta_of(dt, dt_bias):
+    """Δ = softplus(dt + dt_bias) in float32: dt (b, d_inner, l), dt_bias (d_inner,) -> (b, d_inner, l)."""
+    return F.softplus(dt.float() + dt_bias.float()[:, None])
 
 
 def _gather(x, keep):
@@ -324,11 +329,8 @@ class MambaMixer(nn.Module):
     def _selection(self, x):
         """x (b, l, d_inner) after the conv -> dt (b, d_inner, l) before bias and softplus, B, C (b, n, l)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight).transpose(1, 2)
+        dt = self.dt_proj.weight @ dt.transpose(1, 2)      # (d_inner, dt_rank) @ (b, dt_rank, l): made (b, d_inner, l)
         return dt, B.transpose(1, 2), C.transpose(1, 2)
-
-    def _delta(self, dt):
-        return F.softplus(dt.float() + self.dt_proj.bias.float()[:, None])      # Δ = softplus(dt + bias)
 
     def forward(self, hidden_states, hook=None, return_cache=False):
         """hidden_states (b, l, d_model) -> out (b, l or k, d_model), keep (b, k) or None, LayerCache or None."""
@@ -338,32 +340,26 @@ class MambaMixer(nn.Module):
         x = F.silu(self.conv1d(x)[..., :L])                                      # causal depthwise conv
         dt, B, C = self._selection(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())                                       # (d_inner, n)
-        keep = None
-        if hook is None:   # the scan adds the bias and applies the softplus: Δ is never materialised in fp32
-            delta, delta_bias = dt, self.dt_proj.bias.float()
-        else:
-            delta, delta_bias = hook(self.layer_idx, dt, self._delta(dt), False), None
-            if isinstance(delta, tuple):  # a method drops tokens: this layer's scan reads only the kept ones
-                delta, keep = delta
-                x, z, B, C = (_gather(t, keep) for t in (x, z, B, C))
-                delta = _gather(delta, keep)
-        y = selective_scan(x, delta, A, B, C, self.D.float(), z, delta_bias=delta_bias,
-                           delta_softplus=hook is None, return_last_state=return_cache)
+        dt_bias, keep = self.dt_proj.bias.float(), None
+        if hook is not None:
+            dt = hook(self.layer_idx, dt, dt_bias)
+            if isinstance(dt, tuple):  # a method drops tokens: this layer's scan reads only the kept ones
+                dt, keep = dt
+                x, z, dt, B, C = (_gather(t, keep) for t in (x, z, dt, B, C))
+        y = selective_scan(x, dt, A, B, C, self.D.float(), z, delta_bias=dt_bias, delta_softplus=True,
+                           return_last_state=return_cache)                     # Δ = softplus(dt + dt_bias) inside
         y, ssm_state = y if return_cache else (y, None)
         out = self.out_proj(y.transpose(1, 2))                                   # (b, l or k, d_model)
         return out, keep, (LayerCache(conv_state, ssm_state) if return_cache else None)
 
-    def step(self, hidden_states, cache: LayerCache, hook=None):
+    def step(self, hidden_states, cache: LayerCache):
         """One token: hidden_states (b, 1, d_model) -> (b, 1, d_model); updates `cache` in place. O(1) in l."""
         x, z = self.in_proj(hidden_states[:, 0]).chunk(2, dim=-1)                # (b, d_inner)
         cache.conv_state.copy_(torch.roll(cache.conv_state, shifts=-1, dims=-1))
         cache.conv_state[:, :, -1] = x
         x = F.silu((cache.conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)   # (b, d_inner)
         dt, B, C = self._selection(x[:, None])
-        delta = self._delta(dt)
-        if hook is not None:
-            delta = hook(self.layer_idx, dt, delta, True)
-        delta, B, C = delta[..., 0], B[..., 0].float(), C[..., 0].float()        # (b, d_inner), (b, n), (b, n)
+        delta, B, C = delta_of(dt, self.dt_proj.bias)[..., 0], B[..., 0].float(), C[..., 0].float()  # (b, d_inner), (b, n)
         A = -torch.exp(self.A_log.float())
         h = torch.exp(delta[..., None] * A) * cache.ssm_state \
             + (delta * x.float())[..., None] * B[:, None]                        # eq. (2a)
@@ -387,8 +383,8 @@ class Block(nn.Module):
             residual = residual.gather(1, keep[..., None].expand(-1, -1, residual.shape[-1]))
         return residual + out, cache
 
-    def step(self, residual, cache, hook=None):
-        return residual + self.mixer.step(self.norm(residual), cache, hook)
+    def step(self, residual, cache):
+        return residual + self.mixer.step(self.norm(residual), cache)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -412,6 +408,8 @@ class Mamba(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
         self.hook = None  # the method hook (module docstring); None is vanilla Mamba
+        self.cuda_graph_decoding = True  # decode() on a GPU replays a compiled step as a CUDA graph (GraphedStep)
+        self._graphs = {}
         self.reset_parameters()
 
     @contextlib.contextmanager
@@ -478,7 +476,7 @@ class Mamba(nn.Module):
         if self.config.residual_in_fp32:
             residual = residual.float()
         for layer, cache in zip(self.backbone.layers, caches):
-            residual = layer.step(residual, cache, self.hook)
+            residual = layer.step(residual, cache)
         return self.lm_head(self.backbone.norm_f(residual))[:, 0]
 
     @torch.no_grad()
@@ -495,6 +493,9 @@ class Mamba(nn.Module):
         eos_token_id: a stop token id or a list of them, never emitted before min_new_tokens tokens.
         Returns the new token ids (b, ≤ max_new_tokens); a sequence that emitted a stop token is padded with it,
         and decoding stops once every sequence has."""
+        graphed = self._graphed_step(caches) if logits.is_cuda and self.cuda_graph_decoding and max_new_tokens > 1 \
+            else None
+        step = self.step if graphed is None else graphed.step
         stops = torch.tensor([] if eos_token_id is None else eos_token_id, device=logits.device).long().flatten()
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         new_tokens = []
@@ -514,12 +515,25 @@ class Mamba(nn.Module):
                 token = torch.where(finished, new_tokens[-1] if new_tokens else token, token)
                 finished |= torch.isin(token, stops)
             new_tokens.append(token)
-            if bool(finished.all()) and len(stops) or i == max_new_tokens - 1:
+            if len(stops) and bool(finished.all()) or i == max_new_tokens - 1:
                 break
-            logits = self.step(token, caches)
+            logits = step(token, caches)
+        if graphed is not None:
+            graphed.copy_caches_to(caches)
         if not new_tokens:
             return torch.empty(logits.shape[0], 0, dtype=torch.long, device=logits.device)
         return torch.stack(new_tokens, dim=1)
+
+    def _graphed_step(self, caches):
+        """The GraphedStep for this batch size, autocast dtype and these weights (recorded on first use)."""
+        batch, device = caches[0].ssm_state.shape[0], caches[0].ssm_state.device
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (batch, device, autocast, self.lm_head.weight.data_ptr())
+        if key not in self._graphs:
+            self._graphs[key] = GraphedStep(self, caches)
+        graphed = self._graphs[key]
+        graphed.copy_caches_from(caches)
+        return graphed
 
     # ------------------------------------------------------------------------------------------------------
     # 5. Checkpoints
@@ -581,6 +595,47 @@ class Mamba(nn.Module):
 
 
 _HF_RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}
+
+
+class GraphedStep:
+    """Mamba.step on a GPU for one batch size, recorded once as a CUDA graph and replayed for every new token.
+
+    A decoding step is a few small kernels per layer, each shorter than the Python and the launch that start it,
+    so eager decoding waits on the CPU. torch.compile first fuses the step's element-wise work (the norms, the
+    conv-state shift and the conv, Δ, the state update (2a), the readout (2b) and the gate) into a few kernels
+    per layer beside the matrix products; a CUDA graph then launches all of them with one call. A graph reads and
+    writes fixed buffers: decode() copies the prefill's caches in, replays, and copies the caches back at the
+    end. The weights are read where they are, so training between two decodes is seen."""
+
+    def __init__(self, model, caches):
+        self.caches = [LayerCache(c.conv_state.clone(), c.ssm_state.clone()) for c in caches]
+        self.token = torch.zeros(caches[0].ssm_state.shape[0], dtype=torch.long, device=caches[0].ssm_state.device)
+        compiled = torch.compile(model.step, dynamic=False)
+        side = torch.cuda.Stream()   # warm-up runs (the compilation among them) off the stream being recorded
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                compiled(self.token, self.caches)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = compiled(self.token, self.caches)
+
+    def copy_caches_from(self, caches):
+        for mine, theirs in zip(self.caches, caches):
+            mine.conv_state.copy_(theirs.conv_state)
+            mine.ssm_state.copy_(theirs.ssm_state)
+
+    def copy_caches_to(self, caches):
+        for mine, theirs in zip(self.caches, caches):
+            theirs.conv_state.copy_(mine.conv_state)
+            theirs.ssm_state.copy_(mine.ssm_state)
+
+    def step(self, token_ids, caches=None):
+        """As Mamba.step on the graph's own caches; the logits buffer is overwritten by the next step."""
+        self.token.copy_(token_ids)
+        self.graph.replay()
+        return self.logits
 
 
 def training_length(directory):

@@ -142,14 +142,10 @@ class ReMamba(nn.Module):
         E = self.base.backbone.embedding(ids)
         embeds = torch.cat([E[:, :s], compressed.to(E.dtype), E[:, e:]], dim=1)
 
-        def adapt(layer_idx, dt, delta, is_step):                              # stage 2's hook
-            if is_step:      # decoding continues from the adapted state; new tokens keep their own Δ
-                return delta
-            dt_bias = self.base.backbone.layers[layer_idx].mixer.dt_proj.bias.float()
+        def adapt(layer_idx, dt, dt_bias):            # stage 2's hook; the scan adds dt_bias and takes softplus
             r = self.ret_bias[layer_idx].float()
-            dt_kept = dt[:, :, s:s + K].float()                                # δ (b, d_inner, K), before bias
-            delta_kept = F.softplus(dt_kept * w[:, None] + r[:, None] + dt_bias[:, None])   # softplus(δ·w + r + b)
-            return torch.cat([delta[..., :s], delta_kept, delta[..., s + K:]], dim=-1)
+            dt_kept = dt[:, :, s:s + K].float() * w[:, None] + r[:, None]      # δ·w + r  (b, d_inner, K)
+            return torch.cat([dt[..., :s].float(), dt_kept, dt[..., s + K:].float()], dim=-1)
 
         return embeds, adapt, kept
 

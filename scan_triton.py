@@ -550,103 +550,157 @@ def _transposed(M, L_pad, block_n):
     return out
 
 
-class SelectiveScan(torch.autograd.Function):
-    """u, delta, z (batch, d_inner, L); B, C (batch, G, N, L); returns (out, last_state)."""
+# The forward and the backward are registered as PyTorch operators (torch.library.custom_op), so that
+# torch.compile can compile the model around them: it sees one opaque operator with known output shapes instead
+# of tracing into the kernel launches. The backward re-makes the padded rows and transposed B, C from the inputs
+# rather than keeping them: the inputs are saved anyway, and the copies are cheap next to the scan.
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
-        batch, d_inner, L = u.shape
-        n_groups, d_state = B.shape[1], B.shape[2]
-        block_n = triton.next_power_of_2(d_state)
-        stride = triton.cdiv(L, 8) * 8
-        u_rows, delta_rows, z_rows = _rows(u, stride), _rows(delta, stride), _rows(z, stride)
-        A2 = A * math.log2(math.e)                                     # exp(x A) = exp2(x A2); (d_inner, BLOCK_N)
-        A2 = torch.nn.functional.pad(A2, (0, block_n - d_state)) if block_n != d_state else A2.contiguous()
-        Bt, Ct = _transposed(B, stride, block_n), _transposed(C, stride, block_n)
-        save_segments = any(ctx.needs_input_grad)
-        chunk_len = _chunk_len(batch, d_inner, L, u.device, FWD_WARPS, FWD_WARPS_PER_SM)
-        n_chunks = triton.cdiv(L, chunk_len)
-        block_d = 32 * FWD_WARPS
-        grid = (n_groups * triton.cdiv(d_inner // n_groups, block_d), n_chunks, batch)
-        sizes = (L, stride, d_inner, d_inner // n_groups, n_groups, chunk_len)
-        flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-                     DELTA_SOFTPLUS=delta_softplus, SEG=SEG, T=FWD_T, STAGES=FWD_STAGES,
-                     BLOCK_D=block_d, BLOCK_N=block_n, num_warps=FWD_WARPS)
+def _prepare(u, delta, A, B, C, z):
+    """The kernels' layouts: u, Δ, z as 16-byte-aligned rows of `stride` tokens, A·log2(e) padded to BLOCK_N,
+    B and C transposed to (batch, G, stride, BLOCK_N) float32."""
+    L, d_state = u.shape[-1], A.shape[1]
+    block_n, stride = triton.next_power_of_2(d_state), triton.cdiv(L, 8) * 8
+    A2 = A * math.log2(math.e)                                         # exp(x A) = exp2(x A2)
+    A2 = torch.nn.functional.pad(A2, (0, block_n - d_state)) if block_n != d_state else A2.contiguous()
+    return (_rows(u, stride), _rows(delta, stride), A2, _transposed(B, stride, block_n),
+            _transposed(C, stride, block_n), _rows(z, stride))
 
-        chunk_states = None
-        if n_chunks > 1:  # passes 1 and 2
-            chunk_states = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
-            delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
-            _scan_fwd_kernel[grid](u_rows, delta_rows, A2, Bt, Ct, D, z_rows, delta_bias, None, chunk_states,
-                                   delta_sums, None, None, *sizes, STATES_ONLY=True, FROM_CHUNK_STATE=False,
-                                   SAVE_SEGMENTS=False, **flags)
-            _carry(chunk_states, delta_sums, A2, None, False)
-        out = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
-        last_state = _alloc(batch, d_inner, block_n, dtype=torch.float32, device=u.device)
-        seg_states = (_alloc(batch, triton.cdiv(L, SEG), d_inner, block_n, dtype=torch.float32, device=u.device)
-                      if save_segments else None)
-        _scan_fwd_kernel[grid](u_rows, delta_rows, A2, Bt, Ct, D, z_rows, delta_bias, out, chunk_states, None,
-                               seg_states, last_state, *sizes, STATES_ONLY=False, FROM_CHUNK_STATE=n_chunks > 1,
-                               SAVE_SEGMENTS=save_segments, **flags)
 
-        ctx.save_for_backward(u_rows, delta_rows, A2, Bt, Ct, D, z_rows, delta_bias, seg_states)
-        ctx.delta_softplus = delta_softplus
-        ctx.shapes = (B.shape, B.dtype, C.dtype, L, d_state)
-        return out[..., :L], last_state[..., :d_state]
+def _nothing(like):
+    return like.new_empty(0)  # an operator cannot return None: an absent gradient or buffer is an empty tensor
 
-    @staticmethod
-    def backward(ctx, dout, dlast_state):
-        u, delta, A2, Bt, Ct, D, z, delta_bias, seg_states = ctx.saved_tensors
-        B_shape, B_dtype, C_dtype, L, d_state = ctx.shapes
-        batch, d_inner, stride = u.shape
-        n_groups, block_n = Bt.shape[1], Bt.shape[3]
-        chunk_len = _chunk_len(batch, d_inner, L, u.device, BWD_WARPS, BWD_WARPS_PER_SM)
-        n_chunks = triton.cdiv(L, chunk_len)
-        block_d = 32 * BWD_WARPS
-        grid = (n_groups * triton.cdiv(d_inner // n_groups, block_d), n_chunks, batch)
-        sizes = (L, stride, d_inner, d_inner // n_groups, n_groups, chunk_len)
-        flags = dict(HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-                     DELTA_SOFTPLUS=ctx.delta_softplus, T=BWD_T, BLOCK_D=block_d, BLOCK_N=block_n,
-                     num_warps=BWD_WARPS)
-        dout = torch.zeros_like(u) if dout is None else _rows(dout, stride)
-        adjoints = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
-        if dlast_state is None:
-            dlast = None
-        else:
-            dlast = torch.zeros(batch, d_inner, block_n, dtype=torch.float32, device=u.device)
-            dlast[..., :d_state] = dlast_state
-        if n_chunks > 1:  # passes 1 and 2 of the adjoint
-            delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
-            _adjoint_summary_kernel[grid](dout, delta, A2, Ct, z, delta_bias, adjoints, delta_sums, *sizes,
-                                          **flags)
-            _carry(adjoints, delta_sums, A2, dlast, True)
-        elif dlast is None:
-            adjoints.zero_()
-        else:
-            adjoints.copy_(dlast[:, None])
 
-        du = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
-        ddelta = _alloc(batch, d_inner, stride, dtype=delta.dtype, device=u.device)
-        dz = None if z is None else _alloc(batch, d_inner, stride, dtype=z.dtype, device=u.device)
-        dBt = torch.zeros(Bt.shape, dtype=torch.float32, device=u.device)            # atomic-add targets
-        dCt = torch.zeros(Ct.shape, dtype=torch.float32, device=u.device)
-        dA_part = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
-        dD_part = None if D is None else _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
-        ddelta_bias_part = (None if delta_bias is None else
-                            _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device))
-        scratch = _alloc(batch * n_chunks * grid[0], SEG // BWD_T, block_n, block_d + 1, dtype=torch.float32,
-                         device=u.device)
-        _scan_bwd_kernel[grid](u, delta, A2, Bt, Ct, D, z, delta_bias, dout, seg_states, adjoints, scratch,
-                               du, ddelta, dz, dBt, dCt, dA_part, dD_part, ddelta_bias_part, *sizes,
-                               HAS_D=D is not None, SEG=SEG, **flags)
-        dA = dA_part.sum((0, 1))[:, :d_state]
-        dD = None if D is None else dD_part.sum((0, 1)).to(D.dtype)
-        ddelta_bias = None if delta_bias is None else ddelta_bias_part.sum((0, 1)).to(delta_bias.dtype)
-        dB = dBt[..., :L, :d_state].transpose(2, 3).to(B_dtype)
-        dC = dCt[..., :L, :d_state].transpose(2, 3).to(C_dtype)
-        return (du[..., :L], ddelta[..., :L], dA, dB, dC, dD, None if dz is None else dz[..., :L], ddelta_bias,
-                None)
+@torch.library.custom_op("mamba_triton::scan_fwd", mutates_args=())
+def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+              delta_softplus: bool, save_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """u, delta, z (batch, d_inner, L); B, C (batch, G, N, L). Returns out (batch, d_inner, stride) (the first L
+    tokens are the output), last_state (batch, d_inner, BLOCK_N), and the states every SEG tokens the backward
+    starts from (empty unless save_states)."""
+    batch, d_inner, L = u.shape
+    n_groups = B.shape[1]
+    u_rows, delta_rows, A2, Bt, Ct, z_rows = _prepare(u, delta, A, B, C, z)
+    stride, block_n = u_rows.shape[-1], Bt.shape[-1]
+    chunk_len = _chunk_len(batch, d_inner, L, u.device, FWD_WARPS, FWD_WARPS_PER_SM)
+    n_chunks = triton.cdiv(L, chunk_len)
+    block_d = 32 * FWD_WARPS
+    grid = (n_groups * triton.cdiv(d_inner // n_groups, block_d), n_chunks, batch)
+    sizes = (L, stride, d_inner, d_inner // n_groups, n_groups, chunk_len)
+    flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
+                 DELTA_SOFTPLUS=delta_softplus, SEG=SEG, T=FWD_T, STAGES=FWD_STAGES,
+                 BLOCK_D=block_d, BLOCK_N=block_n, num_warps=FWD_WARPS)
+
+    chunk_states = None
+    if n_chunks > 1:  # passes 1 and 2
+        chunk_states = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
+        delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
+        _scan_fwd_kernel[grid](u_rows, delta_rows, A2, Bt, Ct, D, z_rows, delta_bias, None, chunk_states,
+                               delta_sums, None, None, *sizes, STATES_ONLY=True, FROM_CHUNK_STATE=False,
+                               SAVE_SEGMENTS=False, **flags)
+        _carry(chunk_states, delta_sums, A2, None, False)
+    out = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
+    last_state = _alloc(batch, d_inner, block_n, dtype=torch.float32, device=u.device)
+    seg_states = (_alloc(batch, triton.cdiv(L, SEG), d_inner, block_n, dtype=torch.float32, device=u.device)
+                  if save_states else _nothing(last_state))
+    _scan_fwd_kernel[grid](u_rows, delta_rows, A2, Bt, Ct, D, z_rows, delta_bias, out, chunk_states, None,
+                           seg_states if save_states else None, last_state, *sizes, STATES_ONLY=False,
+                           FROM_CHUNK_STATE=n_chunks > 1, SAVE_SEGMENTS=save_states, **flags)
+    return out, last_state, seg_states
+
+
+@_scan_fwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states):
+    batch, d_inner, L = u.shape
+    block_n, stride = triton.next_power_of_2(A.shape[1]), triton.cdiv(L, 8) * 8
+    f32 = dict(dtype=torch.float32)
+    seg_states = (u.new_empty(batch, triton.cdiv(L, SEG), d_inner, block_n, **f32) if save_states
+                  else u.new_empty(0, **f32))
+    return u.new_empty(batch, d_inner, stride), u.new_empty(batch, d_inner, block_n, **f32), seg_states
+
+
+@torch.library.custom_op("mamba_triton::scan_bwd", mutates_args=())
+def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+              D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+              seg_states: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor | None,
+              delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                             torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each of its input's shape (du, ddelta, dz
+    (batch, d_inner, stride)); an empty tensor for an absent D, z or delta_bias."""
+    batch, d_inner, L = u.shape
+    n_groups, d_state = B.shape[1], B.shape[2]
+    u, delta, A2, Bt, Ct, z = _prepare(u, delta, A, B, C, z)
+    stride, block_n = u.shape[-1], Bt.shape[-1]
+    chunk_len = _chunk_len(batch, d_inner, L, u.device, BWD_WARPS, BWD_WARPS_PER_SM)
+    n_chunks = triton.cdiv(L, chunk_len)
+    block_d = 32 * BWD_WARPS
+    grid = (n_groups * triton.cdiv(d_inner // n_groups, block_d), n_chunks, batch)
+    sizes = (L, stride, d_inner, d_inner // n_groups, n_groups, chunk_len)
+    flags = dict(HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None, DELTA_SOFTPLUS=delta_softplus,
+                 T=BWD_T, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BWD_WARPS)
+    dout = _rows(dout, stride)
+    adjoints = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
+    if n_chunks > 1:  # passes 1 and 2 of the adjoint
+        delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
+        _adjoint_summary_kernel[grid](dout, delta, A2, Ct, z, delta_bias, adjoints, delta_sums, *sizes, **flags)
+        _carry(adjoints, delta_sums, A2, dlast, True)
+    elif dlast is None:
+        adjoints.zero_()
+    else:
+        adjoints.copy_(dlast[:, None])
+
+    du = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
+    ddelta = _alloc(batch, d_inner, stride, dtype=delta.dtype, device=u.device)
+    dz = _nothing(u) if z is None else _alloc(batch, d_inner, stride, dtype=z.dtype, device=u.device)
+    dBt = torch.zeros(Bt.shape, dtype=torch.float32, device=u.device)            # atomic-add targets
+    dCt = torch.zeros(Ct.shape, dtype=torch.float32, device=u.device)
+    dA_part = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
+    dD_part = None if D is None else _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
+    ddelta_bias_part = (None if delta_bias is None else
+                        _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device))
+    scratch = _alloc(batch * n_chunks * grid[0], SEG // BWD_T, block_n, block_d + 1, dtype=torch.float32,
+                     device=u.device)
+    _scan_bwd_kernel[grid](u, delta, A2, Bt, Ct, D, z, delta_bias, dout, seg_states, adjoints, scratch,
+                           du, ddelta, None if z is None else dz, dBt, dCt, dA_part, dD_part, ddelta_bias_part,
+                           *sizes, HAS_D=D is not None, SEG=SEG, **flags)
+    dA = dA_part.sum((0, 1))[:, :d_state].contiguous()
+    dD = _nothing(A) if D is None else dD_part.sum((0, 1)).to(D.dtype)
+    ddelta_bias = _nothing(A) if delta_bias is None else ddelta_bias_part.sum((0, 1)).to(delta_bias.dtype)
+    dB = dBt[..., :L, :d_state].transpose(2, 3).to(B.dtype).contiguous()
+    dC = dCt[..., :L, :d_state].transpose(2, 3).to(C.dtype).contiguous()
+    return du, ddelta, dA, dB, dC, dD, dz, ddelta_bias
+
+
+@_scan_bwd.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, seg_states, dout, dlast, delta_softplus):
+    batch, d_inner, L = u.shape
+    rows = (batch, d_inner, triton.cdiv(L, 8) * 8)
+    nothing = A.new_empty(0)
+    like = (lambda x: x.new_empty(x.shape))                       # contiguous, as the operator returns them
+    return (u.new_empty(rows), delta.new_empty(rows), like(A), like(B), like(C),
+            nothing if D is None else like(D), u.new_empty(0) if z is None else z.new_empty(rows),
+            nothing if delta_bias is None else like(delta_bias))
+
+
+def _setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, _ = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.delta_softplus = delta_softplus
+
+
+def _backward(ctx, dout, dlast, _):
+    u, delta, A, B, C, D, z, delta_bias, seg_states = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(u)
+    if dlast is not None:
+        dlast = dlast.contiguous()
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, seg_states,
+                                                            dout, dlast, ctx.delta_softplus)
+    L = u.shape[-1]
+    return (du[..., :L], ddelta[..., :L], dA, dB, dC, None if D is None else dD,
+            None if z is None else dz[..., :L], None if delta_bias is None else ddelta_bias, None, None)
+
+
+torch.library.register_autograd("mamba_triton::scan_fwd", _backward, setup_context=_setup_context)
 
 
 def _carry(states, delta_sums, A2, initial, reverse):
@@ -677,8 +731,11 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     Returns out (B, d_inner, L) in u's dtype, and with return_last_state also h_L (B, d_inner, N) float32."""
     n_groups = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     batch, _, L = u.shape
-    grouped = (lambda M: M.reshape(batch, n_groups, M.shape[-2], L))                 # (B, G, N, L)
+    grouped = (lambda M: M.reshape(batch, n_groups, M.shape[-2], L).contiguous())    # (B, G, N, L), small
     contiguous = (lambda x: None if x is None else x.contiguous())
-    out, last_state = SelectiveScan.apply(u, delta, A.float(), grouped(B), grouped(C), contiguous(D), z,
-                                          contiguous(delta_bias), delta_softplus)
+    inputs = (u.contiguous(), delta.contiguous(), A.float(), grouped(B), grouped(C), contiguous(D), contiguous(z),
+              contiguous(delta_bias))
+    save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    out, last_state, _ = _scan_fwd(*inputs, delta_softplus, save_states)
+    out, last_state = out[..., :L], last_state[..., :A.shape[1]]
     return (out, last_state) if return_last_state else out

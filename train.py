@@ -46,7 +46,7 @@ STATE_FILE = "train_state.pt"   # everything --resume needs
 # A resumed run takes its settings from its train_state.pt; these it may change when they are typed again, and
 # these are per invocation (never taken from the saved run).
 MAY_CHANGE = ("steps", "save_every", "log_every", "eval_every", "eval_samples")
-PER_INVOCATION = ("out", "resume", "overwrite", "time_limit", "device")
+PER_INVOCATION = ("out", "resume", "overwrite", "time_limit", "device", "compile")
 # defaults that depend on --method: from-scratch training, and the authors' fine-tuning recipe
 METHOD_DEFAULTS = {"lm": dict(lr=1e-3, min_lr=1e-4, warmup=500, steps=12000, batch_size=16, eval_lengths="1,4,16"),
                    "remamba": dict(lr=2e-5, min_lr=0.0, warmup=0, steps=1000, batch_size=16, eval_lengths="1,2,4"),
@@ -99,6 +99,8 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its own settings")
     p.add_argument("--overwrite", action="store_true", help="allow --out to replace a model already there")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the model for training (auto: on a GPU, for --method lm and sft)")
     args = p.parse_args(argv)
     given = {action.dest for action in p._actions   # the flags typed on the command line
              if any(a == s or a.startswith(s + "=") for s in action.option_strings for a in argv)}
@@ -388,6 +390,10 @@ class Run:
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=self.device.startswith("cuda"))
         self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.trained) if self.world > 1 else self.trained
+        # the compiled model fuses the element-wise work around the scan and recomputes it in the backward
+        # instead of keeping it (ReMamba's stage-2 hook is made anew every step: it trains uncompiled)
+        compile_ = args.compile == "on" or (args.compile == "auto" and self.device.startswith("cuda"))
+        self.forward_model = torch.compile(self.ddp_model) if compile_ and args.method != "remamba" else self.ddp_model
         self.step, self.elapsed_before = 0, 0.0
         if state is not None:
             self.trained.load_state_dict(state["model"])
@@ -411,12 +417,12 @@ class Run:
         args, device, step = self.args, self.device, self.step
         if args.method == "lm":
             ids, weights, answer_mask = (t.to(device) for t in self.batches.lm(step, indices))
-            loss, answer = weighted_lm_loss(self.ddp_model, ids, weights, answer_mask)
+            loss, answer = weighted_lm_loss(self.forward_model, ids, weights, answer_mask)
             return loss, answer, ids.numel()
         ids, weights, prompt_lengths, rng = self.batches.answers(step, indices)
         ids, weights, prompt_lengths = ids.to(device), weights.to(device), prompt_lengths.to(device)
         if args.method == "sft":
-            loss, _ = weighted_lm_loss(self.trained, ids, weights)
+            loss, _ = weighted_lm_loss(self.forward_model, ids, weights)
         else:
             import remamba
             region = remamba.training_region(int(prompt_lengths.min()), args.L_train, rng)

@@ -15,6 +15,12 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
+def raw_dt(delta):
+    """The dt that makes Δ = softplus(dt + 0) equal `delta` (-inf where delta is 0): hand-made Δ for a hook."""
+    d = delta.double()
+    return (d + torch.log(-torch.expm1(-d))).float()
+
+
 def small_model(seed=0, perturb=True, **config):
     """A tiny random Mamba (d_model 32, 2 layers, vocab 101), its weights moved off the initialisation so that
     Δ, D and every path vary (a fresh init has Δ small and D = 1)."""

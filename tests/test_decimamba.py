@@ -1,7 +1,8 @@
 """decimamba.py: the max_p rule (k top tokens in order, plus the protected tail), the β^s schedule, decoding."""
 import torch
 
-from conftest import small_model
+import mamba
+from conftest import raw_dt, small_model
 from decimamba import DeciMamba
 
 VOCAB = 101
@@ -11,10 +12,9 @@ def watching(method):
     """A hook that runs `method` and records (layer, Δ, keep or None) of each prefill call."""
     seen = []
 
-    def hook(layer_idx, dt, delta, is_step):
-        result = method(layer_idx, dt, delta, is_step)
-        if not is_step:
-            seen.append((layer_idx, delta, result[1] if isinstance(result, tuple) else None))
+    def hook(layer_idx, dt, dt_bias):
+        result = method(layer_idx, dt, dt_bias)
+        seen.append((layer_idx, mamba.delta_of(dt, dt_bias), result[1] if isinstance(result, tuple) else None))
         return result
 
     return hook, seen
@@ -22,15 +22,15 @@ def watching(method):
 
 def test_keeps_the_k_most_important_tokens_in_order_and_the_tail_besides():
     # importance = ‖Δ_{:,t}‖₂ over 2 channels; the last token (the protected tail) is kept whatever its Δ
-    delta = torch.tensor([[[5., 1., 4., 2., 6., 3., .1], [0., 0., 0., 0., 0., 0., .1]],
-                          [[5., 1., 4., 2., 6., 3., 9.], [0., 0., 0., 0., 0., 0., 0.]]])   # (b=2, C=2, L=7)
+    dt = raw_dt(torch.tensor([[[5., 1., 4., 2., 6., 3., .1], [0., 0., 0., 0., 0., 0., .1]],
+                              [[5., 1., 4., 2., 6., 3., 9.], [0., 0., 0., 0., 0., 0., 0.]]]))  # (b=2, C=2, L=7)
+    bias = torch.zeros(2)
     hook = DeciMamba([1], L_base=3, beta=0.5, min_len=2)
-    assert hook(0, None, delta, False) is delta                                     # not a decimating layer
-    out, keep = hook(1, None, delta, False)
-    assert out is delta
+    assert hook(0, dt, bias) is dt                                                  # not a decimating layer
+    out, keep = hook(1, dt, bias)
+    assert out is dt
     assert keep.tolist() == [[0, 2, 4, 6], [0, 2, 4, 6]]                             # top 3: 6, 5, 4; and the tail
-    assert torch.equal(hook(1, None, delta[..., :1], True), delta[..., :1])         # decoding: Δ back, no keep
-    assert DeciMamba([1], L_base=3, min_len=2, tail=2)(1, None, delta, False)[1].tolist()[0] == [0, 2, 4, 5, 6]
+    assert DeciMamba([1], L_base=3, min_len=2, tail=2)(1, dt, bias)[1].tolist()[0] == [0, 2, 4, 5, 6]
 
 
 def test_decimating_layer_keeps_top_k_by_delta_norm_in_the_model():
@@ -81,7 +81,7 @@ def test_generation_continues_from_the_short_scan_of_the_decimating_layer():
         generated = model.generate(ids, max_new_tokens=6)
     keep = seen[1][2]
     # by hand: a hook that drops exactly those tokens at layer 1, then plain steps from the prefill's states
-    with model.hooked(lambda i, dt, delta, is_step: (delta, keep) if i == 1 and not is_step else delta):
+    with model.hooked(lambda i, dt, dt_bias: (dt, keep) if i == 1 else dt):
         logits, caches = model.prefill(ids)
     tokens = [logits[:, :VOCAB].argmax(-1)]
     for _ in range(5):

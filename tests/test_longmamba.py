@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import longmamba
-from conftest import small_model
+import mamba
+from conftest import raw_dt, small_model
 from longmamba import LongMamba
 
 L_TRAIN = 32
@@ -31,9 +32,9 @@ def record_deltas(model, ids):
     """Δ per layer of a vanilla forward, through the hook."""
     deltas = {}
 
-    def hook(layer_idx, dt, delta, is_step):
-        deltas[layer_idx] = delta.clone()
-        return delta
+    def hook(layer_idx, dt, dt_bias):
+        deltas[layer_idx] = mamba.delta_of(dt, dt_bias)
+        return dt
 
     with model.hooked(hook), torch.no_grad():
         model(ids)
@@ -110,7 +111,7 @@ def test_decay_state_mean_calls_fewer_channels_global(model):
 
 
 def test_calibrate_measures_the_vanilla_model_and_restores_the_hook(model, calibration):
-    halve = lambda layer_idx, dt, delta, is_step: delta * 0.5  # noqa: E731
+    halve = lambda layer_idx, dt, dt_bias: dt * 0.5  # noqa: E731
     with model.hooked(halve):
         again = longmamba.calibrate(model, windows(4))
         assert model.hook is halve
@@ -136,18 +137,19 @@ def test_filtered_delta_is_where_delta_above_b_threshold_in_global_channels_only
     b, c = 1.3, float(calibration["tA_prod"].median())                             # some global, some local
     method, seen = LongMamba(calibration, c=c, b=b), []
 
-    def watch(layer_idx, dt, delta, is_step):
-        seen.append((layer_idx, delta, method(layer_idx, dt, delta, is_step)))
+    def watch(layer_idx, dt, dt_bias):
+        seen.append((layer_idx, mamba.delta_of(dt, dt_bias), method(layer_idx, dt, dt_bias), dt_bias))
         return seen[-1][2]
 
     with model.hooked(watch):
         model(torch.randint(0, VOCAB, (1, 100)))                                    # nearest calibrated length 96
     zeroed_somewhere = False
-    for layer, delta_in, delta_out in seen:
+    for layer, delta_in, dt_out, dt_bias in seen:
         is_global = calibration["tA_prod"][layer] > c
         floor = b * calibration["threshold"][96][layer]
         expected = torch.where(is_global[:, None] & (delta_in <= floor[:, None]), 0.0, delta_in)
-        assert torch.equal(delta_out, expected)
+        delta_out = mamba.delta_of(dt_out, dt_bias)
+        assert torch.equal(delta_out == 0, expected == 0) and torch.equal(delta_out, expected)
         zeroed_somewhere |= bool((delta_out[:, is_global] == 0).any())
         assert 0 < int(is_global.sum()) < is_global.numel()
     assert zeroed_somewhere
@@ -161,23 +163,23 @@ def hand_made_calibration():
 
 def test_dt_thre_and_bound_on_a_hand_made_delta():
     row = [0.2, 0.6, 0.1, 0.3, 0.05, 0.25]
-    delta = torch.tensor([[row, row]])                                              # (1, 2, 6): 6 ≥ 1.5 · 4
+    dt = raw_dt(torch.tensor([[row, row]]))                                         # (1, 2, 6): 6 ≥ 1.5 · 4
+    bias = torch.zeros(2)
 
-    def keeping(*kept):  # channel 0 (global) keeps these values, channel 1 (local) all
-        return torch.tensor([[[x if x in kept else 0.0 for x in row], row]])
+    def kept(*values):  # which tokens keep their Δ: channel 0 (global) these values, channel 1 (local) all
+        return torch.tensor([[[x in values for x in row], [True] * len(row)]])
 
-    def hook(b, variant):
-        return LongMamba(hand_made_calibration(), c=0.05, b=b, variant=variant)
+    def filtered(b, variant, dt):  # the tokens the hook leaves a finite dt (-inf: skipped, Δ = 0)
+        return torch.isfinite(LongMamba(hand_made_calibration(), c=0.05, b=b, variant=variant)(0, dt, bias))
 
-    assert torch.equal(hook(1.0, "dt_thre")(0, None, delta, False), keeping(0.6, 0.3, 0.25))  # Δ > .22
-    assert torch.equal(hook(2.0, "dt_thre")(0, None, delta, False), keeping(0.6))            # Δ > .44
+    assert torch.equal(filtered(1.0, "dt_thre", dt), kept(0.6, 0.3, 0.25))         # Δ > .22
+    assert torch.equal(filtered(2.0, "dt_thre", dt), kept(0.6))                     # Δ > .44
     # bound: sorted .6 .3 .25 ...; cumsum .6 .9 1.15: keep the largest while the sum stays ≤ decay = 1
-    assert torch.equal(hook(1.0, "bound")(0, None, delta, False), keeping(0.6, 0.3))
-    filt = hook(1.0, "dt_thre")
-    assert torch.equal(filt(0, None, delta[..., :5], False), delta[..., :5])         # 5 < 1.5 · 4
-    assert torch.equal(filt(0, None, delta[..., :1], True), delta[..., :1])          # decoding step
-    seven = torch.tensor([[row + [0.7], row + [0.7]]])                              # 7 tokens: a tie between
-    assert torch.equal(filt(0, None, seven, False)[0, 0, :6], keeping(0.6, 0.3, 0.25)[0, 0])   # 6 and 8: 6
+    assert torch.equal(filtered(1.0, "bound", dt), kept(0.6, 0.3))
+    filt = LongMamba(hand_made_calibration(), c=0.05)
+    assert torch.equal(filt(0, dt[..., :5], bias), dt[..., :5])                     # 5 < 1.5 · 4: untouched
+    seven = raw_dt(torch.tensor([[row + [0.7], row + [0.7]]]))                      # 7 tokens: a tie between
+    assert torch.equal(torch.isfinite(filt(0, seven, bias))[0, 0, :6], kept(0.6, 0.3, 0.25)[0, 0])   # 6 and 8: 6
 
 
 @pytest.mark.parametrize("variant", ["dt_thre", "bound"])

@@ -139,29 +139,29 @@ def test_generate_stops_at_eos_and_samples():
     assert sampled.shape == (1, 4) and int(sampled.max()) < 101
 
 
-def test_hook_none_and_identity_are_bit_identical_and_step_calls_it():
+def test_hook_none_and_identity_are_bit_identical_and_steps_are_not_hooked():
     model = small_model()
     ids = torch.randint(0, 101, (2, 17))
     vanilla = model(ids)   # no hook: the scan applies Δ's bias and softplus itself
     calls = []
 
-    def identity(layer_idx, dt, delta, is_step):
-        calls.append((layer_idx, tuple(dt.shape), tuple(delta.shape), delta.dtype, is_step))
-        return delta
+    def identity(layer_idx, dt, dt_bias):
+        calls.append((layer_idx, tuple(dt.shape), tuple(dt_bias.shape), dt_bias.dtype))
+        return dt
 
     with model.hooked(identity):
         assert torch.equal(model(ids), vanilla)
-        assert calls == [(i, (2, 64, 17), (2, 64, 17), torch.float32, False) for i in range(2)]
+        assert calls == [(i, (2, 64, 17), (64,), torch.float32) for i in range(2)]
         calls.clear()
         _, caches = model.prefill(ids)
         model.step(ids[:, 0], caches)
-        assert calls[-2:] == [(i, (2, 64, 1), (2, 64, 1), torch.float32, True) for i in range(2)]
+        assert len(calls) == 2   # the prefill's two layers, no step
     assert model.hook is None and torch.equal(model(ids), vanilla)
 
 
 def test_hooked_restores_the_previous_hook_even_on_error():
     model = small_model()
-    outer = lambda i, dt, delta, is_step: delta  # noqa: E731
+    outer = lambda i, dt, dt_bias: dt  # noqa: E731
     with model.hooked(outer):
         with pytest.raises(RuntimeError):
             with model.hooked(None):
@@ -189,10 +189,10 @@ def test_hook_changes_delta_and_drops_tokens_before_the_scan():
     model = small_model()
     ids = torch.randint(0, 101, (1, 12))
     vanilla = model(ids)
-    with model.hooked(lambda i, dt, delta, is_step: torch.zeros_like(delta) if i == 1 else delta):
+    with model.hooked(lambda i, dt, dt_bias: torch.full_like(dt, -10.0) if i == 1 else dt):
         assert not torch.allclose(model(ids), vanilla)
     keep = [0, 3, 11]
-    with model.hooked(lambda i, dt, delta, is_step: (delta, torch.tensor([keep])) if i == 0 else delta):
+    with model.hooked(lambda i, dt, dt_bias: (dt, torch.tensor([keep])) if i == 0 else dt):
         out = model(ids)
     assert out.shape == (1, 3, 104)
     # layer 0's scan reads only the kept tokens (the conv before it sees them all); layer 1 sees 3 positions
@@ -207,14 +207,14 @@ def test_decoding_continues_from_the_shortened_prefill():
     model = small_model()
     ids = torch.randint(0, 101, (1, 12))
     keep = torch.tensor([[0, 3, 11]])
-    drop = lambda i, dt, delta, is_step: (delta, keep) if i == 0 and not is_step else delta  # noqa: E731
+    drop = lambda i, dt, dt_bias: (dt, keep) if i == 0 else dt  # noqa: E731
     with model.hooked(drop):
         logits, caches = model.prefill(ids)
         assert rel_err(logits, model(ids)[:, -1]) <= 1e-6
         step = model.step(torch.tensor([5]), caches)
     # prefill + step equals the forward of the longer prompt that keeps the same tokens and the new one
     keep2 = torch.tensor([[0, 3, 11, 12]])
-    with model.hooked(lambda i, dt, delta, is_step: (delta, keep2) if i == 0 else delta):
+    with model.hooked(lambda i, dt, dt_bias: (dt, keep2) if i == 0 else dt):
         assert rel_err(step, model(torch.cat([ids, torch.tensor([[5]])], 1))[:, -1]) <= 1e-5
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mamba
-from conftest import rel_err
+from conftest import rel_err, small_model
 import scan_triton
 
 GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -170,3 +170,39 @@ def test_inputs_the_kernels_cannot_take_are_refused(change):
     x.update(change)
     with pytest.raises(AssertionError):
         scan_triton.selective_scan(**x)
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "one chunk"])
+def test_dt_of_minus_infinity_skips_the_token_in_every_scan(chunked, monkeypatch):
+    """A method skips a token with dt = -inf: Δ = softplus(-inf) = 0 exactly, so the state passes it unchanged."""
+    use_chunks(monkeypatch, chunked)
+    x = {k: v.detach() for k, v in make_inputs(3, 2, 4, 16, 37).items()}
+    x["delta"][:, 1:, 5:30] = float("-inf")                       # channels 1-3 skip tokens 5 to 29
+    delta = torch.where(x["delta"] == float("-inf"), 0.0, torch.nn.functional.softplus(
+        x["delta"] + x["delta_bias"][:, None]))
+    zero = dict(x, delta=delta, delta_bias=None)
+    with torch.no_grad():
+        expected = mamba.selective_scan_ref(**zero, return_last_state=True)   # Δ = 0 written out
+        for scan in (scan_triton.selective_scan, mamba.selective_scan_chunked, mamba.selective_scan_ref):
+            out = scan(**x, delta_softplus=True, return_last_state=True)
+            for o, e in zip(out, expected):
+                assert torch.isfinite(o).all() and rel_err(o, e) <= 1e-5
+
+
+def test_compiled_model_around_the_triton_operator_matches_the_pytorch_path(monkeypatch):
+    """torch.compile traces the model with the scan as one opaque operator (mamba_triton::scan_fwd/bwd): logits
+    and every gradient agree with the eager PyTorch path (float32)."""
+    monkeypatch.setattr(scan_triton, "SEG", 64)   # the default: compiled graphs are cached on disk, keyed without it
+    model = small_model()
+    ids = torch.randint(0, 101, (2, 40))
+    grads = []
+    for backend, run in (("torch", model), ("triton", torch.compile(model))):
+        monkeypatch.setenv("MAMBA_SCAN", backend)
+        model.zero_grad()
+        logits = run(ids)
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (compiled, g_compiled), (eager, g_eager) = grads[1], grads[0]
+    assert rel_err(compiled, eager) <= 1e-5
+    for name in g_eager:
+        assert rel_err(g_compiled[name], g_eager[name]) <= 1e-4, name
