@@ -3,17 +3,24 @@ Speed benchmarks on a CUDA GPU, one subcommand per benchmark; each prints a mark
 results/ with the command, the commit and the GPU that made it.
 
     python bench.py scan     the selective scan: scan_triton against the PyTorch path and mamba_ssm's CUDA kernel
+    python bench.py train    a whole training step (forward, backward, AdamW; bf16 autocast): tokens/s, memory
+    python bench.py decode   greedy decoding: time per new token
     python bench.py methods  prefill of LongMamba, DeciMamba and ReMamba ÷ vanilla prefill; decoding step cost
+
+`train` and `decode` run mamba_ssm's MambaLMHeadModel of the same configuration beside ours, in the same process,
+when it imports (README: building mamba_ssm and causal-conv1d from their source distributions).
 
 Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between runs), in milliseconds.
 """
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 import triton
 
 import mamba
@@ -125,6 +132,151 @@ def bench_scan(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# python bench.py train / decode: the whole model, ours against mamba_ssm's MambaLMHeadModel
+
+TRAIN_CONFIGS = [  # (d_model, n_layer, vocab_size, batch, L)
+    (256, 4, 256, 16, 512),        # the byte testbed
+    (256, 4, 256, 64, 512),
+    (512, 8, 2048, 32, 1024),
+    (768, 24, 50280, 8, 2048),     # mamba-130m
+]
+DECODE_CONFIGS = [(256, 4, 256), (768, 24, 50280)]  # (d_model, n_layer, vocab_size): testbed, mamba-130m
+
+
+def mamba_ssm_model(d_model, n_layer, vocab_size, device="cuda"):
+    """mamba_ssm's MambaLMHeadModel with Mamba-1 layers and the fused add + RMSNorm, or None if it is missing."""
+    try:
+        from mamba_ssm.models.config_mamba import MambaConfig as SSMConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    except ImportError:
+        return None
+    config = SSMConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size, ssm_cfg={"layer": "Mamba1"},
+                       rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
+    return MambaLMHeadModel(config, device=device)
+
+
+def time_training(forward, params, ids, steps, profile_to=None):
+    """Median seconds of a training step and the peak memory (MiB) over `steps` timed steps after 3 warm-ups;
+    profile_to: a file that gets the GPU-time profile of one more step, kernel by kernel."""
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = forward(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    if profile_to:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            step()
+            torch.cuda.synchronize()
+        table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+        mamba.atomic_write(profile_to, table)
+    return statistics.median(times), peak
+
+
+def bench_train(args):
+    rows = ["| config (d_model × layers, vocab, batch × L) | ours eager tok/s | ours compiled tok/s | mamba_ssm tok/s "
+            "| compiled ÷ mamba_ssm | peak MiB: eager / compiled / mamba_ssm |", "|---|---|---|---|---|---|"]
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    for d_model, n_layer, vocab, batch, L in [TRAIN_CONFIGS[i] for i in args.configs or range(len(TRAIN_CONFIGS))]:
+        tokens = batch * L
+        ids = torch.randint(0, vocab, (batch, L + 1), device="cuda")
+        results = {}
+        torch.manual_seed(0)
+        ours = mamba.Mamba(mamba.MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab)).cuda()
+        for name, forward in (("eager", ours), ("compiled", torch.compile(ours))):
+            profile_to = args.profile and os.path.join(args.profile, f"train_{d_model}x{n_layer}_b{batch}_{name}.txt")
+            results[name] = time_training(forward, ours.parameters(), ids, args.steps, profile_to)
+        del ours
+        torch.cuda.empty_cache()
+        theirs = mamba_ssm_model(d_model, n_layer, vocab)
+        if theirs is not None:
+            profile_to = args.profile and os.path.join(args.profile, f"train_{d_model}x{n_layer}_b{batch}_mamba_ssm.txt")
+            results["mamba_ssm"] = time_training(lambda x: theirs(x).logits, theirs.parameters(), ids, args.steps,
+                                                 profile_to)
+            del theirs
+            torch.cuda.empty_cache()
+        speed = {k: tokens / s for k, (s, _) in results.items()}
+        get = lambda k, i: results[k][i] if k in results else None  # noqa: E731
+        rows.append(f"| {d_model} × {n_layer}, {vocab}, {batch} × {L} | {speed['eager'] / 1e3:,.0f}k | "
+                    f"{speed['compiled'] / 1e3:,.0f}k | "
+                    + (f"{speed['mamba_ssm'] / 1e3:,.0f}k | {speed['compiled'] / speed['mamba_ssm']:.2f} | "
+                       if "mamba_ssm" in speed else "- | - | ")
+                    + " / ".join("-" if get(k, 1) is None else f"{get(k, 1):,.0f}" for k in ("eager", "compiled",
+                                                                                            "mamba_ssm")) + " |")
+        print(rows[-1], flush=True)
+    notes = [f"A training step: forward under bf16 autocast (float32 weights), cross-entropy on float32 logits, "
+             f"backward, fused AdamW; tokens/s from the median of {args.steps} steps after 3 warm-up steps (CUDA "
+             "events); peak memory over the timed steps. Ours compiled: `torch.compile(model)` as train.py does on "
+             "a GPU; mamba_ssm: MambaLMHeadModel (Mamba-1, fused add + RMSNorm, causal-conv1d), as it runs."]
+    write_result(args.out, "Training step: ours against mamba_ssm", rows, notes)
+
+
+def time_decoding(generate, new_tokens):
+    """Seconds per new token: (generate(new_tokens) − generate(1)) / (new_tokens − 1), medians of 5 runs."""
+    def run(n):
+        generate(n)  # warm-up (records graphs)
+        times = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            generate(n)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    return (run(new_tokens) - run(1)) / (new_tokens - 1)
+
+
+def bench_decode(args):
+    rows = ["| config (d_model × layers, vocab) | batch | ours eager ms | ours ms (CUDA graph) | mamba_ssm ms (cg=True) "
+            "| ours ÷ mamba_ssm |", "|---|---|---|---|---|---|"]
+    for d_model, n_layer, vocab in DECODE_CONFIGS:
+        torch.manual_seed(0)
+        ours = mamba.Mamba(mamba.MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab)).cuda()
+        ours = ours.to(torch.bfloat16).eval()
+        theirs = mamba_ssm_model(d_model, n_layer, vocab)
+        theirs = theirs and theirs.to(torch.bfloat16).eval()
+        for batch in args.batches:
+            prompt = torch.randint(0, vocab, (batch, args.prompt), device="cuda")
+            ms = {}
+            for name, graphs in (("eager", False), ("graph", True)):
+                ours.cuda_graph_decoding = graphs
+                ms[name] = 1e3 * time_decoding(lambda n: ours.generate(prompt, max_new_tokens=n), args.new_tokens)
+            if theirs is not None:
+                ms["mamba_ssm"] = 1e3 * time_decoding(
+                    lambda n: theirs.generate(prompt, max_length=args.prompt + n, cg=True), args.new_tokens)
+            rows.append(f"| {d_model} × {n_layer}, {vocab} | {batch} | {ms['eager']:.3f} | {ms['graph']:.3f} | "
+                        + (f"{ms['mamba_ssm']:.3f} | {ms['graph'] / ms['mamba_ssm']:.2f} |" if theirs is not None
+                           else "- | - |"))
+            print(rows[-1], flush=True)
+        del ours, theirs
+        torch.cuda.empty_cache()
+    notes = [f"Greedy decoding after a {args.prompt}-token prompt, bf16 weights, random initialisation and token ids; "
+             f"per new token: (time of {args.new_tokens} new tokens − time of 1) / {args.new_tokens - 1}, medians "
+             "of 5 runs each after a warm-up run (which records the CUDA graphs). Ours eager: `generate` with "
+             "`model.cuda_graph_decoding = False`; ours: the default on a GPU, a compiled step replayed as a CUDA "
+             "graph; mamba_ssm: `generate(..., cg=True)`."]
+    write_result(args.out, "Decoding: time per new token", rows, notes)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # python bench.py methods
 
 
@@ -205,6 +357,19 @@ def main():
     scan.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     scan.add_argument("--out", default="results/scan_bench.md", help="markdown table written here")
     scan.set_defaults(run=bench_scan)
+    train = sections.add_parser("train", help="a training step of the whole model, ours and mamba_ssm's")
+    train.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    train.add_argument("--out", default="results/train_bench.md", help="markdown table written here")
+    train.add_argument("--profile", help="a folder: the GPU-time profile of one step of each model goes there")
+    train.add_argument("--configs", type=lambda s: [int(x) for x in s.split(",")], help="rows of the table to run "
+                       "(0-based; default all)")
+    train.set_defaults(run=bench_train)
+    decode = sections.add_parser("decode", help="greedy decoding per new token, ours and mamba_ssm's")
+    decode.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    decode.add_argument("--prompt", type=int, default=256, help="prompt tokens")
+    decode.add_argument("--new-tokens", type=int, default=129)
+    decode.add_argument("--out", default="results/decode_bench.md", help="markdown table written here")
+    decode.set_defaults(run=bench_decode)
     methods = sections.add_parser("methods", help="prefill time of LongMamba, DeciMamba, ReMamba ÷ vanilla")
     methods.add_argument("--model", default="checkpoints/mamba-testbed", help="with its longmamba_calibration.pt")
     methods.add_argument("--remamba", default="checkpoints/mamba-testbed-remamba", help="a ReMamba checkpoint")

@@ -1,0 +1,66 @@
+"""The fast path on a GPU: the compiled model around the Triton operator against the PyTorch path, and decoding
+replayed from CUDA graphs against plain steps. Run on a GPU machine with the kernels compiled, not interpreted:
+
+    TRITON_INTERPRET=0 python -m pytest tests/test_cuda.py
+
+(the suite's default runs Triton in its CPU interpreter, where test_scan_triton.py checks the same operator)."""
+import os
+
+import pytest
+import torch
+
+import longmamba
+import mamba
+from conftest import rel_err, small_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or os.environ["TRITON_INTERPRET"] == "1",
+                                reason="needs a CUDA GPU and TRITON_INTERPRET=0")
+TESTBED = "checkpoints/mamba-testbed"
+
+
+def test_compiled_triton_path_matches_the_pytorch_path_in_float32(monkeypatch):
+    model = small_model(d_model=64, n_layer=3).cuda()
+    ids = torch.randint(0, 101, (3, 300), device="cuda")
+    results = []
+    for backend, run in (("torch", model), ("triton", torch.compile(model))):
+        monkeypatch.setenv("MAMBA_SCAN", backend)
+        model.zero_grad()
+        logits = run(ids)
+        (logits * torch.linspace(-1, 1, logits.shape[-1], device="cuda")).sum().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (eager, g_eager), (compiled, g_compiled) = results
+    assert rel_err(compiled, eager) <= 1e-5
+    for name in g_eager:
+        assert rel_err(g_compiled[name], g_eager[name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_decoding_from_cuda_graphs_gives_the_tokens_of_plain_steps(autocast, batch):
+    model = mamba.Mamba.from_pretrained(TESTBED, device="cuda").eval()
+    prompt = torch.randint(0, 256, (batch, 700), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    outputs = []
+    for graphs in (False, True, True):          # the second graphed run replays the graph recorded by the first
+        model.cuda_graph_decoding = graphs
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            logits, caches = model.prefill(prompt)
+            tokens = model.decode(logits, caches, 40)
+        outputs.append((tokens, [c.ssm_state.clone() for c in caches]))
+    for tokens, states in outputs[1:]:
+        assert torch.equal(tokens, outputs[0][0])
+        for state, plain in zip(states, outputs[0][1]):     # the caller's caches hold the state after decoding
+            assert rel_err(state, plain) <= (1e-2 if autocast else 1e-5)
+
+
+def test_longmamba_on_the_triton_path_matches_the_pytorch_path(monkeypatch):
+    """The hook sets dt = -inf for skipped tokens: both scans turn that into Δ = 0."""
+    model = mamba.Mamba.from_pretrained(TESTBED, device="cuda").eval()
+    calibration = torch.load(f"{TESTBED}/longmamba_calibration.pt", weights_only=True)
+    ids = torch.randint(0, 256, (1, 8192), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    logits = {}
+    with torch.no_grad(), model.hooked(longmamba.LongMamba(calibration, b=1.5)):
+        for backend in ("torch", "triton"):
+            monkeypatch.setenv("MAMBA_SCAN", backend)
+            logits[backend] = model.hidden_states(ids)[:, -64:]
+            torch.cuda.synchronize()
+    assert rel_err(logits["triton"], logits["torch"]) <= 1e-5
