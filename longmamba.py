@@ -159,25 +159,42 @@ class LongMamba:
         self.lengths = sorted(calibration["threshold"])
         self.filter_from = FILTER_FROM * calibration["settings"]["L_train"]
         self.is_global = calibration["tA_prod"] > c                          # (n_layer, C)
-        self.threshold, self.decay = calibration["threshold"], calibration["decay"]
+        self.any_global = self.is_global.any(-1).tolist()                    # per layer, known without the GPU
+        self.decay = calibration["decay"]
+        # Δ = softplus(dt + dt_bias) > b·threshold  <=>  dt + dt_bias > softplus⁻¹(b·threshold), as softplus
+        # increases: the test runs on dt, so Δ is never formed. Local channels keep every token (bound -inf).
+        self.dt_bound = {L: torch.where(self.is_global, inverse_softplus(b * t), -math.inf)
+                         for L, t in calibration["threshold"].items()}      # (n_layer, C) per length
+        self._copies = {}
 
     def __call__(self, layer_idx, dt, dt_bias):
         seqlen = dt.shape[-1]
-        is_global = self.is_global[layer_idx].to(dt.device)
-        if seqlen < self.filter_from or not is_global.any():
+        if seqlen < self.filter_from or not self.any_global[layer_idx]:
             return dt                                                         # short prompts
         if self.variant == "dt_thre":
             nearest = min(self.lengths, key=lambda L: abs(L - seqlen))       # the calibrated length nearest seqlen
-            threshold = self.b * self.threshold[nearest][layer_idx].to(dt.device)            # on Δ
-            # Δ = softplus(dt + dt_bias) > threshold  <=>  dt > softplus⁻¹(threshold) − dt_bias, as softplus
-            # increases: the test runs on dt, so Δ is never formed; local channels keep every token
-            dt_threshold = torch.where(is_global, inverse_softplus(threshold) - dt_bias, -math.inf)
-            skip = dt <= dt_threshold[:, None]
-        else:
-            ranked, order = mamba.delta_of(dt, dt_bias).sort(-1, descending=True)
-            kept_ranked = ranked.cumsum(-1) <= self.decay[layer_idx].to(dt.device)[:, None]
-            skip = is_global[:, None] & ~torch.empty_like(kept_ranked).scatter_(-1, order, kept_ranked)
-        return dt.masked_fill(skip, -math.inf)                        # Δ = softplus(-inf) = 0: the token is skipped
+            bound = self._on(dt.device, self.dt_bound[nearest])[layer_idx] - dt_bias     # (C,)
+            return (_skip_fused if dt.is_cuda else _skip)(dt, bound)
+        ranked, order = mamba.delta_of(dt, dt_bias).sort(-1, descending=True)
+        kept_ranked = ranked.cumsum(-1) <= self._on(dt.device, self.decay)[layer_idx, :, None]
+        skip = self._on(dt.device, self.is_global)[layer_idx, :, None] & ~torch.empty_like(kept_ranked).scatter_(
+            -1, order, kept_ranked)
+        return dt.masked_fill(skip, -math.inf)
+
+    def _on(self, device, x):
+        """x on `device`, copied there once per hook (a copy per call would make the CPU wait for the GPU)."""
+        key = (id(x), device)
+        if key not in self._copies:
+            self._copies[key] = x.to(device)
+        return self._copies[key]
+
+
+def _skip(dt, bound):
+    """dt (b, C, l) where dt > bound (C,), else -inf: Δ = softplus(-inf) = 0, the token is skipped."""
+    return torch.where(dt > bound[:, None], dt, -math.inf)
+
+
+_skip_fused = torch.compile(_skip, dynamic=True)  # on a GPU: one kernel, dt read and written once
 
 
 def inverse_softplus(y):
