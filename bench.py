@@ -358,7 +358,7 @@ def main():
     scan.add_argument("--out", default="results/scan_bench.md", help="markdown table written here")
     scan.set_defaults(run=bench_scan)
     train = sections.add_parser("train", help="a training step of the whole model, ours and mamba_ssm's")
-    train.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    train.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     train.add_argument("--out", default="results/train_bench.md", help="markdown table written here")
     train.add_argument("--profile", help="a folder: the GPU-time profile of one step of each model goes there")
     train.add_argument("--configs", type=lambda s: [int(x) for x in s.split(",")], help="rows of the table to run "

@@ -332,12 +332,23 @@ class MambaMixer(nn.Module):
         dt = self.dt_proj.weight @ dt.transpose(1, 2)      # (d_inner, dt_rank) @ (b, dt_rank, l): made (b, d_inner, l)
         return dt, B.transpose(1, 2), C.transpose(1, 2)
 
+    def _causal_conv(self, x):
+        """Depthwise causal conv over time: out_t = bias + Σ_k w_k ⊙ x_{t-d_conv+1+k}, x (b, d_inner, l)."""
+        L = x.shape[-1]
+        if not torch.compiler.is_compiling():
+            return self.conv1d(x)[..., :L]                                       # padded both sides: keep the first l
+        # under torch.compile: the same sum as d_conv shifted multiply-adds in float32, which it fuses with the
+        # SiLU into one pass (and its backward into another) instead of calling the generic depthwise kernel
+        w, x_pad = self.conv1d.weight[:, 0].float(), F.pad(x, (self.d_conv - 1, 0)).float()    # (d_inner, d_conv)
+        out = self.conv1d.bias.float()[:, None] + sum(w[:, k, None] * x_pad[..., k:k + L] for k in range(self.d_conv))
+        return out.to(x.dtype)
+
     def forward(self, hidden_states, hook=None, return_cache=False):
         """hidden_states (b, l, d_model) -> out (b, l or k, d_model), keep (b, k) or None, LayerCache or None."""
         L = hidden_states.shape[1]
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)      # (b, d_inner, l) each
         conv_state = F.pad(x, (self.d_conv - L, 0)) if return_cache else None    # last d_conv inputs
-        x = F.silu(self.conv1d(x)[..., :L])                                      # causal depthwise conv
+        x = F.silu(self._causal_conv(x))                                         # (b, d_inner, l)
         dt, B, C = self._selection(x.transpose(1, 2))
         A = -torch.exp(self.A_log.float())                                       # (d_inner, n)
         dt_bias, keep = self.dt_proj.bias.float(), None
