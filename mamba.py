@@ -11,6 +11,7 @@ loads without renaming (the Hugging Face `-hf` names are mapped on load). Readin
     3. RMSNorm, MambaMixer, Block    one layer
     4. Mamba                         the language model: forward, prefill, step, generate, the method hook
     5. checkpoints                   from_pretrained / save_pretrained, a dependency-free safetensors reader
+    6. GraphedStep                   decoding on a GPU: the compiled recurrent step replayed as a CUDA graph
 
 Glossary (the names in shape comments):
 
@@ -608,47 +609,6 @@ class Mamba(nn.Module):
 _HF_RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}
 
 
-class GraphedStep:
-    """Mamba.step on a GPU for one batch size, recorded once as a CUDA graph and replayed for every new token.
-
-    A decoding step is a few small kernels per layer, each shorter than the Python and the launch that start it,
-    so eager decoding waits on the CPU. torch.compile first fuses the step's element-wise work (the norms, the
-    conv-state shift and the conv, Δ, the state update (2a), the readout (2b) and the gate) into a few kernels
-    per layer beside the matrix products; a CUDA graph then launches all of them with one call. A graph reads and
-    writes fixed buffers: decode() copies the prefill's caches in, replays, and copies the caches back at the
-    end. The weights are read where they are, so training between two decodes is seen."""
-
-    def __init__(self, model, caches):
-        self.caches = [LayerCache(c.conv_state.clone(), c.ssm_state.clone()) for c in caches]
-        self.token = torch.zeros(caches[0].ssm_state.shape[0], dtype=torch.long, device=caches[0].ssm_state.device)
-        compiled = torch.compile(model.step, dynamic=False)
-        side = torch.cuda.Stream()   # warm-up runs (the compilation among them) off the stream being recorded
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                compiled(self.token, self.caches)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = compiled(self.token, self.caches)
-
-    def copy_caches_from(self, caches):
-        for mine, theirs in zip(self.caches, caches):
-            mine.conv_state.copy_(theirs.conv_state)
-            mine.ssm_state.copy_(theirs.ssm_state)
-
-    def copy_caches_to(self, caches):
-        for mine, theirs in zip(self.caches, caches):
-            theirs.conv_state.copy_(mine.conv_state)
-            theirs.ssm_state.copy_(mine.ssm_state)
-
-    def step(self, token_ids, caches=None):
-        """As Mamba.step on the graph's own caches; the logits buffer is overwritten by the next step."""
-        self.token.copy_(token_ids)
-        self.graph.replay()
-        return self.logits
-
-
 def training_length(directory):
     """The length in tokens a checkpoint was trained at, from the train_info.json that train.py writes beside
     its weights; None for other checkpoints (the state-spaces models were trained at 2,048)."""
@@ -745,3 +705,48 @@ def read_safetensors(path):
     except (struct.error, ValueError, KeyError, TypeError, RuntimeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt? {e})") from None
     return tensors
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Decoding on a GPU
+
+
+class GraphedStep:
+    """Mamba.step on a GPU for one batch size, recorded once as a CUDA graph and replayed for every new token.
+
+    A decoding step is a few small kernels per layer, each shorter than the Python and the launch that start it,
+    so eager decoding waits on the CPU. torch.compile first fuses the step's element-wise work (the norms, the
+    conv-state shift and the conv, Δ, the state update (2a), the readout (2b) and the gate) into a few kernels
+    per layer beside the matrix products; a CUDA graph then launches all of them with one call. A graph reads and
+    writes fixed buffers: decode() copies the prefill's caches in, replays, and copies the caches back at the
+    end. The weights are read where they are, so training between two decodes is seen."""
+
+    def __init__(self, model, caches):
+        self.caches = [LayerCache(c.conv_state.clone(), c.ssm_state.clone()) for c in caches]
+        self.token = torch.zeros(caches[0].ssm_state.shape[0], dtype=torch.long, device=caches[0].ssm_state.device)
+        compiled = torch.compile(model.step, dynamic=False)
+        side = torch.cuda.Stream()   # warm-up runs (the compilation among them) off the stream being recorded
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                compiled(self.token, self.caches)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = compiled(self.token, self.caches)
+
+    def copy_caches_from(self, caches):
+        for mine, theirs in zip(self.caches, caches):
+            mine.conv_state.copy_(theirs.conv_state)
+            mine.ssm_state.copy_(theirs.ssm_state)
+
+    def copy_caches_to(self, caches):
+        for mine, theirs in zip(self.caches, caches):
+            theirs.conv_state.copy_(mine.conv_state)
+            theirs.ssm_state.copy_(mine.ssm_state)
+
+    def step(self, token_ids, caches=None):
+        """As Mamba.step on the graph's own caches; the logits buffer is overwritten by the next step."""
+        self.token.copy_(token_ids)
+        self.graph.replay()
+        return self.logits

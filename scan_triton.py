@@ -509,7 +509,7 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, del
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The autograd Function and the public entry point
+# The operators (forward, backward) and the public entry point
 
 
 def _alloc(*shape, dtype, device):
