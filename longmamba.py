@@ -15,10 +15,10 @@ global channel's Σ_t Δ is about 16× larger, the early tokens decay away, and 
 model was trained on.
 
 The fix: a global channel takes in only its critical tokens, those with a large Δ_t, and skips the others with
-Δ_t := 0 (exp(0·A) = 1 keeps the state, 0·B_t x_t adds nothing; the hook sets dt = -inf, softplus(-inf) = 0). It keeps as many as make its total Δ over the
-long prompt equal to its total over a training window, found offline by stretching the window's sorted Δ curve
-to the prompt length (`_thresholds`). Which tokens a channel skips is decided in `LongMamba.__call__`, the hook.
-Local channels and decoding steps are untouched.
+Δ_t := 0 (exp(0·A) = 1 keeps the state, 0·B_t x_t adds nothing; the hook sets dt = -inf: softplus(-inf) = 0). It
+keeps as many as make its total Δ over the long prompt equal to its total over a training window, found offline
+by stretching the window's sorted Δ curve to the prompt length (`_thresholds`). Which tokens a channel skips is
+decided in `LongMamba.__call__`, the hook. Local channels and decoding steps are untouched.
 
     calibration = longmamba.calibrate(model, windows)        # windows (S, L_train) token ids, once per model
     with model.hooked(longmamba.LongMamba(calibration)):     # the method is a hook (mamba.py)

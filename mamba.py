@@ -371,7 +371,8 @@ class MambaMixer(nn.Module):
         cache.conv_state[:, :, -1] = x
         x = F.silu((cache.conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)   # (b, d_inner)
         dt, B, C = self._selection(x[:, None])
-        delta, B, C = delta_of(dt, self.dt_proj.bias)[..., 0], B[..., 0].float(), C[..., 0].float()  # (b, d_inner), (b, n)
+        delta = delta_of(dt, self.dt_proj.bias)[..., 0]                          # (b, d_inner)
+        B, C = B[..., 0].float(), C[..., 0].float()                              # (b, n)
         A = -torch.exp(self.A_log.float())
         h = torch.exp(delta[..., None] * A) * cache.ssm_state \
             + (delta * x.float())[..., None] * B[:, None]                        # eq. (2a)
