@@ -1,28 +1,23 @@
 """LongBench and LongBench-E (Bai et al., 2023): the official data, prompts, prediction and metrics.
 
-The protocol, as LongBench's own scripts run it and as LongMamba and ReMamba report it:
-  1. prompt = dataset2prompt[dataset].format(**sample), from LongBench's config file (not hard-coded here)
-  2. a prompt longer than max_length tokens keeps its first and its last max_length//2 tokens; every
-     template has instructions at both ends, so the middle of the context is what goes
-  3. greedy decoding of at most dataset2maxlen[dataset] new tokens, stopping at EOS; only new tokens decoded
-  4. one jsonl line per sample, {"pred", "answers", "all_classes", "length"} (plus "_id" here, so that a
-     killed run resumes); a sample scores the best metric value over its ground truths, a dataset
+The protocol, as LongBench's own scripts run it (and LongMamba and ReMamba report it):
+  1. prompt = dataset2prompt[dataset].format(**sample), from LongBench's config files
+  2. a prompt longer than max_length tokens keeps its first and last max_length//2 tokens (the middle goes)
+  3. greedy decoding of at most dataset2maxlen[dataset] new tokens, stopping at EOS
+  4. one jsonl line per sample, {"pred", "answers", "all_classes", "length"} (plus "_id", so that a killed
+     run resumes); a sample scores the best metric value over its ground truths, a dataset
      round(100 * mean, 2), and LongBench-E also per bucket of `length` (the sample's word count).
+There is no model code here: eval.py hands `predict` a `generate_fn` and a tokenizer's encode/decode.
 
-This file has no model code: eval.py hands `predict` a `generate_fn` and a tokenizer's encode/decode.
-
-The metrics are reimplemented, without the `rouge` and `fuzzywuzzy` packages; tests/test_longbench.py
-compares them with those packages where they are installed. Where they can differ from the packages:
-  - rouge-L: the `rouge` package rebuilds each LCS recursively and raises RecursionError once a
-    reference sentence and a prediction sentence reach about 1,000 words together; the official scorer
-    then scores the sample 0. Here the LCS is rebuilt with a loop, so such a sample gets its real score.
-    Sentences are split on "." only, so this can happen with Chinese text (vcsum, dureader: "。").
-  - code_sim: fuzzywuzzy uses python-Levenshtein's ratio when that package is installed and difflib's
-    otherwise; this file uses difflib's, i.e. fuzzywuzzy without python-Levenshtein.
-  - Chinese metrics use jieba itself (there is no reimplementation): without it, the datasets whose
-    metric needs it are skipped (`skip_reason`).
+The metrics are reimplemented without the `rouge` and `fuzzywuzzy` packages (tests compare them). Differences:
+  - rouge-L: the `rouge` package rebuilds each LCS recursively and raises RecursionError once a reference
+    and a prediction sentence reach about 1,000 words together, which the official scorer scores 0; here
+    such a sample gets its real score. Sentences split on "." only, so Chinese text (vcsum, dureader) can.
+  - code_sim: difflib's ratio, as fuzzywuzzy without python-Levenshtein (with it, fuzzywuzzy uses its own).
+  - Chinese metrics need jieba itself: without it, their datasets are skipped (`skip_reason`).
 """
 
+import datetime
 import difflib
 import glob
 import json
@@ -38,53 +33,38 @@ from mamba import atomic_write
 
 try:
     import jieba
+    jieba.setLogLevel(30)  # no "Building prefix dict" chatter on stderr at the first cut
 except ImportError:
     jieba = None
-else:
-    jieba.setLogLevel(30)  # no "Building prefix dict" chatter on stderr at the first cut
 
 
 # ----------------------------------------------------------------------------------------------------
 # Datasets
 
-ENGLISH_DATASETS = (
+DATASETS = (
     "narrativeqa", "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "musique",
     "gov_report", "qmsum", "multi_news", "trec", "triviaqa", "samsum",
     "passage_count", "passage_retrieval_en", "lcc", "repobench-p",
+    "multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh",  # Chinese
 )
-CHINESE_DATASETS = ("multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh")
-DATASETS = ENGLISH_DATASETS + CHINESE_DATASETS
 LONGBENCH_E_DATASETS = (
     "qasper", "multifieldqa_en", "hotpotqa", "2wikimqa", "gov_report", "multi_news",
     "trec", "triviaqa", "samsum", "passage_count", "passage_retrieval_en", "lcc", "repobench-p",
 )
 
-# The official scorer keeps only the first line of the prediction for these few-shot datasets: the
-# model goes on to invent the next example after its answer.
+# Few-shot datasets whose prediction the official scorer cuts to its first line (the model invents more examples).
 FIRST_LINE_DATASETS = ("trec", "triviaqa", "samsum", "lsht")
 
-# LongBench-E buckets of the sample's `length` (words): < 4000, 4000 <= length < 8000, >= 8000.
-E_BUCKETS = ("0-4k", "4-8k", "8k+")
-
 SAMPLE_FIELDS = ("input", "context", "answers", "length", "all_classes", "_id")
-
 CONFIG_FILES = ("dataset2prompt.json", "dataset2maxlen.json")
-
-
-def _check_dataset(dataset, e=False):
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown LongBench dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
-    if e and dataset not in LONGBENCH_E_DATASETS:
-        raise ValueError(f"{dataset!r} is not in LongBench-E; its datasets: {', '.join(LONGBENCH_E_DATASETS)}")
 
 
 def load_config(config_dir):
     """LongBench's config/dataset2prompt.json and dataset2maxlen.json -> (dataset2prompt, dataset2maxlen)."""
     missing = [name for name in CONFIG_FILES if not os.path.isfile(os.path.join(config_dir, name))]
     if missing:
-        raise FileNotFoundError(
-            f"{config_dir} lacks {' and '.join(missing)}: copy them from the config/ folder of the "
-            "LongBench repository (github.com/THUDM/LongBench) or pass the folder that has them")
+        raise FileNotFoundError(f"{config_dir} lacks {' and '.join(missing)}: copy them from the config/ folder of "
+                                "the LongBench repository (github.com/THUDM/LongBench) or pass a folder with them")
     configs = []
     for name, value_type in zip(CONFIG_FILES, (str, int)):
         path = os.path.join(config_dir, name)
@@ -96,17 +76,19 @@ def load_config(config_dir):
         if not isinstance(config, dict) or not all(isinstance(v, value_type) for v in config.values()):
             raise ValueError(f"{path} should map dataset names to {value_type.__name__} values")
         configs.append(config)
-    return configs[0], configs[1]
+    return tuple(configs)
 
 
 def load_samples(data_dir, dataset, e=False):
     """The samples of {data_dir}/{dataset}.jsonl ({dataset}_e.jsonl for LongBench-E), in file order."""
-    _check_dataset(dataset, e)
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown LongBench dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
+    if e and dataset not in LONGBENCH_E_DATASETS:
+        raise ValueError(f"{dataset!r} is not in LongBench-E; its datasets: {', '.join(LONGBENCH_E_DATASETS)}")
     path = os.path.join(data_dir, f"{dataset}_e.jsonl" if e else f"{dataset}.jsonl")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: --data-dir should be the unzipped data/ folder of LongBench "
-            "(data.zip from the THUDM/LongBench dataset on the Hugging Face hub)")
+        raise FileNotFoundError(f"{path} not found: --data-dir should be the unzipped data/ folder of LongBench "
+                                "(data.zip from the THUDM/LongBench dataset on the Hugging Face hub)")
     samples, ids = [], set()
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
@@ -116,9 +98,7 @@ def load_samples(data_dir, dataset, e=False):
                 sample = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{line_number}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(sample, dict):
-                raise ValueError(f"{path}:{line_number}: expected a JSON object, got {type(sample).__name__}")
-            missing = [field for field in SAMPLE_FIELDS if field not in sample]
+            missing = [field for field in SAMPLE_FIELDS if not isinstance(sample, dict) or field not in sample]
             if missing:
                 raise ValueError(f"{path}:{line_number}: missing field(s) {', '.join(missing)}")
             if not isinstance(sample["answers"], list) or not isinstance(sample["length"], int):
@@ -137,16 +117,12 @@ def build_prompt(dataset, sample, dataset2prompt):
     """The official prompt: the dataset's template filled with the sample's fields."""
     if dataset not in dataset2prompt:
         raise ValueError(f"dataset2prompt.json has no template for {dataset!r}")
-    try:
-        return dataset2prompt[dataset].format(**sample)
-    except KeyError as err:
-        raise ValueError(f"the {dataset} template asks for field {err} which the sample lacks") from None
+    return dataset2prompt[dataset].format(**sample)
 
 
 def truncate_middle(ids, max_length, encode=None, decode=None):
-    """Keep the first and the last max_length//2 tokens of a prompt longer than max_length tokens. As the
-    official pred.py, with encode and decode the two halves are decoded, joined and the text encoded again
-    (which can give a few tokens more or fewer than max_length)."""
+    """Keep the first and last max_length//2 tokens of a prompt longer than max_length. With encode and decode,
+    as the official pred.py, the halves are decoded, joined and encoded again (a few tokens more or fewer)."""
     assert max_length >= 2, max_length
     if len(ids) <= max_length:
         return ids
@@ -160,89 +136,63 @@ def truncate_middle(ids, max_length, encode=None, decode=None):
 # Prediction files: append-only jsonl, one complete line per sample, so a kill loses at most the line
 # being written. Under torchrun each rank appends to its own file, merged by rank 0 at the end.
 
-def rank_path(out_path, rank):
-    return f"{out_path}.rank{rank}"
-
-
 def _rank_paths(out_path):
     """Every {out_path}.rank{r} there is, whatever the world size of the run that left it."""
     pattern = re.compile(re.escape(os.path.basename(out_path)) + r"\.rank\d+$")
     return sorted(p for p in glob.glob(glob.escape(out_path) + ".rank*") if pattern.fullmatch(os.path.basename(p)))
 
 
-def _read_predictions(path, repair):
-    """Records of the complete lines of a prediction file (none when it does not exist).
-
-    A last line without its newline was cut by a kill (maybe inside a UTF-8 character, hence bytes): it
-    is dropped, and with repair=True also removed from the file (atomically), so that appending goes on
-    from a clean line boundary.
-    """
+def _read_predictions(path, sample_ids=None, repair=False):
+    """Records of the complete lines of a prediction file (none when it does not exist), each with an `_id`
+    among sample_ids unless that is None. A last line without its newline was cut by a kill (maybe inside a
+    UTF-8 character, hence bytes): it is dropped, with repair=True also from the file, so appending goes on."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
-        raw_lines = f.readlines()
-    cut = bool(raw_lines) and not raw_lines[-1].endswith(b"\n")
-    lines, records = [], []
-    for line_number, raw_line in enumerate(raw_lines[:-1] if cut else raw_lines, start=1):
+        lines = f.readlines()
+    cut = bool(lines) and not lines[-1].endswith(b"\n")
+    if cut:
+        lines.pop()
+    records = []
+    for line_number, line in enumerate(lines, start=1):
         try:
-            lines.append(raw_line.decode("utf-8"))
-            record = json.loads(lines[-1])
+            record = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}:{line_number}: malformed prediction line ({err}); "
                              "fix or delete that line, the sample is then predicted again") from None
         if not isinstance(record, dict) or "pred" not in record:
             raise ValueError(f"{path}:{line_number}: a prediction line is a JSON object with 'pred'")
+        if sample_ids is not None and record.get("_id") not in sample_ids:
+            raise ValueError(f"{path}:{line_number}: _id {record.get('_id')!r} is not among these samples (another "
+                             "dataset or data directory?): move the file away or choose another output path")
         records.append(record)
     if cut and repair:
-        atomic_write(path, "".join(lines))
+        atomic_write(path, b"".join(lines))
     return records
-
-
-def _check_ids(records, path, sample_ids):
-    for line_number, record in enumerate(records, start=1):
-        if "_id" not in record:
-            raise ValueError(f"{path}:{line_number}: no '_id', so this run cannot tell which sample it is: "
-                             "move the file away or choose another output path")
-        if record["_id"] not in sample_ids:
-            raise ValueError(
-                f"{path} holds a prediction for _id {record['_id']!r}, which is not among these samples "
-                "(another dataset or data directory?): move the file away or choose another output path")
-
-
-def _duration(seconds):
-    minutes, seconds = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
 def predict(samples, dataset, generate_fn, encode, decode, out_path, max_length, dataset2prompt,
             dataset2maxlen, eos_token_id, rank=0, world_size=1, progress=print):
     """Predict the samples of one dataset, appending one official jsonl line per sample; returns how many
-    new lines were written.
+    new lines were written. encode: str -> list[int]; decode: list[int] -> str.
 
-    generate_fn(prompt_ids: list[int], max_new_tokens: int, stop_ids: list[int], min_new_tokens: int) ->
-    list[int], the new tokens of a greedy decode that stops after any of stop_ids (a trailing EOS is dropped
-    here). As the official pred.py, samsum also stops at a newline and emits at least one token. encode: str -> list[int]; decode: list[int] -> str.
-    Samples already in out_path or any {out_path}.rank* file (same `_id`) are skipped, so a killed run
-    resumes where it stopped. Rank r of world_size handles samples i with i % world_size == r; with more
-    than one rank, rank r writes {out_path}.rank{r}: after all ranks return (a barrier), rank 0 calls
-    merge_rank_files(out_path, samples).
+    generate_fn(prompt_ids, max_new_tokens, stop_ids, min_new_tokens) -> list[int], the new tokens of a greedy
+    decode that stops after any of stop_ids (a trailing EOS is dropped here). As the official pred.py, samsum
+    also stops at a newline and emits at least one token. Samples already in out_path or any {out_path}.rank*
+    file are skipped, so a killed run resumes. Rank r of world_size handles samples i % world_size == r; with
+    more than one rank it writes {out_path}.rank{r}, and after a barrier rank 0 calls merge_rank_files.
     """
-    _check_dataset(dataset)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
     if dataset not in dataset2maxlen:
         raise ValueError(f"dataset2maxlen.json has no generation length for {dataset!r}")
-    max_new_tokens = dataset2maxlen[dataset]
     stops = [eos_token_id] + ([encode("\n")[-1]] if dataset == "samsum" else [])
-    own_path = out_path if world_size == 1 else rank_path(out_path, rank)
+    own_path = out_path if world_size == 1 else f"{out_path}.rank{rank}"
 
     sample_ids = {sample["_id"] for sample in samples}
     done = set()
     for path in [out_path] + _rank_paths(out_path):
-        records = _read_predictions(path, repair=path == own_path)
-        _check_ids(records, path, sample_ids)
-        done.update(record["_id"] for record in records)
+        done.update(record["_id"] for record in _read_predictions(path, sample_ids, repair=path == own_path))
     todo = [s for i, s in enumerate(samples) if i % world_size == rank and s["_id"] not in done]
     mine = len(range(rank, len(samples), world_size))
     progress(f"{dataset}: rank {rank}: {mine - len(todo)} of {mine} samples already predicted, {len(todo)} to go")
@@ -253,7 +203,7 @@ def predict(samples, dataset, generate_fn, encode, decode, out_path, max_length,
         for count, sample in enumerate(todo, start=1):
             prompt_ids = truncate_middle(encode(build_prompt(dataset, sample, dataset2prompt)), max_length, encode,
                                          decode)
-            new_ids = list(generate_fn(prompt_ids, max_new_tokens, stops, 1 if dataset == "samsum" else 0))
+            new_ids = list(generate_fn(prompt_ids, dataset2maxlen[dataset], stops, 1 if dataset == "samsum" else 0))
             if new_ids and new_ids[-1] == eos_token_id:
                 new_ids = new_ids[:-1]
             record = {"pred": decode(new_ids), "answers": sample["answers"], "all_classes": sample["all_classes"],
@@ -264,25 +214,20 @@ def predict(samples, dataset, generate_fn, encode, decode, out_path, max_length,
             os.fsync(f.fileno())
             rate = count / max(time.time() - start, 1e-9)
             progress(f"{dataset}: rank {rank}: {mine - len(todo) + count}/{mine} samples, "
-                     f"{rate:.3f} samples/s, ETA {_duration((len(todo) - count) / rate)}")
+                     f"{rate:.3f} samples/s, ETA {datetime.timedelta(seconds=int((len(todo) - count) / rate))}")
     return len(todo)
 
 
 def merge_rank_files(out_path, samples):
-    """Gather out_path and every {out_path}.rank* into out_path, one line per sample in the samples'
-    order, then delete the rank files; returns the number of lines.
-
-    Call it on rank 0 once every rank has returned from `predict` (torch.distributed.barrier()); it is
-    harmless with one process. A sample predicted twice (a resume under another world size) keeps its
-    first line. Raises, changing nothing, while some sample has no prediction: rerunning resumes.
-    """
+    """Gather out_path and every {out_path}.rank* into out_path, one line per sample in the samples' order,
+    then delete the rank files; returns the number of lines. Call it on rank 0 once every rank has returned
+    from `predict`. A sample predicted twice (a resume under another world size) keeps its first line. While
+    some sample has no prediction it raises, changing nothing: rerunning resumes."""
     paths = [out_path] + _rank_paths(out_path)
     sample_ids = {sample["_id"] for sample in samples}
     lines = {}
     for path in paths:
-        records = _read_predictions(path, repair=False)
-        _check_ids(records, path, sample_ids)
-        for record in records:
+        for record in _read_predictions(path, sample_ids):
             lines.setdefault(record["_id"], json.dumps(record, ensure_ascii=False) + "\n")
     missing = len(sample_ids) - len(lines)
     if missing:
@@ -299,8 +244,7 @@ def merge_rank_files(out_path, samples):
 
 def normalize_answer(text):
     """SQuAD normalisation: lower case, drop ASCII punctuation, drop the articles a/an/the, collapse spaces."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in string.punctuation)
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
     text = re.sub(r"\b(a|an|the)\b", " ", text)
     return " ".join(text.split())
 
@@ -311,8 +255,7 @@ CHINESE_PUNCTUATION = "！？｡。＂＃＄％＆＇（）＊＋，－／：；
 
 def normalize_zh_answer(text):
     """Chinese normalisation: lower case, drop ASCII and Chinese punctuation, drop all whitespace."""
-    text = text.lower()
-    text = "".join(ch for ch in text if ch not in string.punctuation and ch not in CHINESE_PUNCTUATION)
+    text = "".join(ch for ch in text.lower() if ch not in string.punctuation and ch not in CHINESE_PUNCTUATION)
     return "".join(text.split())
 
 
@@ -371,11 +314,9 @@ def _lcs_words(x, y):
 def rouge_score(prediction, ground_truth):
     """ROUGE-L F as the `rouge` package (1.0.1, Rouge().get_scores(...)["rouge-l"]["f"]) computes it.
 
-    Summary-level ROUGE-L with its set semantics: the hit count is the number of distinct words in the
-    union of the LCS of every (reference sentence, prediction sentence) pair, recall divides it by the
-    number of distinct reference words, precision by the number of distinct prediction words, and
-    F = 2PR / (P + R + 1e-8). Case is kept. An empty side (no sentence) is the package's ValueError,
-    which the official scorer turns into 0.
+    Summary-level with set semantics: hits are the distinct words of the LCS of every (reference sentence,
+    prediction sentence) pair; R = hits / distinct reference words, P = hits / distinct prediction words,
+    F = 2PR / (P + R + 1e-8). Case is kept. An empty side raises in the package, which the official scorer scores 0.
     """
     prediction_sentences, reference_sentences = _rouge_sentences(prediction), _rouge_sentences(ground_truth)
     if not prediction_sentences or not reference_sentences:
@@ -395,11 +336,9 @@ def rouge_zh_score(prediction, ground_truth):
 
 
 def classification_score(prediction, ground_truth, all_classes):
-    """1/(number of class names found in the prediction) when the right one is among them, else 0.
-
-    Names found that are part of the right name (and not it) are discarded, in the official loop that
-    removes from the list it iterates over: after each removal the next name is skipped, not checked.
-    """
+    """1/(number of class names found in the prediction) when the right one is among them, else 0. Names found
+    that are part of the right name (and not it) are discarded by the official loop, which removes from the list
+    it iterates over: after each removal the next name is skipped, not checked."""
     if all_classes is None:
         raise ValueError("classification needs the dataset's all_classes, which these samples lack")
     found = [name for name in all_classes if name in prediction]
@@ -411,29 +350,22 @@ def classification_score(prediction, ground_truth, all_classes):
     return 1.0 / len(found) if ground_truth in found else 0.0
 
 
-def _number_share(prediction, answer_number):
+def count_score(prediction, ground_truth):
     """Fraction of the numbers (digit runs) in the prediction equal to the answer; 0 with none."""
     numbers = re.findall(r"\d+", prediction)
-    return sum(number == answer_number for number in numbers) / len(numbers) if numbers else 0.0
+    return sum(number == str(ground_truth) for number in numbers) / len(numbers) if numbers else 0.0
 
 
-def count_score(prediction, ground_truth):
-    return _number_share(prediction, str(ground_truth))
-
-
-def _paragraph_number(ground_truth, pattern):
+def retrieval_score(prediction, ground_truth, pattern=r"Paragraph (\d+)"):
+    """count_score against the paragraph number of the ground truth ("Paragraph 12")."""
     match = re.search(pattern, ground_truth)
     if match is None:
         raise ValueError(f"retrieval ground truth {ground_truth!r} does not match {pattern!r}")
-    return match.group(1)
-
-
-def retrieval_score(prediction, ground_truth):
-    return _number_share(prediction, _paragraph_number(ground_truth, r"Paragraph (\d+)"))
+    return count_score(prediction, match.group(1))
 
 
 def retrieval_zh_score(prediction, ground_truth):
-    return _number_share(prediction, _paragraph_number(ground_truth, r"段落(\d+)"))
+    return retrieval_score(prediction, ground_truth, r"段落(\d+)")
 
 
 def fuzz_ratio(a, b):
@@ -477,44 +409,30 @@ def skip_reason(dataset):
 
 def sample_score(dataset, prediction, ground_truths, all_classes):
     """The best metric value over the ground truths (0 with none), after the first-line cut."""
-    _check_dataset(dataset)
     if dataset in FIRST_LINE_DATASETS:
         prediction = prediction.lstrip("\n").split("\n")[0]
     metric = DATASET_METRIC[dataset]
-    best = 0.0
-    for truth in ground_truths:
-        value = metric(prediction, truth, all_classes) if metric is classification_score else metric(prediction, truth)
-        best = max(best, value)
-    return best
-
-
-def _check_lists(predictions, *others):
-    if not predictions:
-        raise ValueError("no predictions to score")
-    if any(len(other) != len(predictions) for other in others):
-        raise ValueError(f"{len(predictions)} predictions but {[len(o) for o in others]} answers/lengths")
+    extra = (all_classes,) if metric is classification_score else ()
+    return max([metric(prediction, truth, *extra) for truth in ground_truths], default=0.0)
 
 
 def score(dataset, predictions, answers, all_classes):
     """The official LongBench score of a dataset: round(100 * mean sample score, 2)."""
-    _check_lists(predictions, answers)
-    total = 0.0
+    assert predictions and len(answers) == len(predictions), (len(predictions), len(answers))
+    total = 0.0  # summed in order, as the official scorer (not sum(), which compensates from Python 3.12)
     for prediction, ground_truths in zip(predictions, answers):
         total += sample_score(dataset, prediction, ground_truths, all_classes)
     return round(100 * total / len(predictions), 2)
 
 
-def length_bucket(length):
-    return E_BUCKETS[0] if length < 4000 else E_BUCKETS[1] if length < 8000 else E_BUCKETS[2]
-
-
 def score_e(dataset, predictions, answers, lengths, all_classes):
-    """LongBench-E: the official score per length bucket, {"0-4k", "4-8k", "8k+"}; NaN for an empty bucket, as
-    the official scorer. Means and rounding are numpy's, as in the official one."""
-    _check_lists(predictions, answers, lengths)
-    buckets = {bucket: [] for bucket in E_BUCKETS}
+    """LongBench-E: the official score per bucket of `length` (words: < 4000, < 8000, more); NaN for an empty
+    bucket, as the official scorer. Means and rounding are numpy's, as in the official one."""
+    assert predictions and len(answers) == len(lengths) == len(predictions), (len(predictions), len(answers))
+    buckets = {"0-4k": [], "4-8k": [], "8k+": []}
     for prediction, ground_truths, length in zip(predictions, answers, lengths):
-        buckets[length_bucket(length)].append(sample_score(dataset, prediction, ground_truths, all_classes))
+        bucket = "0-4k" if length < 4000 else "4-8k" if length < 8000 else "8k+"
+        buckets[bucket].append(sample_score(dataset, prediction, ground_truths, all_classes))
     return {bucket: float(round(100 * np.mean(scores), 2)) if scores else float("nan")
             for bucket, scores in buckets.items()}
 
@@ -522,7 +440,7 @@ def score_e(dataset, predictions, answers, lengths, all_classes):
 def score_file(pred_path, dataset, e=False):
     """Score a prediction jsonl: `score` (or `score_e` with e=True) of its lines. Like the official
     eval.py, all_classes comes from the last line (it is the same on every line of a dataset)."""
-    records = _read_predictions(pred_path, repair=False)
+    records = _read_predictions(pred_path)
     if not records:
         raise ValueError(f"{pred_path} holds no predictions")
     for line_number, record in enumerate(records, start=1):

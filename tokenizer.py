@@ -1,26 +1,16 @@
 """Tokenizers as tiktoken encodings: train a small byte-level BPE, save and load it, convert GPT-NeoX's.
 
-Every tokenizer in this project is a `tiktoken.Encoding`: `enc.encode(text) -> list[int]`,
-`enc.decode(ids) -> str`, `enc.eot_token`, `enc.n_vocab`. Nothing is downloaded here except by
-`get_encoding`, which asks tiktoken for its registry encodings.
-
-- `train_bpe` learns a byte-level BPE (the GPT-2 recipe) from text on the CPU.
-- `save_tiktoken` / `load_tiktoken` write and read it as a `.tiktoken` ranks file.
-- `from_hf_tokenizer_json` turns a Hugging Face byte-level BPE `tokenizer.json` (GPT-NeoX-20B's, which the
-  pretrained state-spaces Mamba models use) into an encoding that gives the same ids as the `tokenizers` package.
+Every tokenizer here is a `tiktoken.Encoding` (`encode`, `decode`, `eot_token`, `n_vocab`):
+- `train_bpe` learns a byte-level BPE (the GPT-2 recipe); `save_tiktoken` / `load_tiktoken` write and read it.
+- `from_hf_tokenizer_json` reads a Hugging Face byte-level BPE `tokenizer.json` (GPT-NeoX-20B's, used by the
+  state-spaces Mamba models) with the ids the `tokenizers` package gives.
 - `save_tokenizer` / `load_tokenizer` put the tokenizer in, and read it from, a checkpoint directory.
 
-File formats.
-`name.tiktoken` is tiktoken's own format: one line per mergeable token, `base64(token bytes) rank`, lowest rank
-(highest merge priority) first; `tiktoken.load.load_tiktoken_bpe` reads it. The rest of an encoding -- its name,
-its pre-tokenisation regex and its special tokens -- goes to a small companion file `name.tiktoken.json`:
-`{"name": ..., "pat_str": ..., "special_tokens": {"<|endoftext|>": 8191}}`. A ranks file without a companion
-(for example tiktoken's `r50k_base.tiktoken`) loads with the GPT-2 regex and `<|endoftext|>` right after the
-highest rank, which is how GPT-2 numbers it.
-
-Ids. In a tiktoken encoding the id of a token is its rank, and lower ranks merge first. In an encoding
-trained here, the special tokens get the ids after all the ranks. A converted tokenizer.json keeps its own
-ids (GPT-NeoX: <|endoftext|> is 0), see HFByteLevelBPE.
+`name.tiktoken` is tiktoken's format: one `base64(token bytes) rank` line per token, lowest rank (first merged)
+first. The name, regex and special tokens go to a companion `name.tiktoken.json`:
+`{"name": ..., "pat_str": ..., "special_tokens": {"<|endoftext|>": 8191}}`. Without a companion (e.g. tiktoken's
+`r50k_base.tiktoken`) a ranks file loads with the GPT-2 regex and `<|endoftext|>` after the highest rank, as GPT-2.
+A token's id is its rank; trained special tokens come after the ranks; a converted tokenizer.json keeps its ids.
 """
 
 from __future__ import annotations
@@ -44,14 +34,10 @@ from mamba import atomic_write
 
 ENDOFTEXT = "<|endoftext|>"
 
-# GPT-2's pre-tokenisation regex as tiktoken writes it for gpt2/r50k_base. The original GPT-2 pattern,
-#   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-# splits text the same way (contractions; a letter, digit or punctuation run with at most one leading space;
-# whitespace runs that leave their last space to the next word). Hugging Face's ByteLevel pre-tokenizer uses
-# the original, so this one pattern serves both the trainer and the tokenizer.json conversion.
+# GPT-2's pre-tokenisation regex as tiktoken writes it for r50k_base; it splits text as the original GPT-2
+# pattern does, which Hugging Face's ByteLevel pre-tokenizer uses, so it serves the trainer and the conversion.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
-# The same with every digit a pre-token of its own (as LLaMA's tokenizer splits numbers): a number is always one
-# token per digit, so a 5-digit key is 5 tokens whatever its digits.
+# The same with every digit a pre-token of its own (as LLaMA splits numbers): one token per digit.
 DIGITS_PATTERN = GPT2_PATTERN.replace(r" ?\p{N}++", r"\p{N}")
 
 TIKTOKEN_FILE = "tokenizer.tiktoken"  # in a checkpoint directory: a tokenizer trained here
@@ -60,32 +46,31 @@ HF_JSON_FILE = "tokenizer.json"  # in a checkpoint directory: a Hugging Face tok
 
 # ----------------------------------------------------------------------------------------------------------
 # Training a byte-level BPE
-# ----------------------------------------------------------------------------------------------------------
 
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = (ENDOFTEXT,),
               name: str = "bpe", pattern: str = GPT2_PATTERN) -> tiktoken.Encoding:
     """Learn a byte-level BPE from `texts` (the GPT-2 recipe) and return it as a tiktoken encoding.
 
-    `vocab_size` counts everything: the 256 single bytes (ranks 0..255), the learned merges (ranks 256...),
-    and the special tokens (the ids after the ranks), so the result has `n_vocab == vocab_size`.
-
-    The text is split into pre-tokens with `pattern` (GPT2_PATTERN or DIGITS_PATTERN) and merges never cross a
-    pre-token boundary, so the corpus is just a table of distinct pre-tokens ("words") and their counts. Each step merges the most
-    frequent adjacent pair of tokens, counted over all words; ties go to the pair of lower ranks, so the
-    result depends only on the text. After a merge only the words that contained the pair change, and only
-    their pairs' counts are updated (an index pair -> words holding it finds them), which is what makes
-    thousands of merges on megabytes of text take minutes in plain Python. Special tokens that occur in
-    the text are cut out of it before counting, so no merge learns them.
+    `vocab_size` counts the 256 single bytes (ranks 0..255), the merges (ranks 256...) and the special tokens
+    (ids after the ranks). Merges never cross a pre-token boundary (`pattern`), so the corpus is a table of
+    distinct pre-tokens ("words") and their counts. Each step merges the most frequent adjacent pair, ties to
+    the lower ranks, so the result depends only on the text; after a merge only the words holding the pair are
+    recounted. Special tokens are cut out of the text first, so no merge learns them.
     """
     if isinstance(texts, str):
         raise TypeError("train_bpe takes an iterable of texts, not one string: pass [text]")
     special_tokens = list(special_tokens)
     n_merges = vocab_size - 256 - len(special_tokens)
     if n_merges < 0:
-        raise ValueError(f"vocab_size={vocab_size} is too small: it counts the 256 single bytes and the "
-                         f"{len(special_tokens)} special tokens, so it must be at least {256 + len(special_tokens)}")
+        raise ValueError(f"vocab_size={vocab_size} is too small: with 256 bytes and the special tokens it must be "
+                         f"at least {256 + len(special_tokens)}")
 
-    word_counts = _count_pretokens(texts, special_tokens, pattern)
+    pretoken = regex.compile(pattern)
+    special = regex.compile("|".join(regex.escape(t) for t in special_tokens)) if special_tokens else None
+    word_counts = Counter()
+    for text in texts:
+        for part in (special.split(text) if special else [text]):
+            word_counts.update(pretoken.findall(part))
     words = [list(word.encode("utf-8")) for word in word_counts]  # each word as token ranks, bytes at first
     counts = list(word_counts.values())
 
@@ -103,11 +88,12 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[st
     heapq.heapify(heap)
 
     while len(token_bytes) < 256 + n_merges:
-        a, b = _pop_most_frequent(heap, pair_count)
-        if a is None:
-            raise ValueError(f"the text has no adjacent token pairs left after {len(token_bytes) - 256} new "
-                             f"tokens: give more text or ask for vocab_size <= "
-                             f"{len(token_bytes) + len(special_tokens)}")
+        while heap and pair_count.get(heap[0][1:]) != -heap[0][0]:
+            heapq.heappop(heap)  # a stale count
+        if not heap:
+            raise ValueError(f"the text has no adjacent token pairs left after {len(token_bytes) - 256} new tokens: "
+                             f"give more text or ask for vocab_size <= {len(token_bytes) + len(special_tokens)}")
+        _, a, b = heapq.heappop(heap)
         merged = token_bytes[a] + token_bytes[b]
         # Two different pairs can spell the same bytes ("a"+"bc", "ab"+"c"); tiktoken keys tokens by their
         # bytes, so the second merge reuses the first one's rank instead of adding a token.
@@ -142,32 +128,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[st
     return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=rank_of, special_tokens=specials)
 
 
-def _count_pretokens(texts: Iterable[str], special_tokens: list[str], pattern: str) -> Counter:
-    """Distinct pre-tokens of all texts -> how often each occurs; special tokens are cut out first."""
-    pretoken = regex.compile(pattern)
-    special = regex.compile("|".join(regex.escape(s) for s in special_tokens)) if special_tokens else None
-    word_counts = Counter()
-    for text in texts:
-        if not isinstance(text, str):
-            raise TypeError(f"train_bpe needs texts as str, got {type(text).__name__}")
-        for part in (special.split(text) if special else [text]):
-            word_counts.update(pretoken.findall(part))
-    return word_counts
-
-
-def _pop_most_frequent(heap: list, pair_count: Counter) -> tuple:
-    """The pair with the highest current count (ties: lower ranks), or (None, None) when none is left."""
-    while heap:
-        negative_count, a, b = heapq.heappop(heap)
-        if pair_count.get((a, b)) == -negative_count:
-            return a, b
-    return None, None
-
-
 def _merge_pair(word: list[int], a: int, b: int, new: int) -> list[int]:
     """Replace each occurrence of a followed by b in word, left to right, by new."""
-    out = []
-    i = 0
+    out, i = [], 0
     while i < len(word):
         if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
             out.append(new)
@@ -186,16 +149,13 @@ def byte_encoding() -> tiktoken.Encoding:
 
 # ----------------------------------------------------------------------------------------------------------
 # .tiktoken files
-# ----------------------------------------------------------------------------------------------------------
 
 def save_tiktoken(encoding: tiktoken.Encoding, path: str | os.PathLike) -> None:
     """Write `encoding` as a `.tiktoken` ranks file at `path` and its companion `path + ".json"` (module docstring)."""
     if isinstance(encoding, HFByteLevelBPE):
-        raise TypeError("this encoding was converted from a Hugging Face tokenizer.json: its ids are not merge "
-                        "ranks and its added tokens are matched before pre-tokenisation, which a .tiktoken file "
-                        "cannot say; keep the tokenizer.json (save_tokenizer does)")
+        raise TypeError("a converted tokenizer.json cannot be a .tiktoken file: keep the tokenizer.json")
     path = os.fspath(path)
-    # tiktoken keeps these three only in private attributes; they are what its own pickling saves
+    # tiktoken keeps these only in private attributes (the ones its own pickling saves)
     ranks = encoding._mergeable_ranks
     lines = b"".join(base64.b64encode(token) + b" %d\n" % rank
                      for token, rank in sorted(ranks.items(), key=lambda item: item[1]))
@@ -217,8 +177,7 @@ def load_tiktoken(path: str | os.PathLike) -> tiktoken.Encoding:
             companion = json.load(f)
         missing = {"name", "pat_str", "special_tokens"} - set(companion)
         if missing:
-            raise ValueError(f"{path + '.json'!r} lacks {sorted(missing)}; it should hold the name, pat_str and "
-                             f"special_tokens of the encoding whose ranks are in {path!r}")
+            raise ValueError(f"{path + '.json'!r} lacks {sorted(missing)} of the encoding whose ranks are in {path!r}")
     else:
         companion = {"name": Path(path).stem, "pat_str": GPT2_PATTERN,
                      "special_tokens": {ENDOFTEXT: max(ranks.values()) + 1}}
@@ -240,19 +199,13 @@ def get_encoding(name: str) -> tiktoken.Encoding:
     try:
         return tiktoken.get_encoding(name)
     except Exception as err:  # tiktoken fetches over HTTP: connection, DNS, proxy and hash errors all land here
-        raise RuntimeError(
-            f"could not fetch the tiktoken encoding {name!r} ({type(err).__name__}: {err}); this machine may be "
-            f"offline. Use a tokenizer on disk instead: tokenizer.load_tiktoken('file.tiktoken') for a ranks "
-            f"file, or tokenizer.from_hf_tokenizer_json('tokenizer.json') for a Hugging Face tokenizer") from err
+        raise RuntimeError(f"could not fetch the tiktoken encoding {name!r} ({err!r}); offline? Use a file on disk: "
+                           "load_tiktoken(path) or from_hf_tokenizer_json(path)") from err
 
 
 def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> character table, used by Hugging Face ByteLevel to write byte strings as text.
-
-    The 188 bytes that are printable Latin-1 characters ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves;
-    the other 68 (controls, space, soft hyphen...) get the characters 256, 257, ... in byte order, so the
-    space byte 0x20 is 'Ġ' (U+0120) and the newline 0x0A is 'Ċ' (U+010A).
-    """
+    """GPT-2's byte -> character table, with which Hugging Face ByteLevel writes bytes as text: the 188 printable
+    Latin-1 bytes stand for themselves, the other 68 get chr(256), chr(257), ... (space 'Ġ', newline 'Ċ')."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
     for n, b in enumerate(b for b in range(256) if b not in table):
@@ -263,28 +216,22 @@ def bytes_to_unicode() -> dict[int, str]:
 class HFByteLevelBPE(tiktoken.Encoding):
     """A Hugging Face byte-level BPE `tokenizer.json` as a tiktoken encoding, with the ids `tokenizers` gives.
 
-    `encode(text, allowed_special="all")` equals `tokenizers.Tokenizer.encode(text, add_special_tokens=False).ids`
-    (see the known differences below); `encode(text)` keeps tiktoken's rule of refusing special-token text such
-    as "<|endoftext|>" unless it is allowed. Hugging Face encodes in this order, and so does this class:
-      1. added tokens whose "normalized" is false (GPT-NeoX: <|endoftext|> 0, <|padding|> 1) are cut out of the
-         raw text, leftmost-longest;
+    `encode(text, allowed_special="all")` equals `tokenizers.Tokenizer.encode(text, add_special_tokens=False).ids`;
+    `encode(text)` refuses special-token text unless allowed, as tiktoken does. The steps are Hugging Face's:
+      1. added tokens with "normalized": false (GPT-NeoX: <|endoftext|> 0, <|padding|> 1) are cut out of the raw
+         text, leftmost-longest;
       2. the rest is normalized (GPT-NeoX: NFC, so "e" + U+0301 becomes "é");
-      3. added tokens whose "normalized" is true are cut out of that (GPT-NeoX: runs of 2..24 spaces,
-         ids 50276..50254; they are not special, so they are always matched: 4-space indentation is one token
-         and the word after it loses its leading space);
-      4. each remaining piece is split with the GPT-2 regex and each pre-token is BPE-merged.
-    A tokenizer.json gives token ids in `vocab` and merge priority by the order of `merges`, and the two orders
-    need not agree; tiktoken merges by rank, so step 4 runs on a private encoding whose ranks are the single
-    bytes (0..255) then the merges in file order, and its ranks are mapped to the vocab ids. Decoding uses the
-    vocab ids directly: the added tokens are this encoding's tiktoken special tokens.
+      3. added tokens with "normalized": true are cut out of that (GPT-NeoX: runs of 2..24 spaces; not special,
+         so always matched: 4-space indentation is one token and the next word loses its leading space);
+      4. each piece is split with the GPT-2 regex and each pre-token is BPE-merged.
+    Ids come from `vocab` and merge priority from the order of `merges`, which need not agree: step 4 runs on a
+    private encoding ranked bytes then merges in file order, whose ranks map to vocab ids. Decoding uses the ids.
 
     Known differences from `tokenizers`. Neither of the first two can happen with GPT-NeoX's file: a pair that
     is not in `merges` but spells a vocab token is merged here (tiktoken ranks tokens, not pairs), and a byte
     missing from the vocab is an error here where `tokenizers` drops it. Third, the normal form comes from
-    Python's `unicodedata` (Unicode 14 in Python 3.11), while `tokenizers` normalizes with older Unicode
-    tables: a combining mark added to Unicode since 2017 (e.g. U+0D3B) next to another combining mark can be
-    put in a different order; 2 of 30,000 random strings drawn from all of Unicode differed this way, no
-    prose, code or text in common scripts did.
+    Python's `unicodedata` (Unicode 14 in Python 3.11), `tokenizers` has older tables: a combining mark added
+    since 2017 (e.g. U+0D3B) next to another combining mark can be put in a different order (rare text only).
     """
 
     def __init__(self, tokenizer_json: str, name: str = "hf_byte_level_bpe"):
@@ -298,11 +245,17 @@ class HFByteLevelBPE(tiktoken.Encoding):
             try:
                 return bytes(byte_of[char] for char in token)
             except KeyError as err:
-                raise ValueError(f"token {token!r} in the tokenizer.json has the character {err.args[0]!r}, which "
-                                 f"is not in the ByteLevel byte table: is this a byte-level BPE?") from None
+                raise ValueError(f"token {token!r} has {err.args[0]!r}, not in the ByteLevel byte table") from None
 
         added = spec.get("added_tokens") or []
-        _check_added_token_ids(added, model["vocab"])
+        next_id = len(model["vocab"])  # tokenizers takes an added token's vocab id, else numbers it after the vocab
+        for token in added:
+            expected = model["vocab"].get(token["content"])
+            if expected is None:
+                expected, next_id = next_id, next_id + 1
+            if token["id"] != expected:
+                raise ValueError(f"added token {token['content']!r} has id {token['id']} in the tokenizer.json, but "
+                                 f"tokenizers would give it id {expected}")
         self._added = {t["content"]: t["id"] for t in added}
         self._special = {t["content"] for t in added if t.get("special", False)}
         self._special_ids = {self._added[t] for t in self._special}
@@ -359,15 +312,13 @@ class HFByteLevelBPE(tiktoken.Encoding):
         """Token ids of text, special-token text encoded as plain text (non-special added tokens still match)."""
         return self.encode(text, disallowed_special=())
 
-    def encode_to_numpy(self, text: str, *, allowed_special=frozenset(), disallowed_special="all"):
-        """encode(), as a numpy uint32 array."""
+    def encode_to_numpy(self, text: str, **kwargs):
+        """encode(), as a numpy uint32 array (tiktoken's own would use the wrong ids)."""
         import numpy as np
-        return np.asarray(self.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special),
-                          dtype=np.uint32)
+        return np.asarray(self.encode(text, **kwargs), dtype=np.uint32)
 
     def encode_with_unstable(self, *args, **kwargs):
-        raise NotImplementedError("encode_with_unstable is not available for a tokenizer converted from "
-                                  "tokenizer.json; use encode")
+        raise NotImplementedError("encode_with_unstable is not available for a converted tokenizer.json; use encode")
 
     @property
     def special_tokens_set(self) -> set[str]:
@@ -393,9 +344,8 @@ def from_hf_tokenizer_json(path: str | os.PathLike) -> HFByteLevelBPE:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer.json at {str(path)!r}")
-    text = path.read_text(encoding="utf-8")
     try:
-        return HFByteLevelBPE(text, name=path.stem)
+        return HFByteLevelBPE(path.read_text(encoding="utf-8"), name=path.stem)
     except json.JSONDecodeError as err:
         raise ValueError(f"{str(path)!r} is not valid JSON ({err})") from None
 
@@ -403,8 +353,7 @@ def from_hf_tokenizer_json(path: str | os.PathLike) -> HFByteLevelBPE:
 def _check_supported(spec: dict) -> None:
     """Refuse, with the reason, a tokenizer.json whose encoding HFByteLevelBPE would not reproduce."""
     def refuse(what):
-        raise ValueError(f"unsupported tokenizer.json: {what}; this converter handles byte-level BPE tokenizers "
-                         f"like GPT-2's and GPT-NeoX-20B's")
+        raise ValueError(f"unsupported tokenizer.json: {what} (this converts byte-level BPEs like GPT-NeoX's)")
 
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or "vocab" not in model or "merges" not in model:
@@ -423,48 +372,26 @@ def _check_supported(spec: dict) -> None:
             refuse(f"added token {token['content']!r} with lstrip, rstrip or single_word")
 
 
-def _check_added_token_ids(added: list[dict], vocab: dict[str, int]) -> None:
-    """Refuse added-token ids that `tokenizers` would not use. It takes an added token's id from the vocab
-    when the vocab has it, and numbers the others itself, after the vocab in file order, whatever the file says."""
-    next_id = len(vocab)
-    for token in added:
-        expected = vocab.get(token["content"])
-        if expected is None:
-            expected, next_id = next_id, next_id + 1
-        if token["id"] != expected:
-            raise ValueError(f"added token {token['content']!r} has id {token['id']} in the tokenizer.json, but "
-                             f"tokenizers would give it id {expected} (its vocab id, or for a token not in the "
-                             f"vocab the next id after the vocab's {len(vocab)} tokens, in file order)")
-
-
 @functools.lru_cache(maxsize=64)
 def _longest_first(tokens: frozenset) -> regex.Pattern | None:
-    """A regex matching any of tokens, the longest where several start at one place (leftmost-longest)."""
+    """A regex capturing any of tokens, the longest where several start at one place (leftmost-longest)."""
     if not tokens:
         return None
-    return regex.compile("|".join(regex.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t))))
+    return regex.compile("(" + "|".join(regex.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t))) + ")")
 
 
-def _split_on(pattern: regex.Pattern | None, text: str):
-    """Yield (piece, True) for each match of pattern in text and (piece, False) for the text between them."""
-    start = 0
-    for match in pattern.finditer(text) if pattern else ():
-        if match.start() > start:
-            yield text[start:match.start()], False
-        yield match.group(), True
-        start = match.end()
-    if start < len(text):
-        yield text[start:], False
+def _split_on(pattern: regex.Pattern | None, text: str) -> list[tuple[str, bool]]:
+    """(piece, True) for each match of pattern in text, (piece, False) for the non-empty text between them."""
+    pieces = pattern.split(text) if pattern else [text]  # the matches are at the odd indices
+    return [(piece, i % 2 == 1) for i, piece in enumerate(pieces) if piece]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoint directories
-# ----------------------------------------------------------------------------------------------------------
 
 def save_tokenizer(encoding: tiktoken.Encoding, checkpoint_dir: str | os.PathLike) -> None:
-    """Put the tokenizer in a checkpoint directory: `tokenizer.tiktoken` (+ its .json companion), or, for an
-    encoding converted from a Hugging Face tokenizer.json, a copy of that file as `tokenizer.json` (a stale
-    `tokenizer.tiktoken` there is removed, since load_tokenizer would read it first)."""
+    """Put the tokenizer in a checkpoint directory: `tokenizer.tiktoken` (+ companion), or a converted
+    tokenizer.json as it was read (a stale `tokenizer.tiktoken` goes, as load_tokenizer would read it first)."""
     directory = Path(checkpoint_dir)
     directory.mkdir(parents=True, exist_ok=True)
     if isinstance(encoding, HFByteLevelBPE):
@@ -482,6 +409,5 @@ def load_tokenizer(checkpoint_dir: str | os.PathLike) -> tiktoken.Encoding:
         return load_tiktoken(directory / TIKTOKEN_FILE)
     if (directory / HF_JSON_FILE).is_file():
         return from_hf_tokenizer_json(directory / HF_JSON_FILE)
-    raise FileNotFoundError(f"no tokenizer in {str(directory)!r}: expected {TIKTOKEN_FILE} (a tokenizer trained "
-                            f"with this project) or {HF_JSON_FILE} (a Hugging Face tokenizer, e.g. GPT-NeoX-20B's "
-                            f"for the state-spaces Mamba models)")
+    raise FileNotFoundError(f"no tokenizer in {str(directory)!r}: expected {TIKTOKEN_FILE} (trained here) or "
+                            f"{HF_JSON_FILE} (Hugging Face's, e.g. GPT-NeoX-20B's)")

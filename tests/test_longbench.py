@@ -132,9 +132,9 @@ def test_score_and_buckets():
     assert buckets == {"0-4k": 50.0, "4-8k": 100.0, "8k+": 0.0}
     assert lb.score_e("qasper", ["16"], [["16"]], [7999], None) == {"0-4k": pytest.approx(float("nan"), nan_ok=True), "4-8k": 100.0,
                                                                      "8k+": pytest.approx(float("nan"), nan_ok=True)}
-    with pytest.raises(ValueError, match="no predictions"):
+    with pytest.raises(AssertionError):  # no predictions
         lb.score("qasper", [], [], None)
-    with pytest.raises(ValueError, match="answers"):
+    with pytest.raises(AssertionError):  # fewer answer lists than predictions
         lb.score("qasper", ["a", "b"], [["a"]], None)
 
 
