@@ -7,23 +7,19 @@ Evaluate Mamba and the long-context methods: passkey retrieval, perplexity, Long
     python eval.py --task longbench --data-dir LongBench/data --e --method longmamba --model mamba-1.4b --L-train 2048
     torchrun --nproc_per_node=K eval.py ...                 # passkey samples and LongBench lines are split over ranks
 
-Every method is evaluated on the same samples, with vanilla Mamba beside it (--no-baseline to skip it). A method
-is what generates from a prompt; all but ReMamba are the model with a hook set (mamba.py):
-
-    vanilla    no hook
+Every method runs on the same samples, beside vanilla Mamba (--no-baseline to skip it):
     longmamba  global channels skip unimportant tokens (longmamba.py; calibrated once, saved beside the model)
     decimamba  unimportant tokens are dropped inside the network (decimamba.py)
     remamba    two passes: compress the start of the prompt, re-read (remamba.py; the model's remamba.pt)
 
-Passkey: prompt (passkey.py; haystack = held-out prose, or with --split train the training prose: a validation
-set for choosing settings) -> prefill with the method -> greedy decode -> exact match of the digits. Prints a
-length × depth table per method (accuracy in %) and writes <out-dir>/passkey_<label>.json (accuracy as a
-fraction 0-1, with every setting) and a heatmap. Finished cells are kept in <out-dir>/cells/: an interrupted run
-continues where it stopped, and a run with other settings never reuses them.
+Passkey: greedy decoding, exact match of the digits; a length × depth table per method (% correct),
+<out-dir>/passkey_<label>.json (accuracy 0-1, every setting) and a heatmap. Finished cells are kept in
+<out-dir>/cells/: an interrupted run continues where it stopped; other settings never reuse them.
 """
 
 import argparse
 import contextlib
+import glob
 import hashlib
 import json
 import math
@@ -37,15 +33,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import decimamba
+import longbench
+import longmamba
 import passkey
+import remamba
 import tokenizer
 from mamba import Mamba, atomic_write, training_length
 
 METHODS = ("vanilla", "longmamba", "decimamba", "remamba")
 DEFAULT_MODEL = "checkpoints/mamba-testbed"
 CALIBRATION_FILE = "longmamba_calibration.pt"
-# LongMamba's settings: the paper's, but b = 1.5 (not 1), chosen on validation samples of both bundled testbeds
-# (results/README.md has the sweep)
+# the paper's LongMamba settings, except b = 1.5 (chosen on validation samples; results/README.md)
 LONGMAMBA = dict(c=0.05, b=1.5, variant="dt_thre", sc=0.0, decay_state="slowest")
 
 
@@ -60,8 +59,7 @@ def parse_args(argv):
     p.add_argument("--lengths", help="prompt lengths: tokens (4096) or multiples of L_train (4x), comma-separated "
                                      "(default 1x,2x,4x,8x,16x,32x; on a CPU 1x,4x,16x)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: needle depths in [0, 1]")
-    p.add_argument("--samples", type=int, help="passkey: samples per (length, depth) cell (default 20 on a GPU, "
-                                               "3 on a CPU)")
+    p.add_argument("--samples", type=int, help="passkey: samples per cell (default 20 on a GPU, 3 on a CPU)")
     p.add_argument("--filler", choices=passkey.FILLERS, default="prose")
     p.add_argument("--data", default="data/war_and_peace.txt", help="the model's training prose: LongMamba's "
                    "calibration windows (training split), and the haystack unless --haystack is given")
@@ -72,8 +70,7 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out-dir", help="where results go (default runs/<model directory name>)")
     p.add_argument("--tag", default="", help="appended to every method's label in file names and tables, e.g. _sft")
-    p.add_argument("--report", metavar="DIR", help="print a markdown table and draw one heatmap of the passkey "
-                                                   "results in DIR, then stop")
+    p.add_argument("--report", metavar="DIR", help="only: a markdown table and heatmap of the passkey results in DIR")
     g = p.add_argument_group("LongMamba")
     g.add_argument("--c", type=float, default=LONGMAMBA["c"], help="global channel when tA_prod > c")
     g.add_argument("--b", type=float, default=LONGMAMBA["b"], help="keep Δ > b·threshold")
@@ -121,6 +118,8 @@ def parse_args(argv):
         p.error(f"--depths must lie in [0, 1], got {args.depths}")
     if not 0 < args.beta <= 1 or args.c < 0 or args.b < 0 or not 0 <= args.sc < 1:
         p.error("--beta must be in (0, 1], --c and --b ≥ 0, --sc in [0, 1)")
+    if args.task == "ppl" and "remamba" in args.methods:
+        fail("--task ppl does not apply to remamba (it compresses a prompt before answering)")
     return args
 
 
@@ -142,58 +141,38 @@ def read_text(flag, path):
         fail(f"{flag} {path}: {e}")
 
 
-def parse_lengths(text, L_train):
-    try:
-        lengths = [round(float(x[:-1]) * L_train) if x.endswith("x") else int(x) for x in text.split(",")]
-        assert all(L >= 1 for L in lengths)
-        return lengths
-    except (ValueError, AssertionError):
-        fail(f"--lengths {text!r}: expected comma-separated token counts (4096) or multiples of L_train (4x)")
-
-
 def git_commit():
     """This checkout's commit ($MAMBA_COMMIT where the tree was copied without .git)."""
     return os.environ.get("MAMBA_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
         capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Methods: each is (label, settings, what generates, the hook set around it)
-
-
-def build_methods(args, model, encoding, L_train, text, device):
-    """One entry per method: {"name", "label", "settings", "runner" (has prefill and generate), "hook",
-    "describe"}. The label names the method and the settings that differ from the defaults."""
+def build_methods(args, model, encoding, L_train, text):
+    """One dict per method: name, label (the name, the settings that differ from the defaults, --tag), settings,
+    runner (prefills and generates), hook (set on the runner around each call), describe (a summary or None)."""
+    n_layer = model.config.n_layer
+    defaults = {**LONGMAMBA, "layers": [n_layer // 2], "beta": 0.5, "min_len": 20, "L_base": L_train}
     methods = []
     for name in args.methods:
         settings, runner, hook, describe = {}, model, None, None
         if name == "longmamba":
-            import longmamba
             calibration = load_calibration(args, model, encoding, L_train, text)
             settings = dict(c=args.c, b=args.b, variant=args.variant, **calibration["settings"])
             del settings["model"]
             hook = longmamba.LongMamba(calibration, args.c, args.b, args.variant)
-            describe = lambda length, cal=calibration: longmamba.describe(cal, args.c, length)  # noqa: E731
+            describe = lambda length: longmamba.describe(calibration, args.c, length)  # noqa: E731
         elif name == "decimamba":
-            import decimamba
-            layers = args.layer_list or [model.config.n_layer // 2]
-            if any(not 0 <= i < model.config.n_layer for i in layers):
-                fail(f"--decimating-layers {args.decimating_layers}: this model has layers "
-                     f"0..{model.config.n_layer - 1}")
+            layers = args.layer_list or [n_layer // 2]
+            if any(not 0 <= i < n_layer for i in layers):
+                fail(f"--decimating-layers {args.decimating_layers}: this model has layers 0..{n_layer - 1}")
             settings = dict(layers=layers, beta=args.beta, L_base=args.L_base or L_train, min_len=args.min_len)
             hook = decimamba.DeciMamba(layers, settings["L_base"], args.beta, args.min_len)
         elif name == "remamba":
-            import remamba
-            path = os.path.join(args.model, remamba.REMAMBA_FILE)
-            if not os.path.isfile(path):
-                fail(f"--method remamba: {path} not found; train it with python train.py --method remamba "
-                     f"--init {args.model} --out <new directory>, then pass that directory as --model")
             try:
-                runner = remamba.ReMamba.load(model, path)
+                runner = remamba.ReMamba.load(model, os.path.join(args.model, remamba.REMAMBA_FILE))
             except ValueError as e:
                 fail(str(e))
             settings = dict(ratio=runner.ratio, compress_ratio=runner.compress_ratio, start_ratio=runner.start_ratio)
-        defaults = {**LONGMAMBA, "layers": [model.config.n_layer // 2], "beta": 0.5, "min_len": 20, "L_base": L_train}
         label = name + "".join(f"_{k}{'-'.join(map(str, v)) if isinstance(v, list) else v}"
                                for k, v in settings.items() if k in defaults and v != defaults[k]) + args.tag
         methods.append(dict(name=name, label=label, settings=settings, runner=runner, hook=hook, describe=describe))
@@ -202,7 +181,6 @@ def build_methods(args, model, encoding, L_train, text, device):
 
 def load_calibration(args, model, encoding, L_train, text):
     """LongMamba's calibration beside the model, recomputed (and saved) when any of its settings differ."""
-    import longmamba
     path = os.path.join(args.model, CALIBRATION_FILE)
     ids = passkey.Haystack(text, "train").tokens(encoding)[0]
     n = args.calibration_windows
@@ -239,19 +217,18 @@ def load_calibration(args, model, encoding, L_train, text):
 @torch.no_grad()
 def generate(method, prompt, max_new_tokens, stops, min_new_tokens=0):
     """The method's greedy continuation of prompt (1, L): new token ids (1, ≤ max_new_tokens)."""
-    with method["runner"].hooked(method["hook"]) if method["hook"] else contextlib.nullcontext():
+    hooked = method["runner"].hooked(method["hook"]) if method["hook"] else contextlib.nullcontext()
+    with hooked, autocast(prompt.device.type):
         return method["runner"].generate(prompt, max_new_tokens, eos_token_id=stops, min_new_tokens=min_new_tokens)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Finished cells, kept so that an interrupted run continues
-
-
 class Cells:
-    """A jsonl of finished cells for one (task, method, settings) key; a run with other settings gets another
-    file, so nothing is reused across settings."""
+    """A method's finished cells, in a jsonl named after every setting that shapes them: an interrupted run
+    continues from it, a run with other settings gets another file."""
 
-    def __init__(self, out_dir, key):
+    def __init__(self, out_dir, task, method, meta, args, **settings):
+        key = dict(task=task, label=method["label"], settings=method["settings"], model=meta["model"],
+                   weights=meta["weights"], haystack=args.haystack or args.data, split=args.split, **settings)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
         self.path = os.path.join(out_dir, "cells", f"{key['task']}_{key['label']}_{digest}.jsonl")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -272,19 +249,13 @@ class Cells:
         self.file.flush()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Passkey retrieval
-
-
 def run_passkey(args, methods, encoding, lengths, text, device, rank, world, meta):
-    depths, samples = args.depth_list, args.samples
+    """Every method on this rank's share of the (length, depth, sample) cells; then, on rank 0, each method's JSON,
+    the tables side by side and one heatmap."""
     haystack = passkey.Haystack(text, args.split)
-    cells = [(L, d, i) for L in lengths for d in depths for i in range(samples)]
-    mine = cells[rank::world]
-    stores = {m["label"]: Cells(args.out_dir + (f"/rank{rank}" if world > 1 else ""),
-                                dict(task="passkey", label=m["label"], settings=m["settings"], model=meta["model"],
-                                     weights=meta["weights"], filler=args.filler, haystack=args.haystack or args.data,
-                                     split=args.split, seed=args.seed)) for m in methods}
+    mine = [(L, d, i) for L in lengths for d in args.depth_list for i in range(args.samples)][rank::world]
+    stores = {m["label"]: Cells(args.out_dir + (f"/rank{rank}" if world > 1 else ""), "passkey", m, meta, args,
+                                filler=args.filler, seed=args.seed) for m in methods}
     todo = [c for c in mine if any(tuple(c) not in s.done for s in stores.values())]
     if rank == 0 and len(todo) < len(mine):
         print(f"  {len(mine) - len(todo)} of {len(mine)} cells already done (kept in {args.out_dir}/cells)")
@@ -298,11 +269,9 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
             store = stores[m["label"]]
             if (L, depth, i) in store.done:
                 continue
-            with autocast(device):
-                new = generate(m, prompt, len(sample.answer_ids) + 2, encoding.eot_token)
-            value = {"correct": bool(passkey.score(encoding.decode(new[0].tolist()), sample.answer))}
-            value.update(mechanism(m, sample, prompt))
-            store.add((L, depth, i), value)
+            new = generate(m, prompt, len(sample.answer_ids) + 2, encoding.eot_token)
+            correct = bool(passkey.score(encoding.decode(new[0].tolist()), sample.answer))
+            store.add((L, depth, i), {"correct": correct, **mechanism(m, sample, prompt)})
         done += L * len(methods)
         if rank == 0 and (n + 1 == len(todo) or todo[n + 1][0] != L or time.time() - last_print > 30):
             last_print = time.time()
@@ -314,24 +283,40 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
         gathered = [None] * world
         dist.all_gather_object(gathered, results)
         results = {label: {k: v for part in gathered for k, v in part[label].items()} for label in results}
-    return results
+    if rank != 0:
+        return
+    accuracy = {}
+    for m in methods:
+        accuracy[m["label"]], counts = passkey_summary(results[m["label"]], lengths, args.depth_list, args.samples)
+        atomic_write(os.path.join(args.out_dir, f"passkey_{m['label']}.json"), json.dumps(
+            {"method": m["name"], "settings": m["settings"], **meta, "split": args.split, "seed": args.seed,
+             "filler": args.filler, "haystack": args.haystack or args.data, "lengths": lengths,
+             "depths": args.depth_list, "samples": args.samples, "units": "accuracy: fraction of samples correct, 0-1",
+             "accuracy": accuracy[m["label"]], "mechanism": counts}, indent=2))
+    labels = list(accuracy)
+    print(side_by_side([passkey_table(m, lengths, args.depth_list, accuracy[m]) for m in labels]))
+    for m in methods:
+        if m["describe"]:
+            print("\n" + m["describe"](lengths[-1]))
+    title = (f"passkey retrieval, {os.path.basename(os.path.normpath(args.model))}, L_train {meta['L_train']}, "
+             f"{args.samples} samples per cell, {args.split} haystack, seed {args.seed}")
+    png = heatmap(os.path.join(args.out_dir, "passkey_" + "_".join(labels) + ".png"), labels, lengths,
+                  args.depth_list, accuracy, title)
+    print(f"wrote {args.out_dir}/passkey_<method>.json" + (f" and {png}" if png else "") +
+          f" in {time.time() - start:.0f} s")
 
 
 def mechanism(method, sample, prompt):
     """Where a method looked, for one sample: did ReMamba's stage 1 keep a token of the key when the needle lay in
     its compressed region; did every token of one copy of the key survive DeciMamba's decimation."""
-    key = set(sample.key_positions)
-    half = len(sample.key_positions) // 2
-    copies = [set(sample.key_positions[:half]), set(sample.key_positions[half:])]
+    key = sample.key_positions
     if method["name"] == "remamba":
-        import remamba
         rm = method["runner"]
         s, e, _ = remamba.compression_region(prompt.shape[1], rm.ratio, rm.compress_ratio, rm.start_ratio)
-        kept = set(rm.kept[0].tolist())                          # what the generation's stage 1 kept
-        return {"key_in_region": any(s <= p < e for p in key), "key_kept": bool(kept & key)}
+        return {"key_in_region": any(s <= p < e for p in key), "key_kept": bool(set(rm.kept[0].tolist()) & set(key))}
     if method["name"] == "decimamba" and method["hook"].survivors is not None:
-        survivors = set(method["hook"].survivors[0].tolist())
-        return {"key_survived": any(c <= survivors for c in copies),
+        survivors, half = set(method["hook"].survivors[0].tolist()), len(key) // 2
+        return {"key_survived": set(key[:half]) <= survivors or set(key[half:]) <= survivors,
                 "question_survived": set(range(sample.question_start, prompt.shape[1])) <= survivors}
     return {}
 
@@ -400,33 +385,22 @@ def heatmap(path, labels, lengths, depths, accuracies, title):
     axes[0][0].set_ylabel("prompt length (tokens)")
     fig.colorbar(image, ax=axes[0].tolist(), label="% correct", shrink=0.9)
     fig.suptitle(title, fontsize=10)
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Perplexity (adapted from the PG19 protocol of the LongMamba and DeciMamba papers)
 
 
 @torch.no_grad()
 def run_ppl(args, methods, encoding, lengths, text, device, meta):
-    """Perplexity of the last --predict tokens of windows of growing length, --windows per length, cut from
-    the held-out prose. Each window's prefix is prefilled with the method, then the last tokens are scored one
-    recurrent step at a time, as they would be generated: the scored tokens are never filtered or decimated.
-    (The papers score the whole window in one forward with the method applied to all of it.)"""
+    """Perplexity of the last --predict tokens of --windows windows per length (the papers' PG19 protocol, adapted):
+    each window's prefix is prefilled with the method, then the scored tokens are fed one recurrent step at a time,
+    as in generation, so they are never filtered or decimated (the papers apply the method to the whole window)."""
     ids = passkey.Haystack(text, args.split).tokens(encoding)[0]
     if max(lengths) > len(ids) or min(lengths) <= args.predict:
         fail(f"--lengths must exceed --predict {args.predict} and fit the {len(ids)} held-out tokens of --data")
-    if any(m["name"] == "remamba" for m in methods):
-        fail("--task ppl does not apply to remamba (it compresses a prompt before answering)")
     results, start, done, total = {}, time.time(), 0, sum(lengths) * args.windows * len(methods)
     for m in methods:
-        store = Cells(args.out_dir, dict(task="ppl", label=m["label"], settings=m["settings"], model=meta["model"],
-                                         weights=meta["weights"], haystack=args.haystack or args.data,
-                                         split=args.split, predict=args.predict))
+        store = Cells(args.out_dir, "ppl", m, meta, args, predict=args.predict)
         for L in lengths:
             starts = np.linspace(0, len(ids) - L, args.windows).astype(np.int64)
             for w, s in enumerate(starts):
@@ -448,15 +422,16 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
                 np.mean([store.done[(L, w)] for w in range(args.windows)]))
             print(f"  {m['label']:>12} length {L:>7}: perplexity {ppl:8.3f} | {rate / 1e3:6.1f}k tok/s | "
                   f"ETA {(total - done) / rate / 60:5.1f} min", flush=True)
-    return results
-
-
-# ----------------------------------------------------------------------------------------------------------
-# LongBench
+    path = os.path.join(args.out_dir, f"ppl_{'_'.join(results)}.json")
+    atomic_write(path, json.dumps({**meta, "haystack": args.haystack or args.data, "split": args.split,
+                                   "windows": args.windows, "predict": args.predict, "lengths": lengths,
+                                   "units": "perplexity per token",
+                                   "settings": {m["label"]: m["settings"] for m in methods},
+                                   "perplexity": results}, indent=2))
+    print(f"wrote {path} in {time.time() - start:.0f} s")
 
 
 def run_longbench(args, methods, encoding, device, rank, world, meta):
-    import longbench
     if not args.data_dir or not os.path.isdir(args.data_dir):
         fail(f"--task longbench needs --data-dir, the directory of the official LongBench jsonl files "
              f"(got {args.data_dir!r})")
@@ -480,14 +455,12 @@ def run_longbench(args, methods, encoding, device, rank, world, meta):
         run_dir = os.path.join(args.out_dir, "longbench" + ("_e" if args.e else ""), f"{m['label']}_{digest}")
 
         def generate_fn(prompt_ids, max_new_tokens, stops, min_new_tokens, m=m):
-            with autocast(device):
-                return generate(m, torch.tensor([prompt_ids], device=device), max_new_tokens, stops,
-                                min_new_tokens)[0].tolist()
+            prompt = torch.tensor([prompt_ids], device=device)
+            return generate(m, prompt, max_new_tokens, stops, min_new_tokens)[0].tolist()
 
         scores = {}
         for dataset in datasets:
-            reason = longbench.skip_reason(dataset)
-            if reason:
+            if reason := longbench.skip_reason(dataset):
                 print(reason)
                 continue
             samples = longbench.load_samples(args.data_dir, dataset, e=args.e)
@@ -504,13 +477,12 @@ def run_longbench(args, methods, encoding, device, rank, world, meta):
             path = os.path.join(run_dir, "scores.json")
             old = json.load(open(path))["scores"] if os.path.exists(path) else {}
             tables[m["label"]] = {**old, **scores}
-            write_json(path, {"method": m["name"], "settings": m["settings"], **meta, "e": args.e,
-                              "max_length": args.max_length, "units": "score 0-100 (LongBench's)",
-                              "scores": tables[m["label"]]})
-    return tables
-
-
-# ----------------------------------------------------------------------------------------------------------
+            atomic_write(path, json.dumps({"method": m["name"], "settings": m["settings"], **meta, "e": args.e,
+                                           "max_length": args.max_length, "units": "score 0-100 (LongBench's)",
+                                           "scores": tables[m["label"]]}, indent=2))
+    for label, scores in tables.items():
+        print(f"{label}: LongBench{'-E' if args.e else ''} scores\n" +
+              "\n".join(f"  {d:>22}: {s}" for d, s in scores.items()))
 
 
 def autocast(device):
@@ -519,16 +491,37 @@ def autocast(device):
         torch.autocast("cpu", enabled=False)
 
 
-def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=2))
+def report(directory):
+    """A markdown table (mean accuracy per length, %) and one heatmap of every passkey_*.json in a directory."""
+    paths = sorted(glob.glob(os.path.join(directory, "passkey_*.json")), key=lambda p: "vanilla.json" not in p)
+    results = {os.path.basename(p)[8:-5]: json.load(open(p)) for p in paths}
+    if not results:
+        fail(f"--report {directory}: no passkey_*.json files there")
+    first = next(iter(results.values()))
+    lengths, L_train = first["lengths"], first["L_train"]
+    print("| mean passkey accuracy (%) | " + " | ".join(f"{L} ({L / L_train:g}×)" for L in lengths) + " |")
+    print("|---" * (len(lengths) + 1) + "|")
+    for label, r in results.items():
+        row = [r["accuracy"].get(str(L)) for L in lengths]
+        print(f"| {label} | " + " | ".join("-" if a is None else f"{100 * np.mean(list(a.values())):.0f}"
+                                           for a in row) + " |")
+    same = {label: r for label, r in results.items() if r["lengths"] == lengths}
+    heatmap(os.path.join(directory, "passkey_all.png"), list(same), lengths, first["depths"],
+            {label: r["accuracy"] for label, r in same.items()},
+            f"passkey retrieval, {os.path.basename(os.path.normpath(first['model']))} (L_train {L_train}), "
+            f"{first['samples']} samples per cell, {first['split']} haystack, seed {first['seed']}")
 
 
-def setup(args):
-    """Device (and the torchrun process group), checked before any work: (device, rank, world size)."""
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.report:
+        return report(args.report)
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ           # started by torchrun
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    cpu = not device.startswith("cuda")
+    if not cpu and not torch.cuda.is_available():
         fail(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu)")
     try:
         torch.device(device)
@@ -537,10 +530,10 @@ def setup(args):
     if distributed and args.task == "ppl":
         fail("--task ppl runs on one process (python, not torchrun)")
     if distributed:
-        if device.startswith("cuda"):
+        if not cpu:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group("gloo" if cpu else "nccl")
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:   # a busy machine: do not oversubscribe its cores
         cores = os.cpu_count() or 1
         torch.set_num_threads(max(1, min(cores, round(cores - os.getloadavg()[0] + 0.5))))
@@ -550,11 +543,6 @@ def setup(args):
         assert os.access(args.out_dir, os.W_OK)
     except (OSError, AssertionError):
         fail(f"--out-dir {args.out_dir}: cannot write there")
-    return device, rank, world
-
-
-def load_model(args, device):
-    """(model, encoding, L_train), or one line saying what is wrong with --model."""
     if not os.path.isdir(args.model):
         fail(f"--model {args.model}: no such directory" + (" (run eval.py from the repository's root)"
                                                            if args.model == DEFAULT_MODEL else ""))
@@ -567,65 +555,14 @@ def load_model(args, device):
     if not L_train:
         fail(f"{args.model} has no train_info.json: pass --L-train, the length the model was trained at "
              f"(2048 for the state-spaces models)")
-    return model, encoding, L_train
-
-
-def write_passkey(args, methods, cells, lengths, meta, L_train):
-    """Each method's JSON, the tables side by side and one heatmap named after the run."""
-    accuracy = {}
-    for m in methods:
-        accuracy[m["label"]], counts = passkey_summary(cells[m["label"]], lengths, args.depth_list, args.samples)
-        write_json(os.path.join(args.out_dir, f"passkey_{m['label']}.json"),
-                   {"method": m["name"], "settings": m["settings"], **meta, "split": args.split, "seed": args.seed,
-                    "filler": args.filler, "haystack": args.haystack or args.data, "lengths": lengths,
-                    "depths": args.depth_list, "samples": args.samples,
-                    "units": "accuracy: fraction of samples correct, 0-1", "accuracy": accuracy[m["label"]],
-                    "mechanism": counts})
-    labels = list(accuracy)
-    print(side_by_side([passkey_table(m, lengths, args.depth_list, accuracy[m]) for m in labels]))
-    for m in methods:
-        if m["describe"]:
-            print("\n" + m["describe"](lengths[-1]))
-    png = heatmap(os.path.join(args.out_dir, "passkey_" + "_".join(labels) + ".png"), labels, lengths,
-                  args.depth_list, accuracy, f"passkey retrieval, {os.path.basename(os.path.normpath(args.model))}, "
-                  f"L_train {L_train}, {args.samples} samples per cell, {args.split} haystack, seed {args.seed}")
-    return f"{args.out_dir}/passkey_<method>.json" + (f" and {png}" if png else "")
-
-
-def report(directory):
-    """A markdown table (mean accuracy per length, %) and one heatmap of every passkey_*.json in a directory."""
-    import glob
-    paths = sorted(glob.glob(os.path.join(directory, "passkey_*.json")), key=lambda p: "vanilla.json" not in p)
-    results = {os.path.basename(p)[8:-5]: json.load(open(p)) for p in paths}
-    if not results:
-        fail(f"--report {directory}: no passkey_*.json files there")
-    lengths = next(iter(results.values()))["lengths"]
-    L_train = next(iter(results.values()))["L_train"]
-    print(f"| mean passkey accuracy (%) | " + " | ".join(f"{L} ({L / L_train:g}×)" for L in lengths) + " |")
-    print("|---" * (len(lengths) + 1) + "|")
-    for label, r in results.items():
-        row = [r["accuracy"].get(str(L)) for L in lengths]
-        print(f"| {label} | " + " | ".join("-" if a is None else f"{100 * np.mean(list(a.values())):.0f}"
-                                           for a in row) + " |")
-    same = {label: r for label, r in results.items() if r["lengths"] == lengths}
-    first = next(iter(same.values()))
-    heatmap(os.path.join(directory, "passkey_all.png"), list(same), lengths, first["depths"],
-            {label: r["accuracy"] for label, r in same.items()},
-            f"passkey retrieval, {os.path.basename(os.path.normpath(first['model']))} (L_train {L_train}), "
-            f"{first['samples']} samples per cell, {first['split']} haystack, seed {first['seed']}")
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    if args.report:
-        return report(args.report)
-    device, rank, world = setup(args)
-    model, encoding, L_train = load_model(args, device)
     text = read_text("--data", args.data)         # the training prose: calibration windows, the default haystack
     haystack_text = read_text("--haystack", args.haystack) if args.haystack else text
-    cpu = not device.startswith("cuda")
-    lengths = parse_lengths(args.lengths or ("1x,4x,16x" if cpu else "1x,2x,4x,8x,16x,32x"), L_train)
+    spec = args.lengths or ("1x,4x,16x" if cpu else "1x,2x,4x,8x,16x,32x")
+    try:
+        lengths = [round(float(x[:-1]) * L_train) if x.endswith("x") else int(x) for x in spec.split(",")]
+        assert min(lengths) >= 1
+    except (ValueError, AssertionError):
+        fail(f"--lengths {spec!r}: expected comma-separated token counts (4096) or multiples of L_train (4x)")
     if args.task == "passkey":
         args.samples = args.samples or (3 if cpu else 20)
         if min(lengths) < passkey.prompt_overhead(encoding):
@@ -637,29 +574,17 @@ def main(argv=None):
             "weights": f"{os.path.getsize(weights)} bytes, modified {os.path.getmtime(weights):.0f}",
             "L_train": L_train, "command": "python eval.py " + " ".join(argv), "commit": git_commit(),
             "device": torch.cuda.get_device_name(device) if not cpu else f"cpu ({os.cpu_count()} cores)"}
-    methods = build_methods(args, model, encoding, L_train, text, device)
+    methods = build_methods(args, model, encoding, L_train, text)
     if rank == 0:
         print(f"{args.task}: {', '.join(m['label'] for m in methods)} on {args.model} (L_train {L_train}), "
               f"{meta['device']}")
-    t0 = time.time()
     try:
         if args.task == "passkey":
-            cells = run_passkey(args, methods, encoding, lengths, haystack_text, device, rank, world, meta)
-            if rank == 0:
-                written = write_passkey(args, methods, cells, lengths, meta, L_train)
-                print(f"wrote {written} in {time.time() - t0:.0f} s")
+            run_passkey(args, methods, encoding, lengths, haystack_text, device, rank, world, meta)
         elif args.task == "ppl":
-            results = run_ppl(args, methods, encoding, lengths, haystack_text, device, meta)
-            path = os.path.join(args.out_dir, f"ppl_{'_'.join(results)}.json")
-            write_json(path, {**meta, "haystack": args.haystack or args.data, "split": args.split,
-                              "windows": args.windows, "predict": args.predict, "lengths": lengths,
-                              "units": "perplexity per token", "settings": {m["label"]: m["settings"] for m in methods},
-                              "perplexity": results})
-            print(f"wrote {path} in {time.time() - t0:.0f} s")
+            run_ppl(args, methods, encoding, lengths, haystack_text, device, meta)
         else:
-            for label, scores in run_longbench(args, methods, encoding, device, rank, world, meta).items():
-                print(f"{label}: LongBench{'-E' if args.e else ''} scores\n" +
-                      "\n".join(f"  {d:>22}: {s}" for d, s in scores.items()))
+            run_longbench(args, methods, encoding, device, rank, world, meta)
     except KeyboardInterrupt:
         sys.exit(f"\neval.py: interrupted; the finished cells are kept in {args.out_dir}/cells and the same "
                  f"command continues from them")

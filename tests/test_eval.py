@@ -176,7 +176,7 @@ def test_bad_checkpoints_exit_with_one_line(tmp_path):
     model.save_pretrained(tmp_path / "m", tokenizer.byte_encoding())
     weights = open(tmp_path / "m" / "pytorch_model.bin", "rb").read()
     cases = {"no train_info.json": ("pass --L-train", lambda d: None),
-             "remamba.pt missing": ("remamba.pt not found; train it with", lambda d: json.dump(
+             "remamba.pt missing": ("remamba.pt: not ReMamba parameters for this model (FileNotFoundError", lambda d: json.dump(
                  {"L_train": 512}, open(d / "train_info.json", "w"))),
              "truncated weights": ("pytorch_model.bin: not a readable PyTorch weights file", lambda d: open(
                  d / "pytorch_model.bin", "wb").write(weights[:1000])),
