@@ -8,15 +8,12 @@ Train the passkey testbed: a small Mamba from scratch, or fine-tune one with ReM
     python train.py --method sft --init checkpoints/mamba-testbed --out my-sft      # the same without compression
 
 Methods.
-  lm       A Mamba from scratch. Every batch mixes passkey samples at L_train, whose haystack is natural prose and
-           whose loss is weighted toward the answer (1 on the key's tokens, --other-weight elsewhere), with plain
-           language-model windows of the same prose (weight 1). That is what makes a small Mamba retrieve at
-           L_train and fail far beyond it. --curriculum S starts with the needle near the question and moves it
-           back over the first S steps. The prose is the first 90 % of --data; evaluation hides needles in the rest.
-  remamba  ReMamba's new parameters, and with --train official the base weights the authors fine-tune (dt_proj
+  lm       A Mamba from scratch on passkey samples at L_train (prose haystack; loss weight 1 on the key,
+           --other-weight elsewhere) mixed with language-model windows of the same prose (the first 90 % of --data;
+           eval.py hides needles in the rest): a small Mamba that retrieves at L_train and fails far beyond it.
+  remamba  ReMamba's new parameters and, with --train official, the base weights the authors fine-tune (dt_proj
            fully; embeddings, in_proj, out_proj, where they use LoRA), on passkey samples, the answer's loss only.
-           The compressed region and ratio are drawn at random every step (remamba.training_region). Prompt lengths
-           are drawn from --prompt-lengths × the base's L_train.
+           Each step draws its compressed region and ratio (remamba.training_region) and prompt length.
   sft      The paper's control, "Mamba (SFT)": the same base weights, data, steps and schedule, no compression.
 
 Determinism. Sample i of step s is drawn from numpy.random.default_rng([seed, s, i]) (and the step's prompt
@@ -39,18 +36,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import passkey
+import remamba
 import tokenizer
 from mamba import Mamba, MambaConfig, atomic_write, training_length
 
 STATE_FILE = "train_state.pt"   # everything --resume needs
-# A resumed run takes its settings from its train_state.pt; these it may change when they are typed again, and
-# these are per invocation (never taken from the saved run).
+# --resume takes the saved run's settings, except those typed again (MAY_CHANGE) and per invocation ones
 MAY_CHANGE = ("steps", "save_every", "log_every", "eval_every", "eval_samples")
 PER_INVOCATION = ("out", "resume", "overwrite", "time_limit", "device", "compile")
 # defaults that depend on --method: from-scratch training, and the authors' fine-tuning recipe
-METHOD_DEFAULTS = {"lm": dict(lr=1e-3, min_lr=1e-4, warmup=500, steps=12000, batch_size=16, eval_lengths="1,4,16"),
-                   "remamba": dict(lr=2e-5, min_lr=0.0, warmup=0, steps=1000, batch_size=16, eval_lengths="1,2,4"),
-                   "sft": dict(lr=2e-5, min_lr=0.0, warmup=0, steps=1000, batch_size=16, eval_lengths="1,2,4")}
+METHOD_DEFAULTS = {"lm": dict(lr=1e-3, min_lr=1e-4, warmup=500, steps=12000, eval_lengths="1,4,16", L_train=512),
+                   "remamba": dict(lr=2e-5, min_lr=0.0, warmup=0, steps=1000, eval_lengths="1,2,4"),
+                   "sft": dict(lr=2e-5, min_lr=0.0, warmup=0, steps=1000, eval_lengths="1,2,4")}
 
 
 def parse_args(argv):
@@ -60,12 +57,10 @@ def parse_args(argv):
     p.add_argument("--method", choices=list(METHOD_DEFAULTS), default="lm")
     p.add_argument("--init", help="remamba, sft: the base checkpoint directory")
     p.add_argument("--train", choices=["new", "official", "all"], default="official",
-                   help="remamba, sft: base weights trained: none (new: ReMamba's own only), the authors' set "
-                        "(official), or all")
+                   help="remamba, sft: base weights trained: none (new), the authors' set (official) or all")
     p.add_argument("--remamba-init", choices=["official", "zero_v"], default="official",
                    help="remamba: Q/K/V from slices of layer 0 (official) or a zero V_proj output (ablation)")
-    p.add_argument("--prompt-lengths", default="1,1", help="remamba, sft: prompt lengths drawn uniformly "
-                                                           "between these multiples of L_train")
+    p.add_argument("--prompt-lengths", default="1,1", help="remamba, sft: prompt length range, low,high × L_train")
     p.add_argument("--data", default="data/war_and_peace.txt", help="training text (UTF-8 prose)")
     p.add_argument("--tokenizer", default="bytes", help="lm: 'bytes' (256 single bytes), a .tiktoken file, "
                    "'bpe:N' (an N-token BPE trained on --data) or 'bpe-digits:N' (the same, one token per digit)")
@@ -75,11 +70,11 @@ def parse_args(argv):
     p.add_argument("--d-state", type=int, default=16)
     p.add_argument("--L-train", type=int, help="lm: training length in tokens (default 512); "
                                                "remamba, sft: the base's (default: its train_info.json)")
-    p.add_argument("--batch-size", type=int, help="global batch, sequences per optimizer step (default 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch, sequences per optimizer step (default 16)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, help="default 12000 (lm), 1000 (remamba, sft)")
     p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3 for lm, 2e-5 for remamba and sft)")
-    p.add_argument("--min-lr", type=float, help="learning rate at the last step (cosine; default lr / 10, 0)")
+    p.add_argument("--min-lr", type=float, help="final learning rate (cosine; default 1e-4 for lm, 0 otherwise)")
     p.add_argument("--warmup", type=int, help="linear warm-up steps (default 500 for lm, 0 otherwise)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
@@ -93,8 +88,7 @@ def parse_args(argv):
     p.add_argument("--eval-every", type=int, default=0, help="passkey accuracy every N steps (0: at the end only)")
     p.add_argument("--eval-samples", type=int, default=20, help="validation samples per length (0: no evaluation)")
     p.add_argument("--eval-lengths", help="multiples of L_train evaluated (default 1,4,16 for lm, 1,2,4 otherwise)")
-    p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32",
-                   help="weights file precision (float16 halves a checkpoint's size)")
+    p.add_argument("--save-dtype", choices=["float32", "float16"], default="float32", help="float16 halves the weights")
     p.add_argument("--time-limit", type=float, default=0, help="minutes for this invocation, then save and stop")
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its own settings")
     p.add_argument("--overwrite", action="store_true", help="allow --out to replace a model already there")
@@ -113,9 +107,7 @@ def fail(message):
 
 
 def settle(args, given):
-    """Resolve --resume (settings from the saved run), method defaults and check every flag; return the saved
-    training state or None."""
-    state = None
+    """Resolve --resume (the saved run's settings) or the method defaults, check every flag; the saved state or None."""
     state_path = os.path.join(args.out, STATE_FILE)
     if args.resume:
         if not os.path.isfile(state_path):
@@ -124,8 +116,7 @@ def settle(args, given):
             state = torch.load(state_path, map_location="cpu", weights_only=False)
             saved = state["args"]
         except Exception as e:
-            fail(f"--resume: {state_path} is not a readable training state ({type(e).__name__}); start again in "
-                 f"a new --out")
+            fail(f"--resume: {state_path} is not a readable training state ({type(e).__name__}); use a new --out")
         clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {saved.get(k)})" for k in sorted(given)
                  if k not in MAY_CHANGE + PER_INVOCATION and getattr(args, k) != saved.get(k)]
         if clash:
@@ -137,21 +128,15 @@ def settle(args, given):
     for k, v in METHOD_DEFAULTS[args.method].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.min_lr is None:
-        args.min_lr = args.lr / 10 if args.method == "lm" else 0.0
     if os.path.isfile(state_path):
         fail(f"{args.out} holds a training run: add --resume to continue it, or choose another --out")
     if not args.overwrite and any(os.path.exists(os.path.join(args.out, f))
                                   for f in ("config.json", "pytorch_model.bin", "model.safetensors")):
         fail(f"{args.out} already holds a model: choose another --out, or add --overwrite to replace it")
-    if not os.path.isfile(args.data):
-        fail(f"--data {args.data}: no such file")
-    for flag in ("batch_size", "grad_accum", "steps", "save_every", "log_every"):
-        if getattr(args, flag) < 1:
-            fail(f"--{flag.replace('_', '-')} must be ≥ 1, got {getattr(args, flag)}")
-    for flag in ("warmup", "eval_every", "eval_samples", "curriculum", "time_limit"):
-        if getattr(args, flag) < 0:
-            fail(f"--{flag.replace('_', '-')} must be ≥ 0, got {getattr(args, flag)}")
+    for flag, low in dict(batch_size=1, grad_accum=1, steps=1, save_every=1, log_every=1, warmup=0, eval_every=0,
+                          eval_samples=0, curriculum=0, time_limit=0).items():
+        if getattr(args, flag) < low:
+            fail(f"--{flag.replace('_', '-')} must be ≥ {low}, got {getattr(args, flag)}")
     if not (args.lr > 0 and 0 <= args.min_lr <= args.lr):
         fail(f"--lr must be > 0 and --min-lr in [0, lr]; got {args.lr} and {args.min_lr}")
     if not 0 <= args.other_weight < 1:
@@ -172,7 +157,6 @@ def settle(args, given):
             fail(f"--d-model {args.d_model} must be a positive multiple of 16 (the scan kernel's channel block)")
         if args.n_layer < 1 or args.d_state < 1:
             fail("--n-layer and --d-state must be ≥ 1")
-        args.L_train = 512 if args.L_train is None else args.L_train
     else:
         if not args.init or not os.path.isfile(os.path.join(args.init, "config.json")):
             fail(f"--method {args.method} needs --init, a base checkpoint directory (got {args.init!r})")
@@ -183,13 +167,6 @@ def settle(args, given):
         args.L_train = training_length(args.init) if args.L_train is None else args.L_train
         if not args.L_train:
             fail(f"{args.init} has no train_info.json: pass --L-train, the length the base model was trained at")
-    if args.L_train < 2:
-        fail(f"--L-train must be ≥ 2 tokens, got {args.L_train}")
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data
 
 
 def load_encoding(spec, text):
@@ -241,8 +218,7 @@ class Batches:
             ids, w = passkey.training_example(self.encoding, self.haystack, T, np.random.default_rng([a.seed, step, i]),
                                               a.filler, other_weight=0.0)
             rows.append((ids, w, int(np.argmax(w > 0)) + 1))
-        ids, w, prompt_lengths = zip(*rows)
-        return torch.from_numpy(np.stack(ids)), torch.from_numpy(np.stack(w)), torch.tensor(prompt_lengths), rng
+        return [torch.from_numpy(np.stack(col)) for col in zip(*rows)] + [rng]
 
 
 def weighted_lm_loss(model, ids, weights, answer_mask=None):
@@ -255,32 +231,10 @@ def weighted_lm_loss(model, ids, weights, answer_mask=None):
     return loss, answer
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Models and what is trained
-
-
-def base_parameters(model, which):
-    """The base weights a fine-tuning trains: none, the authors' set (dt_proj, embeddings, in_proj, out_proj;
-    lm_head is tied to the embeddings), or all."""
-    if which == "all":
-        return list(model.parameters())
-    if which == "new":
-        return []
-    params = [model.backbone.embedding.weight]
-    for layer in model.backbone.layers:
-        m = layer.mixer
-        params += [m.dt_proj.weight, m.dt_proj.bias, m.in_proj.weight, m.out_proj.weight]
-    return params
-
-
 def build(args, device, text):
     """(encoding, the module trained (its generate is what evaluation runs), the parameter groups, the base model)."""
-    import remamba
     if args.method == "lm":
         encoding = tokenizer.load_tokenizer(args.out) if args.resume else load_encoding(args.tokenizer, text)
-        if args.L_train <= passkey.prompt_overhead(encoding):
-            fail(f"--L-train {args.L_train} leaves no room for filler: the passkey prompt's fixed parts take "
-                 f"{passkey.prompt_overhead(encoding)} tokens with this tokenizer")
         config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=encoding.n_vocab,
                              d_state=args.d_state)
         base = trained = Mamba(config).to(device)
@@ -292,13 +246,20 @@ def build(args, device, text):
         except (OSError, ValueError) as e:
             fail(f"--init {args.init}: {e}")
         base.requires_grad_(False)
-        params = base_parameters(base, args.train)
+        params = list(base.parameters()) if args.train == "all" else []
+        if args.train == "official":    # the authors' set (lm_head is tied to the embeddings)
+            params = [base.backbone.embedding.weight]
+            for m in (layer.mixer for layer in base.backbone.layers):
+                params += [m.dt_proj.weight, m.dt_proj.bias, m.in_proj.weight, m.out_proj.weight]
         for p in params:
             p.requires_grad_(True)
         trained = base
         if args.method == "remamba":
             trained = remamba.ReMamba(base, init=args.remamba_init)
             params = trained.new_parameters() + params
+    if args.L_train <= passkey.prompt_overhead(encoding):
+        fail(f"--L-train {args.L_train} leaves no room for filler: the passkey prompt's fixed parts take "
+             f"{passkey.prompt_overhead(encoding)} tokens with this tokenizer")
     decayed = {id(p) for n, p in trained.named_parameters() if p.dim() >= 2 and not n.endswith("A_log")}
     groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": args.weight_decay},
               {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
@@ -313,25 +274,6 @@ def lr_at(step, args):
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-@torch.no_grad()
-def validation_accuracy(generate, encoding, text, L_train, multiples, n, device):
-    """Passkey accuracy (0-1) at each multiple of L_train on n validation samples: needles in the training
-    split's haystack (the model has read that prose, never these samples), depths spread over [0, 1]."""
-    haystack, result = passkey.Haystack(text, "train"), {}
-    for m in multiples:
-        L, correct = round(m * L_train), 0
-        for i in range(n):
-            sample = passkey.make_sample(encoding, haystack, L, depth=i / max(1, n - 1), seed=900_000 + i)
-            new = generate(torch.tensor([sample.prompt_ids], device=device), len(sample.answer_ids) + 2,
-                           eos_token_id=encoding.eot_token)
-            correct += passkey.score(encoding.decode(new[0].tolist()), sample.answer)
-        result[f"{m:g}"] = correct / n
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-
 def git_commit():
     """This checkout's commit ($MAMBA_COMMIT where the tree was copied without .git)."""
     return os.environ.get("MAMBA_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
@@ -343,8 +285,7 @@ def setup_device(args):
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ           # started by torchrun
     rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
     if args.batch_size % (args.grad_accum * world):
-        fail(f"--batch-size {args.batch_size} must be divisible by --grad-accum ({args.grad_accum}) × processes "
-             f"({world})")
+        fail(f"--batch-size {args.batch_size} must be divisible by --grad-accum × ranks ({args.grad_accum * world})")
     if distributed and args.method != "lm":
         fail(f"--method {args.method} trains on one process; run it with python, not torchrun")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -368,12 +309,12 @@ class Run:
     def __init__(self, args, argv, state):
         self.args, self.argv = args, argv
         self.device, self.rank, self.world = setup_device(args)
-        self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.startswith("cuda") else \
-            torch.autocast("cpu", enabled=False)
+        cuda = self.device.startswith("cuda")
+        self.amp = torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16, enabled=cuda)
         try:
             with open(args.data, encoding="utf-8") as f:
-                self.text = f.read()
-            passkey.Haystack(self.text, "eval")
+                text = f.read()
+            passkey.Haystack(text, "eval")
         except (OSError, UnicodeDecodeError) as e:
             fail(f"--data {args.data}: not a readable UTF-8 text file ({type(e).__name__})")
         except ValueError as e:
@@ -383,17 +324,16 @@ class Run:
             fail(f"--out {args.out}: not writable")
         self.log_file = open(os.path.join(args.out, "train_log.txt"), "a") if self.rank == 0 else None
         torch.manual_seed(args.seed)
-        self.encoding, self.trained, groups, self.base = build(args, self.device, self.text)
-        self.batches = Batches(args, self.encoding, self.text)
+        self.encoding, self.trained, groups, self.base = build(args, self.device, text)
+        self.batches = Batches(args, self.encoding, text)
         if args.method == "lm" and len(self.batches.lm_tokens) <= args.L_train + 1:
             fail(f"--data has {len(self.batches.lm_tokens)} training tokens, fewer than one window of L_train + 1")
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=self.device.startswith("cuda"))
-        self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.trained) if self.world > 1 else self.trained
-        # the compiled model fuses the element-wise work around the scan and recomputes it in the backward
-        # instead of keeping it (ReMamba's stage-2 hook is made anew every step: it trains uncompiled)
-        compile_ = args.compile == "on" or (args.compile == "auto" and self.device.startswith("cuda"))
-        self.forward_model = torch.compile(self.ddp_model) if compile_ and args.method != "remamba" else self.ddp_model
+        self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=cuda)
+        model = torch.nn.parallel.DistributedDataParallel(self.trained) if self.world > 1 else self.trained
+        # ReMamba trains uncompiled: its stage-2 hook is made anew every step
+        compile_ = args.compile == "on" or (args.compile == "auto" and cuda)
+        self.forward_model = torch.compile(model) if compile_ and args.method != "remamba" else model
         self.step, self.elapsed_before = 0, 0.0
         if state is not None:
             self.trained.load_state_dict(state["model"])
@@ -409,8 +349,7 @@ class Run:
     def log(self, line):
         if self.rank == 0:
             print(line, flush=True)
-            self.log_file.write(line + "\n")
-            self.log_file.flush()
+            print(line, file=self.log_file, flush=True)
 
     def loss(self, indices):
         """This rank's share of a step: (loss with a graph, the answer tokens' mean loss or None, tokens)."""
@@ -424,7 +363,6 @@ class Run:
         if args.method == "sft":
             loss, _ = weighted_lm_loss(self.forward_model, ids, weights)
         else:
-            import remamba
             region = remamba.training_region(int(prompt_lengths.min()), args.L_train, rng)
             loss = self.trained.training_loss(ids, weights, prompt_lengths, region)
         return loss, loss.detach(), ids.numel()
@@ -448,14 +386,23 @@ class Run:
                 "settings": {k: v for k, v in vars(args).items() if k not in ("lengths_x", "eval_x")}}
         atomic_write(os.path.join(args.out, "train_info.json"), json.dumps(info, indent=2))
 
+    @torch.no_grad()
     def evaluate(self):
+        """Log passkey accuracy at each --eval-lengths multiple: new needles in the training split's prose."""
+        n, enc, acc = self.args.eval_samples, self.encoding, []
         self.trained.eval()
-        with self.amp:
-            acc = validation_accuracy(self.trained.generate, self.encoding, self.text, self.args.L_train, self.args.eval_x,
-                                      self.args.eval_samples, self.device)
+        for m in self.args.eval_x:
+            correct = 0
+            for i in range(n):
+                sample = passkey.make_sample(enc, self.batches.haystack, round(m * self.args.L_train),
+                                             depth=i / max(1, n - 1), seed=900_000 + i)
+                with self.amp:
+                    new = self.trained.generate(torch.tensor([sample.prompt_ids], device=self.device),
+                                                len(sample.answer_ids) + 2, eos_token_id=enc.eot_token)
+                correct += passkey.score(enc.decode(new[0].tolist()), sample.answer)
+            acc.append(f"{m:g}×L_train {100 * (correct / n):3.0f}%")
         self.trained.train()
-        self.log(f"eval step {self.step:6d} | passkey accuracy on {self.args.eval_samples} validation samples: "
-                 + "  ".join(f"{m}×L_train {100 * a:3.0f}%" for m, a in acc.items()))
+        self.log(f"eval step {self.step:6d} | passkey accuracy on {n} validation samples: " + "  ".join(acc))
 
     def out_of_time(self):
         """Whether --time-limit has passed, agreed by every rank (or the others would wait in DDP forever)."""
@@ -468,8 +415,7 @@ class Run:
     def train(self):
         args = self.args
         per_rank = args.batch_size // args.grad_accum // self.world
-        last_log, last_log_step = time.time(), self.step
-        losses, tokens = [], 0
+        last_log, last_log_step, losses, tokens = time.time(), self.step, [], 0
         while self.step < args.steps:
             lr = lr_at(self.step, args)
             for group in self.optimizer.param_groups:
@@ -514,8 +460,7 @@ class Run:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, given = parse_args(argv)
-    state = settle(args, given)
-    run = Run(args, argv, state)
+    run = Run(args, argv, settle(args, given))
     try:
         run.train()
     except KeyboardInterrupt:

@@ -100,7 +100,7 @@ def test_ddp_two_processes_match_one(tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--d-model", "40"], "--d-model 40 must be a positive multiple of 16"),
     (["--L-train", "100"], "--L-train 100 leaves no room for filler"),
-    (["--data", "no/such/file.txt"], "--data no/such/file.txt: no such file"),
+    (["--data", "no/such/file.txt"], "--data no/such/file.txt: not a readable UTF-8 text file (FileNotFoundError)"),
     (["--data", "checkpoints/mamba-testbed/pytorch_model.bin"], "not a readable UTF-8 text file"),
     (["--batch-size", "5", "--grad-accum", "2"], "--batch-size 5 must be divisible"),
     (["--tokenizer", "missing.tiktoken"], "--tokenizer missing.tiktoken: no such file"),
@@ -113,7 +113,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     (["--log-every", "0"], "--log-every must be ≥ 1"),
     (["--lr", "-1"], "--lr must be > 0"),
     (["--steps", "0"], "--steps must be ≥ 1"),
-    (["--L-train", "0"], "--L-train must be ≥ 2"),
+    (["--L-train", "0"], "--L-train 0 leaves no room for filler"),
     (["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
     (["--device", "foo"], "--device foo: not a device"),
     (["--prompt-lengths", "4,1"], "--prompt-lengths takes two multiples"),
