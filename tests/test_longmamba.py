@@ -214,3 +214,13 @@ def test_describe_counts_global_channels_and_kept_tokens(calibration):
         assert f"{int(g.sum()):>5} / 64" in text
         assert f"{calibration['alpha'][480][layer][g].mean():6.2%}" in text
     assert "kept" not in longmamba.describe(calibration).splitlines()[-1]
+
+
+def test_the_fused_filter_used_on_a_gpu_equals_the_plain_one():
+    """On a GPU the filter runs as one compiled kernel (`_skip_fused`); it is the same function, compiled."""
+    dt = torch.randn(2, 6, 50)
+    bound = torch.tensor([-math.inf, 0.0, 0.5, -0.5, math.inf, 1.0])      # local, global ..., a channel keeping none
+    plain = longmamba._skip(dt, bound)
+    assert torch.equal(longmamba._skip_fused(dt, bound), plain)
+    assert torch.equal(plain[:, 0], dt[:, 0]) and torch.isinf(plain[:, 4]).all()
+    assert torch.equal(torch.isfinite(plain), dt > bound[:, None])
