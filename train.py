@@ -432,16 +432,18 @@ class Run:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             if self.step % args.log_every == 0 or self.step == args.steps:
+                # mean loss over ranks; the answer loss over the micro-batches that had answer tokens (on any rank)
                 answers = [a.float() for _, a in losses if a is not None]
-                mean = torch.stack([torch.stack([l for l, _ in losses]).mean(),
-                                    torch.stack(answers).mean() if answers else torch.zeros_like(losses[0][0])])
+                sums = torch.stack([torch.stack([l for l, _ in losses]).mean(), sum(answers, 0 * losses[0][0]),
+                                    0 * losses[0][0] + len(answers)])
                 if self.world > 1:
-                    dist.all_reduce(mean)
-                    mean /= self.world
+                    dist.all_reduce(sums)
+                loss_mean, answer_sum, n_answers = sums.tolist()
+                answer = f"{answer_sum / n_answers:.4f}" if n_answers else "     -"
                 now = time.time()
                 eta = (args.steps - self.step) * (now - last_log) / (self.step - last_log_step)
-                self.log(f"step {self.step:6d}/{args.steps} | loss {mean[0].item():.4f} | answer loss "
-                         f"{mean[1].item():.4f} | lr {lr:.2e} | {tokens / (now - last_log) / 1e3:7.1f}k tok/s | "
+                self.log(f"step {self.step:6d}/{args.steps} | loss {loss_mean / self.world:.4f} | answer loss "
+                         f"{answer} | lr {lr:.2e} | {tokens / (now - last_log) / 1e3:7.1f}k tok/s | "
                          f"ETA {eta / 60:5.1f} min")
                 last_log, last_log_step, losses, tokens = now, self.step, [], 0
             if self.rank == 0 and args.eval_every and args.eval_samples and self.step % args.eval_every == 0 \

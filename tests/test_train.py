@@ -78,6 +78,10 @@ def losses(output):
     return [float(x) for x in re.findall(r"\| loss ([0-9.]+)", output)]
 
 
+def answer_losses(output):  # None for a logged step without answer tokens
+    return [None if x == "-" else float(x) for x in re.findall(r"\| answer loss +([0-9.]+|-)", output)]
+
+
 def test_ddp_two_processes_match_one(tmp_path):
     args = ["--steps", "3"] + TINY
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -92,6 +96,9 @@ def test_ddp_two_processes_match_one(tmp_path):
     one, two = losses(single.stdout), losses(ddp.stdout)
     assert len(one) == len(two) == 3
     assert one == pytest.approx(two, abs=1.5e-4)  # the logs print 4 decimals
+    one, two = answer_losses(single.stdout), answer_losses(ddp.stdout)
+    assert len(one) == 3 and [a is None for a in one] == [a is None for a in two]
+    assert [a for a in one if a is not None] == pytest.approx([a for a in two if a is not None], abs=0.05)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
