@@ -555,15 +555,29 @@ def _transposed(M, L_pad, block_n):
 # of tracing into the kernel launches. The backward re-makes the padded rows and transposed B, C from the inputs
 # rather than keeping them: the inputs are saved anyway, and the copies are cheap next to the scan.
 
+def _row_len(L):
+    """Tokens per stored row: L rounded up to a multiple of 8, so that every row starts 16-byte aligned."""
+    return triton.cdiv(L, 8) * 8
+
+
 def _prepare(u, delta, A, B, C, z):
     """The kernels' layouts: u, Δ, z as 16-byte-aligned rows of `stride` tokens, A·log2(e) padded to BLOCK_N,
     B and C transposed to (batch, G, stride, BLOCK_N) float32."""
     L, d_state = u.shape[-1], A.shape[1]
-    block_n, stride = triton.next_power_of_2(d_state), triton.cdiv(L, 8) * 8
+    block_n, stride = triton.next_power_of_2(d_state), _row_len(L)
     A2 = A * math.log2(math.e)                                         # exp(x A) = exp2(x A2)
     A2 = torch.nn.functional.pad(A2, (0, block_n - d_state)) if block_n != d_state else A2.contiguous()
     return (_rows(u, stride), _rows(delta, stride), A2, _transposed(B, stride, block_n),
             _transposed(C, stride, block_n), _rows(z, stride))
+
+
+def _launch(u, n_groups, num_warps, warps_per_sm):
+    """A pass's launch geometry for u (batch, d_inner, L): (grid, the kernels' size arguments, n_chunks, BLOCK_D)."""
+    batch, d_inner, L = u.shape
+    chunk_len = _chunk_len(batch, d_inner, L, u.device, num_warps, warps_per_sm)
+    n_chunks, block_d = triton.cdiv(L, chunk_len), 32 * num_warps
+    grid = (n_groups * triton.cdiv(d_inner // n_groups, block_d), n_chunks, batch)
+    return grid, (L, _row_len(L), d_inner, d_inner // n_groups, n_groups, chunk_len), n_chunks, block_d
 
 
 def _nothing(like):
@@ -581,11 +595,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     n_groups = B.shape[1]
     u_rows, delta_rows, A2, Bt, Ct, z_rows = _prepare(u, delta, A, B, C, z)
     stride, block_n = u_rows.shape[-1], Bt.shape[-1]
-    chunk_len = _chunk_len(batch, d_inner, L, u.device, FWD_WARPS, FWD_WARPS_PER_SM)
-    n_chunks = triton.cdiv(L, chunk_len)
-    block_d = 32 * FWD_WARPS
-    grid = (n_groups * triton.cdiv(d_inner // n_groups, block_d), n_chunks, batch)
-    sizes = (L, stride, d_inner, d_inner // n_groups, n_groups, chunk_len)
+    grid, sizes, n_chunks, block_d = _launch(u, n_groups, FWD_WARPS, FWD_WARPS_PER_SM)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
                  DELTA_SOFTPLUS=delta_softplus, SEG=SEG, T=FWD_T, STAGES=FWD_STAGES,
                  BLOCK_D=block_d, BLOCK_N=block_n, num_warps=FWD_WARPS)
@@ -611,7 +621,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 @_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states):
     batch, d_inner, L = u.shape
-    block_n, stride = triton.next_power_of_2(A.shape[1]), triton.cdiv(L, 8) * 8
+    block_n, stride = triton.next_power_of_2(A.shape[1]), _row_len(L)
     f32 = dict(dtype=torch.float32)
     seg_states = (u.new_empty(batch, triton.cdiv(L, SEG), d_inner, block_n, **f32) if save_states
                   else u.new_empty(0, **f32))
@@ -628,13 +638,9 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     (batch, d_inner, stride)); an empty tensor for an absent D, z or delta_bias."""
     batch, d_inner, L = u.shape
     n_groups, d_state = B.shape[1], B.shape[2]
+    grid, sizes, n_chunks, block_d = _launch(u, n_groups, BWD_WARPS, BWD_WARPS_PER_SM)
     u, delta, A2, Bt, Ct, z = _prepare(u, delta, A, B, C, z)
     stride, block_n = u.shape[-1], Bt.shape[-1]
-    chunk_len = _chunk_len(batch, d_inner, L, u.device, BWD_WARPS, BWD_WARPS_PER_SM)
-    n_chunks = triton.cdiv(L, chunk_len)
-    block_d = 32 * BWD_WARPS
-    grid = (n_groups * triton.cdiv(d_inner // n_groups, block_d), n_chunks, batch)
-    sizes = (L, stride, d_inner, d_inner // n_groups, n_groups, chunk_len)
     flags = dict(HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None, DELTA_SOFTPLUS=delta_softplus,
                  T=BWD_T, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BWD_WARPS)
     dout = _rows(dout, stride)
@@ -673,7 +679,7 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 @_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, seg_states, dout, dlast, delta_softplus):
     batch, d_inner, L = u.shape
-    rows = (batch, d_inner, triton.cdiv(L, 8) * 8)
+    rows = (batch, d_inner, _row_len(L))
     nothing = A.new_empty(0)
     like = (lambda x: x.new_empty(x.shape))                       # contiguous, as the operator returns them
     return (u.new_empty(rows), delta.new_empty(rows), like(A), like(B), like(C),
@@ -733,8 +739,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     batch, _, L = u.shape
     grouped = (lambda M: M.reshape(batch, n_groups, M.shape[-2], L).contiguous())    # (B, G, N, L), small
     contiguous = (lambda x: None if x is None else x.contiguous())
-    inputs = (u.contiguous(), delta.contiguous(), A.float(), grouped(B), grouped(C), contiguous(D), contiguous(z),
-              contiguous(delta_bias))
+    inputs = (u.contiguous(), delta.contiguous(), A.float(), grouped(B), grouped(C),
+              *map(contiguous, (D, z, delta_bias)))
     save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     out, last_state, _ = _scan_fwd(*inputs, delta_softplus, save_states)
     out, last_state = out[..., :L], last_state[..., :A.shape[1]]

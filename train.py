@@ -434,8 +434,9 @@ class Run:
             if self.step % args.log_every == 0 or self.step == args.steps:
                 # mean loss over ranks; the answer loss over the micro-batches that had answer tokens (on any rank)
                 answers = [a.float() for _, a in losses if a is not None]
-                sums = torch.stack([torch.stack([l for l, _ in losses]).mean(), sum(answers, 0 * losses[0][0]),
-                                    0 * losses[0][0] + len(answers)])
+                zero = torch.zeros_like(losses[0][0])
+                sums = torch.stack([torch.stack([l for l, _ in losses]).mean(), sum(answers, zero),
+                                    zero + len(answers)])
                 if self.world > 1:
                     dist.all_reduce(sums)
                 loss_mean, answer_sum, n_answers = sums.tolist()
