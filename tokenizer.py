@@ -28,7 +28,6 @@ from typing import Iterable
 import regex
 import tiktoken
 from tiktoken.core import raise_disallowed_special_token
-from tiktoken.load import load_tiktoken_bpe
 
 from mamba import atomic_write
 
@@ -169,7 +168,17 @@ def load_tiktoken(path: str | os.PathLike) -> tiktoken.Encoding:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no .tiktoken ranks file at {path!r}")
-    ranks = load_tiktoken_bpe(path)
+    # read here: tiktoken's load_tiktoken_bpe caches a file by its path, so it returns a file rewritten in
+    # place (a checkpoint trained again) as it was before
+    ranks = {}
+    with open(path, "rb") as f:
+        for line_number, line in enumerate(f, start=1):
+            try:
+                if line.strip():
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token)] = int(rank)
+            except ValueError:
+                raise ValueError(f"{path}:{line_number}: not a 'base64(token) rank' line: {line[:80]!r}") from None
     if not ranks:
         raise ValueError(f"{path!r} holds no tokens: a .tiktoken file has one 'base64-token rank' line per token")
     if os.path.isfile(path + ".json"):

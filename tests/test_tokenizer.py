@@ -120,6 +120,18 @@ def test_load_tiktoken_bad_files(tmp_path):
         {"name": "clash", "pat_str": tokenizer.GPT2_PATTERN, "special_tokens": {"<|endoftext|>": 7}}))
     with pytest.raises(ValueError, match=r"special token ids \[7\]"):
         tokenizer.load_tiktoken(path)
+    path.write_bytes(b"YQ== 0\nnot-a-rank-line\n")
+    with pytest.raises(ValueError, match=r"clash\.tiktoken:2: not a 'base64\(token\) rank' line"):
+        tokenizer.load_tiktoken(path)
+
+
+def test_load_tiktoken_reads_a_file_rewritten_in_place(tmp_path):
+    # tiktoken's own loader caches files by path: it would return the first encoding again
+    path = tmp_path / "t.tiktoken"
+    tokenizer.save_tiktoken(tokenizer.train_bpe(["aaaa"], vocab_size=258), path)
+    assert tokenizer.load_tiktoken(path).n_vocab == 258
+    tokenizer.save_tiktoken(tokenizer.byte_encoding(), path)
+    assert tokenizer.load_tiktoken(path).n_vocab == 257
 
 
 def test_get_encoding_offline_says_what_to_do(monkeypatch):
