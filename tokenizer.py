@@ -56,8 +56,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[st
     the lower ranks, so the result depends only on the text; after a merge only the words holding the pair are
     recounted. Special tokens are cut out of the text first, so no merge learns them.
     """
-    if isinstance(texts, str):
-        raise TypeError("train_bpe takes an iterable of texts, not one string: pass [text]")
+    assert not isinstance(texts, str), "train_bpe takes an iterable of texts: pass [text]"
     special_tokens = list(special_tokens)
     n_merges = vocab_size - 256 - len(special_tokens)
     if n_merges < 0:
@@ -88,7 +87,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[st
 
     while len(token_bytes) < 256 + n_merges:
         while heap and pair_count.get(heap[0][1:]) != -heap[0][0]:
-            heapq.heappop(heap)  # a stale count
+            heapq.heappop(heap)
         if not heap:
             raise ValueError(f"the text has no adjacent token pairs left after {len(token_bytes) - 256} new tokens: "
                              f"give more text or ask for vocab_size <= {len(token_bytes) + len(special_tokens)}")
@@ -151,8 +150,7 @@ def byte_encoding() -> tiktoken.Encoding:
 
 def save_tiktoken(encoding: tiktoken.Encoding, path: str | os.PathLike) -> None:
     """Write `encoding` as a `.tiktoken` ranks file at `path` and its companion `path + ".json"` (module docstring)."""
-    if isinstance(encoding, HFByteLevelBPE):
-        raise TypeError("a converted tokenizer.json cannot be a .tiktoken file: keep the tokenizer.json")
+    assert not isinstance(encoding, HFByteLevelBPE), "a converted tokenizer.json stays a tokenizer.json"
     path = os.fspath(path)
     # tiktoken keeps these only in private attributes (the ones its own pickling saves)
     ranks = encoding._mergeable_ranks
@@ -289,7 +287,6 @@ class HFByteLevelBPE(tiktoken.Encoding):
             merge_ranks[merged] = len(rank_to_id)
             rank_to_id.append(vocab[merged])
         self._rank_to_id = rank_to_id
-        self._missing_bytes = [b for b in range(256) if rank_to_id[b] is None]
         self._merge_order = tiktoken.Encoding(f"{name}/merge-order", pat_str=GPT2_PATTERN,
                                               mergeable_ranks=merge_ranks, special_tokens={})
         super().__init__(name, pat_str=GPT2_PATTERN, mergeable_ranks=vocab, special_tokens=self._added)
@@ -339,8 +336,8 @@ class HFByteLevelBPE(tiktoken.Encoding):
     def _bpe(self, text: str) -> list[int]:
         """Step 4: pre-tokenise and merge by merge order, then turn ranks into vocab ids."""
         ids = [self._rank_to_id[rank] for rank in self._merge_order.encode_ordinary(text)]
-        if self._missing_bytes and None in ids:
-            missing = sorted({b for b in text.encode("utf-8") if b in self._missing_bytes})
+        if None in ids:
+            missing = sorted({b for b in text.encode("utf-8") if self._rank_to_id[b] is None})
             raise ValueError(f"bytes {[hex(b) for b in missing]} of this text are not in the tokenizer's vocab")
         return ids
 

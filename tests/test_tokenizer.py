@@ -69,11 +69,9 @@ def test_trainer_is_deterministic_and_round_trips_unicode():
         first.encode("a<|endoftext|>b")
 
 
-def test_trainer_bad_arguments():
+def test_trainer_vocab_size_too_small():
     with pytest.raises(ValueError, match="at least 257"):
         tokenizer.train_bpe(["abc"], vocab_size=200)
-    with pytest.raises(TypeError, match=r"pass \[text\]"):
-        tokenizer.train_bpe("abc", vocab_size=300)
 
 
 def test_byte_encoding():
@@ -329,8 +327,6 @@ def test_checkpoint_round_trip_tokenizer_json(tmp_path, tiny):
     assert (tmp_path / "tokenizer.json").read_text() == tiny.read_text()
     loaded = tokenizer.load_tokenizer(tmp_path)
     assert all(loaded.encode(text, allowed_special="all") == ids for text, ids in TINY_CASES.items())
-    with pytest.raises(TypeError, match="keep the tokenizer.json"):
-        tokenizer.save_tiktoken(enc, tmp_path / "x.tiktoken")
 
 
 def test_load_tokenizer_names_both_files_when_missing(tmp_path):
