@@ -81,14 +81,8 @@ def load_config(config_dir):
 
 def load_samples(data_dir, dataset, e=False):
     """The samples of {data_dir}/{dataset}.jsonl ({dataset}_e.jsonl for LongBench-E), in file order."""
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown LongBench dataset {dataset!r}; known datasets: {', '.join(DATASETS)}")
-    if e and dataset not in LONGBENCH_E_DATASETS:
-        raise ValueError(f"{dataset!r} is not in LongBench-E; its datasets: {', '.join(LONGBENCH_E_DATASETS)}")
+    assert dataset in (LONGBENCH_E_DATASETS if e else DATASETS), (dataset, e)
     path = os.path.join(data_dir, f"{dataset}_e.jsonl" if e else f"{dataset}.jsonl")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: --data-dir should be the unzipped data/ folder of LongBench "
-                                "(data.zip from the THUDM/LongBench dataset on the Hugging Face hub)")
     samples, ids = [], set()
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
@@ -136,10 +130,11 @@ def truncate_middle(ids, max_length, encode=None, decode=None):
 # Prediction files: append-only jsonl, one complete line per sample, so a kill loses at most the line
 # being written. Under torchrun each rank appends to its own file, merged by rank 0 at the end.
 
-def _rank_paths(out_path):
-    """Every {out_path}.rank{r} there is, whatever the world size of the run that left it."""
+def _prediction_paths(out_path):
+    """out_path, then every {out_path}.rank{r} there is, whatever the world size of the run that left it."""
     pattern = re.compile(re.escape(os.path.basename(out_path)) + r"\.rank\d+$")
-    return sorted(p for p in glob.glob(glob.escape(out_path) + ".rank*") if pattern.fullmatch(os.path.basename(p)))
+    ranks = sorted(p for p in glob.glob(glob.escape(out_path) + ".rank*") if pattern.fullmatch(os.path.basename(p)))
+    return [out_path] + ranks
 
 
 def _read_predictions(path, sample_ids=None, repair=False):
@@ -182,8 +177,7 @@ def predict(samples, dataset, generate_fn, encode, decode, out_path, max_length,
     file are skipped, so a killed run resumes. Rank r of world_size handles samples i % world_size == r; with
     more than one rank it writes {out_path}.rank{r}, and after a barrier rank 0 calls merge_rank_files.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+    assert 0 <= rank < world_size, (rank, world_size)
     if dataset not in dataset2maxlen:
         raise ValueError(f"dataset2maxlen.json has no generation length for {dataset!r}")
     stops = [eos_token_id] + ([encode("\n")[-1]] if dataset == "samsum" else [])
@@ -191,7 +185,7 @@ def predict(samples, dataset, generate_fn, encode, decode, out_path, max_length,
 
     sample_ids = {sample["_id"] for sample in samples}
     done = set()
-    for path in [out_path] + _rank_paths(out_path):
+    for path in _prediction_paths(out_path):
         done.update(record["_id"] for record in _read_predictions(path, sample_ids, repair=path == own_path))
     todo = [s for i, s in enumerate(samples) if i % world_size == rank and s["_id"] not in done]
     mine = len(range(rank, len(samples), world_size))
@@ -201,8 +195,8 @@ def predict(samples, dataset, generate_fn, encode, decode, out_path, max_length,
     start = time.time()
     with open(own_path, "a", encoding="utf-8") as f:
         for count, sample in enumerate(todo, start=1):
-            prompt_ids = truncate_middle(encode(build_prompt(dataset, sample, dataset2prompt)), max_length, encode,
-                                         decode)
+            prompt = build_prompt(dataset, sample, dataset2prompt)
+            prompt_ids = truncate_middle(encode(prompt), max_length, encode, decode)
             new_ids = list(generate_fn(prompt_ids, dataset2maxlen[dataset], stops, 1 if dataset == "samsum" else 0))
             if new_ids and new_ids[-1] == eos_token_id:
                 new_ids = new_ids[:-1]
@@ -223,7 +217,7 @@ def merge_rank_files(out_path, samples):
     then delete the rank files; returns the number of lines. Call it on rank 0 once every rank has returned
     from `predict`. A sample predicted twice (a resume under another world size) keeps its first line. While
     some sample has no prediction it raises, changing nothing: rerunning resumes."""
-    paths = [out_path] + _rank_paths(out_path)
+    paths = _prediction_paths(out_path)
     sample_ids = {sample["_id"] for sample in samples}
     lines = {}
     for path in paths:

@@ -130,8 +130,8 @@ def test_score_and_buckets():
     buckets = lb.score_e("qasper", ["16", "GELU", "one A100 GPU", ""], [["16"], ["SiLU"], ["one A100 GPU"], ["2048"]],
                          [1200, 3999, 4000, 8000], None)
     assert buckets == {"0-4k": 50.0, "4-8k": 100.0, "8k+": 0.0}
-    assert lb.score_e("qasper", ["16"], [["16"]], [7999], None) == {"0-4k": pytest.approx(float("nan"), nan_ok=True), "4-8k": 100.0,
-                                                                     "8k+": pytest.approx(float("nan"), nan_ok=True)}
+    nan = pytest.approx(float("nan"), nan_ok=True)  # an empty bucket
+    assert lb.score_e("qasper", ["16"], [["16"]], [7999], None) == {"0-4k": nan, "4-8k": 100.0, "8k+": nan}
     with pytest.raises(AssertionError):  # no predictions
         lb.score("qasper", [], [], None)
     with pytest.raises(AssertionError):  # fewer answer lists than predictions
@@ -178,12 +178,6 @@ def test_truncate_middle():
 
 
 def test_error_messages(tmp_path):
-    with pytest.raises(ValueError, match="known datasets: narrativeqa, qasper"):
-        lb.load_samples(DATA, "qasperr")
-    with pytest.raises(ValueError, match="not in LongBench-E"):
-        lb.load_samples(DATA, "musique", e=True)
-    with pytest.raises(FileNotFoundError, match="narrativeqa.jsonl not found"):
-        lb.load_samples(DATA, "narrativeqa")
     lines = open(os.path.join(DATA, "trec.jsonl"), encoding="utf-8").read().splitlines()
     (tmp_path / "trec.jsonl").write_text(lines[0] + "\n" + lines[1][:-5] + "\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"trec\.jsonl:2: malformed JSON"):
@@ -297,8 +291,6 @@ def test_predict_refuses_a_file_of_other_samples(tmp_path):
     run(lb.load_samples(DATA, "trec"), out, FakeModel(), dataset="trec")
     with pytest.raises(ValueError, match="not among these samples"):
         run(lb.load_samples(DATA, "qasper"), out, FakeModel())
-    with pytest.raises(ValueError, match="rank 2 is not in 0..1"):
-        run(lb.load_samples(DATA, "qasper"), tmp_path / "x.jsonl", FakeModel(), rank=2, world_size=2)
 
 
 def test_score_file_matches_score(tmp_path):
