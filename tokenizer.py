@@ -164,8 +164,6 @@ def save_tiktoken(encoding: tiktoken.Encoding, path: str | os.PathLike) -> None:
 def load_tiktoken(path: str | os.PathLike) -> tiktoken.Encoding:
     """Read a `.tiktoken` ranks file and its companion `path + ".json"` if there is one (module docstring)."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no .tiktoken ranks file at {path!r}")
     # read here: tiktoken's load_tiktoken_bpe caches a file by its path, so it returns a file rewritten in
     # place (a checkpoint trained again) as it was before
     ranks = {}
@@ -178,7 +176,7 @@ def load_tiktoken(path: str | os.PathLike) -> tiktoken.Encoding:
             except ValueError:
                 raise ValueError(f"{path}:{line_number}: not a 'base64(token) rank' line: {line[:80]!r}") from None
     if not ranks:
-        raise ValueError(f"{path!r} holds no tokens: a .tiktoken file has one 'base64-token rank' line per token")
+        raise ValueError(f"{path!r} holds no tokens: a .tiktoken file has one 'base64(token) rank' line per token")
     if os.path.isfile(path + ".json"):
         with open(path + ".json", encoding="utf-8") as f:
             companion = json.load(f)
@@ -348,8 +346,6 @@ class HFByteLevelBPE(tiktoken.Encoding):
 def from_hf_tokenizer_json(path: str | os.PathLike) -> HFByteLevelBPE:
     """Read a Hugging Face byte-level BPE tokenizer.json (GPT-NeoX-20B's, GPT-2's) as a tiktoken encoding."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no tokenizer.json at {str(path)!r}")
     try:
         return HFByteLevelBPE(path.read_text(encoding="utf-8"), name=path.stem)
     except json.JSONDecodeError as err:

@@ -110,7 +110,7 @@ def test_ranks_file_without_companion_gets_endoftext_after_the_ranks(tmp_path):
 
 
 def test_load_tiktoken_bad_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no .tiktoken ranks file"):
+    with pytest.raises(FileNotFoundError, match="missing.tiktoken"):
         tokenizer.load_tiktoken(tmp_path / "missing.tiktoken")
     path = tmp_path / "clash.tiktoken"
     tokenizer.save_tiktoken(tokenizer.byte_encoding(), path)
@@ -252,7 +252,7 @@ def test_conversion_refuses_what_it_cannot_reproduce(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         tokenizer.from_hf_tokenizer_json(path)
-    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+    with pytest.raises(FileNotFoundError, match="missing.json"):
         tokenizer.from_hf_tokenizer_json(tmp_path / "missing.json")
 
 
