@@ -37,7 +37,7 @@ rows, V_proj's from out_proj's two column halves, so the compressed states start
 init "zero_v" (an ablation) keeps PyTorch's init and a zero last Linear in V_proj: compressed states start as
 zero vectors and the untrained model reads the prompt like the base model with the region cut out.
 
-    rm = ReMamba.load(mamba.Mamba.from_pretrained(ckpt), ckpt)     # reads ckpt/remamba.pt
+    rm = ReMamba.load(mamba.Mamba.from_pretrained(ckpt), os.path.join(ckpt, REMAMBA_FILE))
     new_ids = rm.generate(prompt_ids, max_new_tokens=8)
 """
 
@@ -46,6 +46,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import mamba
 
 REMAMBA_FILE = "remamba.pt"   # ReMamba's parameters inside a checkpoint directory
 INITS = ("official", "zero_v")
@@ -99,11 +101,11 @@ class ReMamba(nn.Module):
                 proj[0].bias.zero_()
                 proj[2].bias.zero_()
             d, mixer = c.d_model, base.backbone.layers[0].mixer
-            if init == "official":
+            if init == "official":   # layer 0's slices; d_inner = 2·d_model, so each block splits into two d × d
                 w_in, w_out = mixer.in_proj.weight, mixer.out_proj.weight     # (2·d_inner, d), (d, d_inner)
-                for proj, rows in ((self.K_proj, (0, d)), (self.Q_proj, (2 * d, 3 * d))):
-                    proj[0].weight.copy_(w_in[rows[0]:rows[1]])
-                    proj[2].weight.copy_(w_in[rows[0] + d:rows[1] + d])
+                for proj, rows in ((self.K_proj, w_in[:2 * d]), (self.Q_proj, w_in[2 * d:4 * d])):  # x, gate rows
+                    proj[0].weight.copy_(rows[:d])
+                    proj[2].weight.copy_(rows[d:2 * d])
                 self.V_proj[0].weight.copy_(w_out[:, :d])
                 self.V_proj[2].weight.copy_(w_out[:, d:2 * d])
             else:
@@ -133,10 +135,12 @@ class ReMamba(nn.Module):
         """ids (b, T): the prompt, possibly followed by a continuation. Returns stage 2's input embeddings
         (b, T − (e − s) + K, d), the hook that adapts Δ at the compressed positions, and the kept positions."""
         s, e, K = region
+        # stage 1 is the plain model (causal: a continuation after the prompt changes nothing), without a graph
+        # when the base is frozen (Q_proj, K_proj and V_proj train on its output alone)
         base_trains = any(p.requires_grad for p in self.base.parameters())
         with self.base.hooked(None), torch.set_grad_enabled(torch.is_grad_enabled() and base_trains):
-            hidden = self.base.hidden_states(ids)                              # stage 1: causal, so a
-        kept, w = self.select(hidden, region, query_at)                        # continuation changes nothing
+            hidden = self.base.hidden_states(ids)                              # H (b, T, d)
+        kept, w = self.select(hidden, region, query_at)
         compressed = self.V_proj(hidden.gather(1, kept[..., None].expand(-1, -1, hidden.shape[-1]))
                                  .to(self.V_proj[0].weight.dtype))             # V_proj(H[kept])  (b, K, d)
         E = self.base.backbone.embedding(ids)
@@ -152,31 +156,26 @@ class ReMamba(nn.Module):
     # ------------------------------------------------------------------------------------------------------
     # Using it
 
-    def _stage2_prompt(self, input_ids):
-        """Stage 1 over a prompt (b, L): the hook and the inputs stage 2 reads (the plain prompt, no hook, when
-        nothing is compressed); the kept positions go to self.kept."""
-        L = input_ids.shape[1]
+    def prefill(self, input_ids):
+        """Stage 1 and stage 2 over a prompt (b, L): the last position's logits and the caches (Mamba.prefill).
+        The positions stage 1 kept go to self.kept (b, K); with nothing to compress, this is the base model."""
+        b, L = input_ids.shape
         region = compression_region(L, self.ratio, self.compress_ratio, self.start_ratio)
         if region[2] == 0:
-            self.kept = input_ids.new_zeros(input_ids.shape[0], 0)
-            return None, {"input_ids": input_ids}
-        embeds, adapt, self.kept = self._stage2(input_ids, region, torch.full((input_ids.shape[0],), L - 1,
-                                                                              device=input_ids.device))
-        return adapt, {"inputs_embeds": embeds}
-
-    def prefill(self, input_ids):
-        """Stage 1 and stage 2 over a prompt (b, L): the last position's logits and the caches (Mamba.prefill)."""
-        hook, inputs = self._stage2_prompt(input_ids)
-        with self.base.hooked(hook):
-            return self.base.prefill(**inputs)
+            self.kept = input_ids.new_zeros(b, 0)
+            with self.base.hooked(None):
+                return self.base.prefill(input_ids)
+        embeds, adapt, self.kept = self._stage2(input_ids, region, torch.full((b,), L - 1, device=input_ids.device))
+        with self.base.hooked(adapt):
+            return self.base.prefill(inputs_embeds=embeds)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens=20, eos_token_id=None, min_new_tokens=0):
-        """Greedy decoding from stage 2's state: the new token ids (b, ≤ max_new_tokens), as Mamba.generate."""
-        hook, inputs = self._stage2_prompt(input_ids)
-        with self.base.hooked(hook):
-            return self.base.generate(**inputs, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-                                      min_new_tokens=min_new_tokens)
+        """Greedy decoding from stage 2's state (decoding steps are never hooked): the new token ids
+        (b, ≤ max_new_tokens), as Mamba.generate."""
+        logits, caches = self.prefill(input_ids)
+        return self.base.decode(logits, caches, max_new_tokens, eos_token_id=eos_token_id,
+                                min_new_tokens=min_new_tokens)
 
     def training_loss(self, ids, weights, prompt_lengths, region):
         """The weighted next-token loss of a batch read through ReMamba.
@@ -198,9 +197,7 @@ class ReMamba(nn.Module):
 
     def save(self, path):
         """Write the new parameters and the ratios to `path` (a file)."""
-        import mamba
-        payload = {"settings": {"ratio": self.ratio, "compress_ratio": self.compress_ratio,
-                                "start_ratio": self.start_ratio},
+        payload = {"settings": {k: getattr(self, k) for k in ("ratio", "compress_ratio", "start_ratio")},
                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()
                                   if not k.startswith("base.")}}
         mamba.atomic_write(path, lambda f: torch.save(payload, f))
@@ -212,11 +209,12 @@ class ReMamba(nn.Module):
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             model = cls(base, **payload["settings"], init="zero_v")
-            model.load_state_dict(payload["state_dict"], strict=False)
-            missing = {k for k in model.state_dict() if not k.startswith("base.")} - set(payload["state_dict"])
-            assert not missing, f"missing {sorted(missing)}"
+            loaded = model.load_state_dict(payload["state_dict"], strict=False)
+            missing = [k for k in loaded.missing_keys if not k.startswith("base.")]   # the base's are not in the file
+            if missing:
+                raise KeyError(f"missing {missing}")
         except Exception as e:
             raise ValueError(f"{path}: not ReMamba parameters for this model ({type(e).__name__}: {e}); train them "
                              f"with `python train.py --method remamba --init <checkpoint> --out <new directory>`") \
                 from None
-        return model.to(base.lm_head.weight.device)
+        return model
