@@ -14,13 +14,11 @@ The key is a random 5-digit number. Lengths are counted in tokens of the model's
 has exactly `length` tokens. The depth d in [0, 1] places the needle in the filler: 0 right after the intro,
 1 right before the question, in between at the sentence boundary nearest to d of the filler.
 
-The filler is natural prose by default (a `Haystack` built from a book, e.g. data/war_and_peace.txt), or the
-classic repeated "The grass is green. The sky is blue. ..." sentences with filler="repeat". At small scale the
-classic filler is too easy: a small Mamba learns to barely decay its state on it, and then does not fail
-beyond its training length (see the methods notes). Prose is what makes the failure visible.
-
-Train/eval split: `Haystack(text, "train")` holds the first 90 % of the text's sentences, `Haystack(text,
-"eval")` the last 10 %, so evaluation hides the needle in text the model never saw; "all" uses everything.
+The filler is natural prose by default (a `Haystack` of a book's sentences, e.g. data/war_and_peace.txt, whose
+"eval" split is text the model never trained on), or the classic repeated "The grass is green. The sky is
+blue. ..." sentences with filler="repeat". At small scale the classic filler is too easy: a small Mamba learns
+to barely decay its state on it and then does not fail beyond its training length. Prose makes that failure
+visible.
 
     import tiktoken, passkey
     book = open("data/war_and_peace.txt", encoding="utf-8").read()
@@ -52,7 +50,7 @@ ANSWER_END = "."         # follows the answer in training examples, so the model
 REPEAT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 FILLERS = ("prose", "repeat")
 SPLITS = ("train", "eval", "all")
-TRAIN_FRACTION = 0.9     # "train" is the first 90 % of a haystack's sentences, "eval" the last 10 %
+TRAIN_FRACTION = 0.9     # the "train" split's share of a haystack's sentences (Haystack)
 KEY_LOW, KEY_HIGH = 10000, 100000   # keys are drawn uniformly from [KEY_LOW, KEY_HIGH): 5 digits
 
 # A sentence: its leading whitespace, then text up to a sentence end (. ! ? and any closing quotes or
@@ -81,7 +79,6 @@ class Haystack:
         text = text if text[:1].isspace() else "\n" + text
         sentences = _SENTENCE.findall(text)
         train_count = int(len(sentences) * TRAIN_FRACTION)
-        self.split = split
         self.sentences = {"train": sentences[:train_count], "eval": sentences[train_count:],
                           "all": sentences}[split]
         if not self.sentences:
@@ -102,9 +99,6 @@ class Haystack:
             ids = np.fromiter((i for piece in pieces for i in piece), dtype=np.int32, count=int(ends[-1]))
             self._tokens[encoding] = ids, ends
         return self._tokens[encoding]
-
-    def __repr__(self):
-        return f"Haystack({len(self.sentences)} sentences, split={self.split!r})"
 
 
 # The classic filler is a haystack of its five sentences; wrapping around repeats them.
@@ -131,10 +125,8 @@ def prompt_overhead(encoding):
     It is the smallest `length` that make_sample and training_example accept; the rest is filler.
     """
     longest_key = max(len(encoding.encode(ANSWER.format(key=key))) for key in range(KEY_LOW, KEY_HIGH))
-    fixed = _fixed_ids(encoding)
-    # the key appears three times: twice in the needle, once as the answer
-    return (len(fixed["intro"]) + len(fixed["needle_head"]) + len(fixed["needle_middle"])
-            + len(fixed["needle_tail"]) + len(fixed["question"]) + len(fixed["answer_end"]) + 3 * longest_key)
+    # every fixed piece once, the key three times: twice in the needle, once as the answer
+    return sum(len(ids) for ids in _fixed_ids(encoding).values()) + 3 * longest_key
 
 
 def make_sample(encoding, haystack, length, depth, seed, filler="prose"):
@@ -145,9 +137,8 @@ def make_sample(encoding, haystack, length, depth, seed, filler="prose"):
               depth gives the same key. Same (encoding, haystack, length, depth, seed, filler) -> same sample.
     """
     assert prompt_overhead(encoding) <= length and 0 <= depth <= 1 and seed >= 0, (length, depth, seed)
-    filler_haystack = _REPEAT_HAYSTACK if filler == "repeat" else haystack
-    key, start = _draw(np.random.default_rng(seed), filler_haystack)
-    return _assemble(encoding, filler_haystack, length, depth, key, start)
+    haystack, key, start = _draw(np.random.default_rng(seed), haystack, filler)
+    return _assemble(encoding, haystack, length, depth, key, start)
 
 
 def training_example(encoding, haystack, length, rng, filler="prose", other_weight=0.05, min_depth=0.0):
@@ -162,13 +153,12 @@ def training_example(encoding, haystack, length, rng, filler="prose", other_weig
     elsewhere: a language-model loss on every token of a long haystack drowns the few tokens of the key.
     """
     assert prompt_overhead(encoding) <= length, f"length {length} leaves no room for filler"
-    filler_haystack = _REPEAT_HAYSTACK if filler == "repeat" else haystack
     depth = min_depth + (1 - min_depth) * rng.random()
-    key, start = _draw(rng, filler_haystack)
+    haystack, key, start = _draw(rng, haystack, filler)
     answer_end_ids = _fixed_ids(encoding)["answer_end"]
     answer_ids = encoding.encode(ANSWER.format(key=key))
     prompt_length = length + 1 - len(answer_ids) - len(answer_end_ids)
-    sample = _assemble(encoding, filler_haystack, prompt_length, depth, key, start)
+    sample = _assemble(encoding, haystack, prompt_length, depth, key, start)
     ids = np.array(sample.prompt_ids + sample.answer_ids + answer_end_ids, dtype=np.int64)   # (length+1,)
     loss_weights = np.full(length, other_weight, dtype=np.float32)                             # (length,)
     loss_weights[prompt_length - 1:] = 1.0    # targets[i] = ids[i+1], the answer starts at ids[prompt_length]
@@ -228,8 +218,7 @@ def _assemble(encoding, haystack, length, depth, key, start):
                          question_start=len(prompt) - len(fixed["question"]))
 
 
-def _draw(rng, haystack):
-    """The random choices of a sample: the key (5 digits) and the haystack sentence the filler starts at."""
-    key = str(rng.integers(KEY_LOW, KEY_HIGH))
-    start = int(rng.integers(len(haystack.sentences)))
-    return key, start
+def _draw(rng, haystack, filler):
+    """The filler's haystack and a sample's random choices: the key (5 digits), the sentence the filler starts at."""
+    haystack = _REPEAT_HAYSTACK if filler == "repeat" else haystack
+    return haystack, str(rng.integers(KEY_LOW, KEY_HIGH)), int(rng.integers(len(haystack.sentences)))
