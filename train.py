@@ -44,10 +44,10 @@ STATE_FILE = "train_state.pt"   # everything --resume needs
 # --resume takes the saved run's settings, except those typed again (MAY_CHANGE) and per invocation ones
 MAY_CHANGE = ("steps", "save_every", "log_every", "eval_every", "eval_samples")
 PER_INVOCATION = ("out", "resume", "overwrite", "time_limit", "device", "compile")
-# defaults that depend on --method: from-scratch training, and the authors' fine-tuning recipe
+# defaults that depend on --method: from-scratch training, and the authors' fine-tuning recipe (both fine-tunings)
+FINE_TUNING = dict(lr=2e-5, min_lr=0.0, warmup=0, steps=1000, eval_lengths="1,2,4")
 METHOD_DEFAULTS = {"lm": dict(lr=1e-3, min_lr=1e-4, warmup=500, steps=12000, eval_lengths="1,4,16", L_train=512),
-                   "remamba": dict(lr=2e-5, min_lr=0.0, warmup=0, steps=1000, eval_lengths="1,2,4"),
-                   "sft": dict(lr=2e-5, min_lr=0.0, warmup=0, steps=1000, eval_lengths="1,2,4")}
+                   "remamba": FINE_TUNING, "sft": FINE_TUNING}
 
 
 def parse_args(argv):
@@ -58,7 +58,7 @@ def parse_args(argv):
     p.add_argument("--init", help="remamba, sft: the base checkpoint directory")
     p.add_argument("--train", choices=["new", "official", "all"], default="official",
                    help="remamba, sft: base weights trained: none (new), the authors' set (official) or all")
-    p.add_argument("--remamba-init", choices=["official", "zero_v"], default="official",
+    p.add_argument("--remamba-init", choices=remamba.INITS, default="official",
                    help="remamba: Q/K/V from slices of layer 0 (official) or a zero V_proj output (ablation)")
     p.add_argument("--prompt-lengths", default="1,1", help="remamba, sft: prompt length range, low,high × L_train")
     p.add_argument("--data", default="data/war_and_peace.txt", help="training text (UTF-8 prose)")
@@ -134,7 +134,7 @@ def settle(args, given):
                                   for f in ("config.json", "pytorch_model.bin", "model.safetensors")):
         fail(f"{args.out} already holds a model: choose another --out, or add --overwrite to replace it")
     for flag, low in dict(batch_size=1, grad_accum=1, steps=1, save_every=1, log_every=1, warmup=0, eval_every=0,
-                          eval_samples=0, curriculum=0, time_limit=0).items():
+                          eval_samples=0, curriculum=0, time_limit=0, n_layer=1, d_state=1).items():
         if getattr(args, flag) < low:
             fail(f"--{flag.replace('_', '-')} must be ≥ {low}, got {getattr(args, flag)}")
     if not (args.lr > 0 and 0 <= args.min_lr <= args.lr):
@@ -146,8 +146,10 @@ def settle(args, given):
     try:
         args.lengths_x = [float(x) for x in args.prompt_lengths.split(",")]
         args.eval_x = [float(x) for x in args.eval_lengths.split(",")]
-        assert len(args.lengths_x) == 2 and 1 <= args.lengths_x[0] <= args.lengths_x[1] and min(args.eval_x) > 0
-    except (ValueError, AssertionError):
+        valid = len(args.lengths_x) == 2 and 1 <= args.lengths_x[0] <= args.lengths_x[1] and min(args.eval_x) > 0
+    except ValueError:
+        valid = False
+    if not valid:
         fail(f"--prompt-lengths takes two multiples of L_train, low,high with 1 ≤ low ≤ high (got "
              f"{args.prompt_lengths!r}); --eval-lengths positive multiples (got {args.eval_lengths!r})")
     if args.method == "lm":
@@ -155,8 +157,6 @@ def settle(args, given):
             fail("--init belongs to --method remamba and sft; --method lm trains a new model from scratch")
         if args.d_model < 16 or args.d_model % 16:
             fail(f"--d-model {args.d_model} must be a positive multiple of 16 (the scan kernel's channel block)")
-        if args.n_layer < 1 or args.d_state < 1:
-            fail("--n-layer and --d-state must be ≥ 1")
     else:
         if not args.init or not os.path.isfile(os.path.join(args.init, "config.json")):
             fail(f"--method {args.method} needs --init, a base checkpoint directory (got {args.init!r})")
@@ -270,8 +270,8 @@ def lr_at(step, args):
     """Linear warmup, then cosine decay from lr to min_lr at the last step."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = (step - args.warmup) / (args.steps - args.warmup)           # in [0, 1): warmup ≤ step < steps
+    return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 def git_commit():
@@ -378,7 +378,7 @@ class Run:
         dtype = torch.float16 if args.save_dtype == "float16" else None
         self.base.save_pretrained(args.out, self.encoding, dtype=dtype)
         if args.method == "remamba":
-            self.trained.save(os.path.join(args.out, "remamba.pt"))
+            self.trained.save(os.path.join(args.out, remamba.REMAMBA_FILE))
         info = {"L_train": args.L_train, "method": args.method, "steps": self.step, "finished": final,
                 "train_seconds": round(elapsed, 1), "commit": git_commit(),
                 "device": torch.cuda.get_device_name() if self.device.startswith("cuda") else "cpu",
@@ -390,6 +390,8 @@ class Run:
     def evaluate(self):
         """Log passkey accuracy at each --eval-lengths multiple: new needles in the training split's prose."""
         n, enc, acc = self.args.eval_samples, self.encoding, []
+        if self.rank != 0 or n == 0:
+            return
         self.trained.eval()
         for m in self.args.eval_x:
             correct = 0
@@ -447,8 +449,7 @@ class Run:
                          f"{answer} | lr {lr:.2e} | {tokens / (now - last_log) / 1e3:7.1f}k tok/s | "
                          f"ETA {eta / 60:5.1f} min")
                 last_log, last_log_step, losses, tokens = now, self.step, [], 0
-            if self.rank == 0 and args.eval_every and args.eval_samples and self.step % args.eval_every == 0 \
-                    and self.step < args.steps:
+            if args.eval_every and self.step % args.eval_every == 0 and self.step < args.steps:
                 self.evaluate()
             if self.step % args.save_every == 0 or self.step == args.steps:
                 self.save(final=self.step == args.steps)
@@ -456,8 +457,7 @@ class Run:
                 self.save()
                 self.log(f"time limit reached at step {self.step}: saved; continue with --resume")
                 return
-        if self.rank == 0 and args.eval_samples:
-            self.evaluate()
+        self.evaluate()
 
 
 def main(argv=None):
@@ -467,8 +467,8 @@ def main(argv=None):
     try:
         run.train()
     except KeyboardInterrupt:
-        if run.rank == 0 and run.step:
-            run.save()
+        if run.step:
+            run.save()                                                  # rank 0 saves
         sys.exit(f"\ntrain.py: interrupted at step {run.step}" + (f"; saved, continue with: python train.py --out "
                                                                   f"{args.out} --resume" if run.step else ""))
     if run.world > 1:
