@@ -48,6 +48,13 @@ CALIBRATION_FILE = "longmamba_calibration.pt"
 LONGMAMBA = dict(c=0.05, b=1.5, variant="dt_thre", sc=0.0, decay_state="slowest")
 
 
+def comma_separated(kind):
+    """An argparse type: "0,0.5,1" -> [0.0, 0.5, 1.0]."""
+    parse = lambda text: [kind(x) for x in text.split(",")]  # noqa: E731
+    parse.__name__ = f"comma-separated {kind.__name__}"       # argparse names the type in its error
+    return parse
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = lambda message: fail(f"{message} (see --help)")   # one line, not the whole usage
@@ -58,7 +65,8 @@ def parse_args(argv):
     p.add_argument("--L-train", type=int, help="the model's training length (default: its train_info.json)")
     p.add_argument("--lengths", help="prompt lengths: tokens (4096) or multiples of L_train (4x), comma-separated "
                                      "(default 1x,2x,4x,8x,16x,32x; on a CPU 1x,4x,16x)")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="passkey: needle depths in [0, 1]")
+    p.add_argument("--depths", type=comma_separated(float), default="0,0.25,0.5,0.75,1",
+                   help="passkey: needle depths in [0, 1]")
     p.add_argument("--samples", type=int, help="passkey: samples per cell (default 20 on a GPU, 3 on a CPU)")
     p.add_argument("--filler", choices=passkey.FILLERS, default="prose")
     p.add_argument("--data", default="data/war_and_peace.txt", help="the model's training prose: LongMamba's "
@@ -80,7 +88,8 @@ def parse_args(argv):
     g.add_argument("--decay-state", choices=["slowest", "mean"], default=LONGMAMBA["decay_state"])
     g.add_argument("--calibration-windows", type=int, default=100, help="windows of L_train tokens")
     g = p.add_argument_group("DeciMamba")
-    g.add_argument("--decimating-layers", help="comma-separated layer indices (default n_layer // 2)")
+    g.add_argument("--decimating-layers", type=comma_separated(int),
+                   help="comma-separated layer indices (default n_layer // 2)")
     g.add_argument("--beta", type=float, default=0.5, help="each later decimating layer keeps β times as many")
     g.add_argument("--L-base", type=int, help="tokens the first decimating layer keeps (default L_train)")
     g.add_argument("--min-len", type=int, default=20, help="fewest tokens kept")
@@ -94,15 +103,6 @@ def parse_args(argv):
     g.add_argument("--e", action="store_true", help="LongBench-E ({dataset}_e.jsonl, length buckets)")
     g.add_argument("--max-length", type=int, default=159_500, help="middle-truncate prompts to this many tokens")
     args = p.parse_args(argv)
-
-    def numbers(flag, text, kind):
-        try:
-            return [kind(x) for x in text.split(",")] if text else None
-        except ValueError:
-            p.error(f"{flag} {text!r}: expected comma-separated {kind.__name__} values")
-
-    args.depth_list = numbers("--depths", args.depths, float)
-    args.layer_list = numbers("--decimating-layers", args.decimating_layers, int)
     args.methods = list(dict.fromkeys(m.strip() for m in args.method.split(",") if m.strip()))
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
@@ -114,7 +114,7 @@ def parse_args(argv):
         value = getattr(args, flag)
         if value is not None and value < low:
             p.error(f"--{flag.replace('_', '-')} must be ≥ {low}, got {value}")
-    if any(not 0 <= d <= 1 for d in args.depth_list):
+    if any(not 0 <= d <= 1 for d in args.depths):
         p.error(f"--depths must lie in [0, 1], got {args.depths}")
     if not 0 < args.beta <= 1 or args.c < 0 or args.b < 0 or not 0 <= args.sc < 1:
         p.error("--beta must be in (0, 1], --c and --b ≥ 0, --sc in [0, 1)")
@@ -162,9 +162,9 @@ def build_methods(args, model, encoding, L_train, text):
             hook = longmamba.LongMamba(calibration, args.c, args.b, args.variant)
             describe = lambda length: longmamba.describe(calibration, args.c, length)  # noqa: E731
         elif name == "decimamba":
-            layers = args.layer_list or [n_layer // 2]
+            layers = args.decimating_layers or [n_layer // 2]
             if any(not 0 <= i < n_layer for i in layers):
-                fail(f"--decimating-layers {args.decimating_layers}: this model has layers 0..{n_layer - 1}")
+                fail(f"--decimating-layers {','.join(map(str, layers))}: this model has layers 0..{n_layer - 1}")
             settings = dict(layers=layers, beta=args.beta, L_base=args.L_base or L_train, min_len=args.min_len)
             hook = decimamba.DeciMamba(layers, settings["L_base"], args.beta, args.min_len)
         elif name == "remamba":
@@ -230,7 +230,7 @@ class Cells:
         key = dict(task=task, label=method["label"], settings=method["settings"], model=meta["model"],
                    weights=meta["weights"], haystack=args.haystack or args.data, split=args.split, **settings)
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        self.path = os.path.join(out_dir, "cells", f"{key['task']}_{key['label']}_{digest}.jsonl")
+        self.path = os.path.join(out_dir, "cells", f"{task}_{method['label']}_{digest}.jsonl")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.done = {}
         if os.path.exists(self.path):
@@ -244,7 +244,7 @@ class Cells:
         self.file = open(self.path, "a")
 
     def add(self, cell, value):
-        self.done[tuple(cell)] = value
+        self.done[cell] = value
         self.file.write(json.dumps({"cell": list(cell), "value": value}) + "\n")
         self.file.flush()
 
@@ -253,13 +253,13 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
     """Every method on this rank's share of the (length, depth, sample) cells; then, on rank 0, each method's JSON,
     the tables side by side and one heatmap."""
     haystack = passkey.Haystack(text, args.split)
-    mine = [(L, d, i) for L in lengths for d in args.depth_list for i in range(args.samples)][rank::world]
+    mine = [(L, d, i) for L in lengths for d in args.depths for i in range(args.samples)][rank::world]
     stores = {m["label"]: Cells(args.out_dir + (f"/rank{rank}" if world > 1 else ""), "passkey", m, meta, args,
                                 filler=args.filler, seed=args.seed) for m in methods}
-    todo = [c for c in mine if any(tuple(c) not in s.done for s in stores.values())]
+    todo = [c for c in mine if any(c not in s.done for s in stores.values())]
     if rank == 0 and len(todo) < len(mine):
         print(f"  {len(mine) - len(todo)} of {len(mine)} cells already done (kept in {args.out_dir}/cells)")
-    total = sum(L for L, _, _ in todo) * len(methods) or 1
+    total = sum(L for L, _, _ in todo) * len(methods)
     start = last_print = time.time()
     done = 0
     for n, (L, depth, i) in enumerate(todo):
@@ -270,7 +270,7 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
             if (L, depth, i) in store.done:
                 continue
             new = generate(m, prompt, len(sample.answer_ids) + 2, encoding.eot_token)
-            correct = bool(passkey.score(encoding.decode(new[0].tolist()), sample.answer))
+            correct = passkey.score(encoding.decode(new[0].tolist()), sample.answer)
             store.add((L, depth, i), {"correct": correct, **mechanism(m, sample, prompt)})
         done += L * len(methods)
         if rank == 0 and (n + 1 == len(todo) or todo[n + 1][0] != L or time.time() - last_print > 30):
@@ -287,21 +287,21 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
         return
     accuracy = {}
     for m in methods:
-        accuracy[m["label"]], counts = passkey_summary(results[m["label"]], lengths, args.depth_list, args.samples)
+        accuracy[m["label"]], counts = passkey_summary(results[m["label"]], lengths, args.depths, args.samples)
         atomic_write(os.path.join(args.out_dir, f"passkey_{m['label']}.json"), json.dumps(
             {"method": m["name"], "settings": m["settings"], **meta, "split": args.split, "seed": args.seed,
              "filler": args.filler, "haystack": args.haystack or args.data, "lengths": lengths,
-             "depths": args.depth_list, "samples": args.samples, "units": "accuracy: fraction of samples correct, 0-1",
+             "depths": args.depths, "samples": args.samples, "units": "accuracy: fraction of samples correct, 0-1",
              "accuracy": accuracy[m["label"]], "mechanism": counts}, indent=2))
     labels = list(accuracy)
-    print(side_by_side([passkey_table(m, lengths, args.depth_list, accuracy[m]) for m in labels]))
+    print(side_by_side([passkey_table(m, lengths, args.depths, accuracy[m]) for m in labels]))
     for m in methods:
         if m["describe"]:
             print("\n" + m["describe"](lengths[-1]))
     title = (f"passkey retrieval, {os.path.basename(os.path.normpath(args.model))}, L_train {meta['L_train']}, "
              f"{args.samples} samples per cell, {args.split} haystack, seed {args.seed}")
     png = heatmap(os.path.join(args.out_dir, "passkey_" + "_".join(labels) + ".png"), labels, lengths,
-                  args.depth_list, accuracy, title)
+                  args.depths, accuracy, title)
     print(f"wrote {args.out_dir}/passkey_<method>.json" + (f" and {png}" if png else "") +
           f" in {time.time() - start:.0f} s")
 
@@ -337,7 +337,7 @@ def passkey_summary(cells, lengths, depths, samples):
         return accuracy, None
     per_length = {}
     for L in lengths:
-        rows = [counts(cells[(L, d, i)]) for d in depths for i in range(samples) if (L, d, i) in cells]
+        rows = [counts(cells[(L, d, i)]) for d in depths for i in range(samples)]
         per_length[str(L)] = {k: int(sum(r[k] for r in rows)) for k in rows[0]} | {"samples": len(rows)}
     return accuracy, per_length
 
