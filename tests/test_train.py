@@ -124,6 +124,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     (["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
     (["--device", "foo"], "--device foo: not a device"),
     (["--prompt-lengths", "4,1"], "--prompt-lengths takes two multiples"),
+    (["--eval-lengths", "1,x"], "--eval-lengths positive multiples (got '1,x')"),
     (["--method", "lora"], "argument --method: invalid choice"),
 ])
 def test_bad_configs_stop_with_a_clear_message(tmp_path, extra, message):
