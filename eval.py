@@ -293,15 +293,14 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
              "filler": args.filler, "haystack": args.haystack or args.data, "lengths": lengths,
              "depths": args.depths, "samples": args.samples, "units": "accuracy: fraction of samples correct, 0-1",
              "accuracy": accuracy[m["label"]], "mechanism": counts}, indent=2))
-    labels = list(accuracy)
-    print(side_by_side([passkey_table(m, lengths, args.depths, accuracy[m]) for m in labels]))
+    print(passkey_tables(accuracy, lengths, args.depths))
     for m in methods:
         if m["describe"]:
             print("\n" + m["describe"](lengths[-1]))
     title = (f"passkey retrieval, {os.path.basename(os.path.normpath(args.model))}, L_train {meta['L_train']}, "
              f"{args.samples} samples per cell, {args.split} haystack, seed {args.seed}")
-    png = heatmap(os.path.join(args.out_dir, "passkey_" + "_".join(labels) + ".png"), labels, lengths,
-                  args.depths, accuracy, title)
+    png = heatmap(os.path.join(args.out_dir, "passkey_" + "_".join(accuracy) + ".png"), accuracy, lengths,
+                  args.depths, title)
     print(f"wrote {args.out_dir}/passkey_<method>.json" + (f" and {png}" if png else "") +
           f" in {time.time() - start:.0f} s")
 
@@ -342,22 +341,23 @@ def passkey_summary(cells, lengths, depths, samples):
     return accuracy, per_length
 
 
-def passkey_table(label, lengths, depths, accuracy):
-    lines = [f"{label}: passkey accuracy (%)", f"{'length':>8} " + " ".join(f"{d:>6g}" for d in depths) + "   mean"]
-    for L in lengths:
-        row = [100 * accuracy[str(L)][str(d)] for d in depths]
-        lines.append(f"{L:>8} " + " ".join(f"{a:6.0f}" for a in row) + f" {np.mean(row):6.1f}")
-    return lines
-
-
-def side_by_side(blocks):
+def passkey_tables(accuracy, lengths, depths):
+    """Each method's length × depth table (% correct, and each length's mean), side by side."""
+    blocks = []
+    for label, cells in accuracy.items():
+        block = [f"{label}: passkey accuracy (%)", f"{'length':>8} " + " ".join(f"{d:>6g}" for d in depths) + "   mean"]
+        for L in lengths:
+            row = [100 * cells[str(L)][str(d)] for d in depths]
+            block.append(f"{L:>8} " + " ".join(f"{a:6.0f}" for a in row) + f" {np.mean(row):6.1f}")
+        blocks.append(block)
     width = max(len(line) for block in blocks for line in block) + 4
-    return "\n".join("".join(b[i].ljust(width) if i < len(b) else " " * width for b in blocks).rstrip()
-                     for i in range(max(len(b) for b in blocks)))
+    return "\n".join("".join(line.ljust(width) for line in lines).rstrip() for lines in zip(*blocks))
 
 
-def heatmap(path, labels, lengths, depths, accuracies, title):
-    """PNG heatmaps (length × depth, % correct) side by side, or a text heatmap when matplotlib is missing."""
+def heatmap(path, accuracies, lengths, depths, title):
+    """PNG heatmaps (length × depth, % correct) side by side, or a text heatmap when matplotlib is missing.
+
+    accuracies: {label: {str(length): {str(depth): fraction correct}}}, as in the passkey JSON files."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -365,15 +365,15 @@ def heatmap(path, labels, lengths, depths, accuracies, title):
     except ImportError:
         shades = " ░▒▓█"
         print("(matplotlib not installed: a text heatmap, darker = more correct: ' ' 0-20 %, █ 80-100 %)")
-        for m in labels:
+        for m in accuracies:
             print(f"{m}:\n{'depth':>8}  " + "".join(f"{d:<4g}"[:4] for d in depths))
             for L in lengths:
                 print(f"{L:>8} |" + "".join(shades[min(4, int(accuracies[m][str(L)][str(d)] * 4.999))] * 4
                                             for d in depths) + "|")
         return None
-    fig, axes = plt.subplots(1, len(labels), figsize=(2.7 * len(labels) + 1.5, 0.42 * len(lengths) + 1.9),
+    fig, axes = plt.subplots(1, len(accuracies), figsize=(2.7 * len(accuracies) + 1.5, 0.42 * len(lengths) + 1.9),
                              squeeze=False, sharey=True)
-    for ax, m in zip(axes[0], labels):
+    for ax, m in zip(axes[0], accuracies):
         grid = 100 * np.array([[accuracies[m][str(L)][str(d)] for d in depths] for L in lengths])
         image = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
         ax.set_xticks(range(len(depths)), [f"{d:g}" for d in depths])
@@ -505,9 +505,8 @@ def report(directory):
         row = [r["accuracy"].get(str(L)) for L in lengths]
         print(f"| {label} | " + " | ".join("-" if a is None else f"{100 * np.mean(list(a.values())):.0f}"
                                            for a in row) + " |")
-    same = {label: r for label, r in results.items() if r["lengths"] == lengths}
-    heatmap(os.path.join(directory, "passkey_all.png"), list(same), lengths, first["depths"],
-            {label: r["accuracy"] for label, r in same.items()},
+    same = {label: r["accuracy"] for label, r in results.items() if r["lengths"] == lengths}
+    heatmap(os.path.join(directory, "passkey_all.png"), same, lengths, first["depths"],
             f"passkey retrieval, {os.path.basename(os.path.normpath(first['model']))} (L_train {L_train}), "
             f"{first['samples']} samples per cell, {first['split']} haystack, seed {first['seed']}")
 

@@ -93,7 +93,8 @@ class Haystack:
         Returns ids (T,) int32 and ends (n+1,) int64: sentence i is ids[ends[i]:ends[i+1]], ends[0] = 0.
         """
         if encoding not in self._tokens:
-            pieces = [encoding.encode(sentence, disallowed_special=()) for sentence in self.sentences]  # text, never special tokens
+            # a book's "<|endoftext|>" is text, never the special token
+            pieces = [encoding.encode(sentence, disallowed_special=()) for sentence in self.sentences]
             ends = np.zeros(len(pieces) + 1, dtype=np.int64)
             np.cumsum([len(piece) for piece in pieces], out=ends[1:])
             ids = np.fromiter((i for piece in pieces for i in piece), dtype=np.int32, count=int(ends[-1]))

@@ -97,7 +97,7 @@ def test_text_heatmap_without_matplotlib(monkeypatch, capsys):
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name.startswith("matplotlib") else real_import(name, *a, **k))
     accuracy = {"vanilla": {"100": {"0.0": 1.0, "1.0": 0.0}}}
-    assert evaluate.heatmap("unused.png", ["vanilla"], [100], [0.0, 1.0], accuracy, "t") is None
+    assert evaluate.heatmap("unused.png", accuracy, [100], [0.0, 1.0], "t") is None
     out = capsys.readouterr().out
     assert "text heatmap" in out and "█" in out and "depth" in out and "0   1" in out
 
