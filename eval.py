@@ -397,7 +397,8 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
     as in generation, so they are never filtered or decimated (the papers apply the method to the whole window)."""
     ids = passkey.Haystack(text, args.split).tokens(encoding)[0]
     if max(lengths) > len(ids) or min(lengths) <= args.predict:
-        fail(f"--lengths must exceed --predict {args.predict} and fit the {len(ids)} held-out tokens of --data")
+        fail(f"--lengths must exceed --predict {args.predict} and fit the {len(ids)} tokens of the haystack's "
+             f"{args.split} split")
     results, start, done, total = {}, time.time(), 0, sum(lengths) * args.windows * len(methods)
     for m in methods:
         store = Cells(args.out_dir, "ppl", m, meta, args, predict=args.predict)
@@ -432,6 +433,7 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
 
 
 def run_longbench(args, methods, encoding, device, rank, world, meta):
+    """Every method's predictions for the LongBench datasets (this rank's share of the lines), scored on rank 0."""
     if not args.data_dir or not os.path.isdir(args.data_dir):
         fail(f"--task longbench needs --data-dir, the directory of the official LongBench jsonl files "
              f"(got {args.data_dir!r})")

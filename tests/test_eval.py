@@ -176,8 +176,8 @@ def test_bad_checkpoints_exit_with_one_line(tmp_path):
     model.save_pretrained(tmp_path / "m", tokenizer.byte_encoding())
     weights = open(tmp_path / "m" / "pytorch_model.bin", "rb").read()
     cases = {"no train_info.json": ("pass --L-train", lambda d: None),
-             "remamba.pt missing": ("remamba.pt: not ReMamba parameters for this model (FileNotFoundError", lambda d: json.dump(
-                 {"L_train": 512}, open(d / "train_info.json", "w"))),
+             "remamba.pt missing": ("remamba.pt: not ReMamba parameters for this model (FileNotFoundError",
+                                    lambda d: json.dump({"L_train": 512}, open(d / "train_info.json", "w"))),
              "truncated weights": ("pytorch_model.bin: not a readable PyTorch weights file", lambda d: open(
                  d / "pytorch_model.bin", "wb").write(weights[:1000])),
              "config without n_layer": ("n_layer must be a positive integer, got None", lambda d: json.dump(
@@ -185,7 +185,8 @@ def test_bad_checkpoints_exit_with_one_line(tmp_path):
     for name, (message, damage) in cases.items():
         damage(tmp_path / "m")
         done = subprocess.run([sys.executable, "eval.py", "--model", str(tmp_path / "m"), "--method", "remamba",
-                               "--device", "cpu", "--out-dir", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                               "--device", "cpu", "--out-dir", str(tmp_path / "out")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, (name, done.stderr)
 
 
