@@ -1,0 +1,35 @@
+"""conv_triton.py: the fused causal conv + SiLU against PyTorch's depthwise conv, in Triton's CPU interpreter."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import conv_triton
+from conftest import rel_err
+
+
+def reference(x, weight, bias):
+    """mamba.MambaMixer's plain path: nn.Conv1d padded on both sides, the first l outputs, SiLU."""
+    L, d = x.shape[1:]
+    return F.silu(F.conv1d(x.mT, weight[:, None], bias, padding=weight.shape[1] - 1, groups=d)[..., :L]).mT
+
+
+@pytest.mark.parametrize("batch, L, d, K", [(2, 37, 40, 4), (1, 3, 130, 4), (3, 70, 16, 2)],
+                         ids=["tiles cut inside", "shorter than the kernel", "K=2"])
+def test_forward_and_gradients_match_pytorch_on_a_slice_of_in_projs_output(batch, L, d, K):
+    seed = torch.seed()
+    xz = torch.randn(batch, L, 2 * d, requires_grad=True)    # x is the first half: tokens have stride 2d
+    weight, bias = torch.randn(d, K, requires_grad=True), torch.randn(d, requires_grad=True)
+    u = conv_triton.causal_conv_silu(xz[..., :d], weight, bias)
+    ref = reference(xz[..., :d], weight, bias)
+    assert u.is_contiguous() and rel_err(u, ref) <= 1e-5, f"seed {seed}"
+    du = torch.randn_like(u)
+    grads = torch.autograd.grad(u, (xz, weight, bias), du)
+    for name, got, want in zip(("x", "weight", "bias"), grads, torch.autograd.grad(ref, (xz, weight, bias), du)):
+        assert rel_err(got, want) <= 1e-5, f"{name}, seed {seed}"
+
+
+def test_half_precision_input_is_computed_in_float32():
+    x, weight, bias = torch.randn(2, 50, 24, dtype=torch.bfloat16), torch.randn(24, 4), torch.randn(24)
+    u = conv_triton.causal_conv_silu(x, weight, bias)
+    assert u.dtype == torch.bfloat16
+    assert rel_err(u, reference(x.float(), weight, bias)) <= 4e-3     # bf16 rounding of the output only
