@@ -65,10 +65,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:
-    import scan_triton  # the Triton scan, used for CUDA tensors
-except ImportError:     # no triton package: the PyTorch scans only
-    scan_triton = None
+try:                    # the Triton kernels, used for CUDA tensors: the scan, and the conv with its SiLU
+    import conv_triton
+    import scan_triton
+except ImportError:     # no triton package: PyTorch only
+    conv_triton = scan_triton = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,10 +265,15 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     return (y, last_state) if return_last_state else y
 
 
+def _backend(x):
+    """$MAMBA_SCAN if set (ref, torch or triton), else the Triton kernels for CUDA tensors when Triton imports."""
+    return os.environ.get("MAMBA_SCAN") or ("triton" if x.is_cuda and scan_triton else "torch")
+
+
 def selective_scan(u, *args, backend=None, **kwargs):
     """Dispatch to a scan implementation: `backend` or $MAMBA_SCAN in {ref, torch, triton}; by default
     the Triton kernel for CUDA tensors when Triton imports, and the chunked PyTorch scan otherwise."""
-    backend = backend or os.environ.get("MAMBA_SCAN") or ("triton" if u.is_cuda and scan_triton else "torch")
+    backend = backend or _backend(u)
     if backend == "ref":
         return selective_scan_ref(u, *args, **kwargs)
     if backend == "torch":
@@ -330,27 +336,24 @@ class MambaMixer(nn.Module):
     def _selection(self, x):
         """x (b, l, d_inner) after the conv -> dt (b, d_inner, l) before bias and softplus, B, C (b, n, l)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = self.dt_proj.weight @ dt.transpose(1, 2)      # (d_inner, dt_rank) @ (b, dt_rank, l): made (b, d_inner, l)
-        return dt, B.transpose(1, 2), C.transpose(1, 2)
+        dt = F.linear(dt, self.dt_proj.weight)              # (b, l, d_inner): the bias is added inside the scan
+        return dt.mT, B.mT, C.mT                            # views: the scan reads the (b, l, ·) layout as it is
 
-    def _causal_conv(self, x):
-        """Depthwise causal conv over time: out_t = bias + Σ_k w_k ⊙ x_{t-d_conv+1+k}, x (b, d_inner, l)."""
-        L = x.shape[-1]
-        if not torch.compiler.is_compiling():
-            return self.conv1d(x)[..., :L]                                       # padded both sides: keep the first l
-        # under torch.compile: the same sum as d_conv shifted multiply-adds in float32, which it fuses with the
-        # SiLU into one pass (and its backward into another) instead of calling the generic depthwise kernel
-        w, x_pad = self.conv1d.weight[:, 0].float(), F.pad(x, (self.d_conv - 1, 0)).float()    # (d_inner, d_conv)
-        out = self.conv1d.bias.float()[:, None] + sum(w[:, k, None] * x_pad[..., k:k + L] for k in range(self.d_conv))
-        return out.to(x.dtype)
+    def _conv_silu(self, x):
+        """silu(depthwise causal conv over time), x (b, l, d_inner) -> (b, l, d_inner):
+        out_t = silu(bias + Σ_k w_k ⊙ x_{t-d_conv+1+k}). The Triton kernel reads x inside in_proj's output."""
+        if _backend(x) == "triton":
+            return conv_triton.causal_conv_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
+        return F.silu(self.conv1d(x.mT)[..., :x.shape[1]]).mT     # padded on both sides: keep the first l
 
     def forward(self, hidden_states, hook=None, return_cache=False):
         """hidden_states (b, l, d_model) -> out (b, l or k, d_model), keep (b, k) or None, LayerCache or None."""
         L = hidden_states.shape[1]
-        x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)      # (b, d_inner, l) each
-        conv_state = F.pad(x, (self.d_conv - L, 0)) if return_cache else None    # last d_conv inputs
-        x = F.silu(self._causal_conv(x))                                         # (b, d_inner, l)
-        dt, B, C = self._selection(x.transpose(1, 2))
+        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)                     # (b, l, d_inner) each
+        conv_state = F.pad(x.mT, (self.d_conv - L, 0)) if return_cache else None # last d_conv inputs
+        x = self._conv_silu(x)                                                   # (b, l, d_inner)
+        dt, B, C = self._selection(x)
+        x, z = x.mT, z.mT                                                        # (b, d_inner, l) views
         A = -torch.exp(self.A_log.float())                                       # (d_inner, n)
         dt_bias, keep = self.dt_proj.bias.float(), None
         if hook is not None:
@@ -361,7 +364,7 @@ class MambaMixer(nn.Module):
         y = selective_scan(x, dt, A, B, C, self.D.float(), z, delta_bias=dt_bias, delta_softplus=True,
                            return_last_state=return_cache)                     # Δ = softplus(dt + dt_bias) inside
         y, ssm_state = y if return_cache else (y, None)
-        out = self.out_proj(y.transpose(1, 2))                                   # (b, l or k, d_model)
+        out = self.out_proj(y.mT)                                                # (b, l or k, d_model)
         return out, keep, (LayerCache(conv_state, ssm_state) if return_cache else None)
 
     def step(self, hidden_states, cache: LayerCache):

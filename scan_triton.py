@@ -177,18 +177,38 @@ def _silu_and_derivative(z):
     return z * sig, sig * (1.0 + z * (1.0 - sig))
 
 
+@triton.jit
+def _load_tile(ptr, rows, t, stride_t, d_mask, L):
+    """The (BLOCK_D, T) tile of tokens t (T,) of the program's channels, as stored, zeros outside 0 <= t < L.
+    rows (BLOCK_D,) are the offsets of each channel's token 0; token t is stride_t further."""
+    mask = d_mask[:, None] & ((t >= 0) & (t < L))[None, :]
+    return tl.load(ptr + rows[:, None] + t[None, :] * stride_t, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, rows, t, stride_t, d_mask, L, tile):
+    """Store a float32 (BLOCK_D, T) tile of tokens t in ptr's dtype (tokens past L are not written)."""
+    mask = d_mask[:, None] & (t < L)[None, :]
+    tl.store(ptr + rows[:, None] + t[None, :] * stride_t, tile.to(ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Forward: passes 1 (STATES_ONLY) and 3 of the chunked scan, or the whole scan when there is one chunk
 
 
 @triton.jit
-def _scan_fwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, delta_bias_ptr,
-                     out_ptr, chunk_state_ptr, delta_sum_ptr, seg_state_ptr, last_state_ptr,
-                     L, stride, d_inner, group_size, n_groups, chunk_len,
-                     STATES_ONLY: tl.constexpr, FROM_CHUNK_STATE: tl.constexpr, SAVE_SEGMENTS: tl.constexpr,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
-                     DELTA_SOFTPLUS: tl.constexpr, SEG: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _scan_fwd_kernel(
+        # pointers: the (batch, d_inner, L) sequences, the parameters, the states kept between passes
+        u_ptr, delta_ptr, z_ptr, out_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, delta_bias_ptr,
+        chunk_state_ptr, delta_sum_ptr, seg_state_ptr, last_state_ptr,
+        # sizes
+        L, L_bc, d_inner, group_size, n_groups, chunk_len,
+        # strides (batch, channel, token) of u, delta and out, and of z
+        stride_b, stride_d, stride_t, stride_zb, stride_zd, stride_zt,
+        # meta-parameters
+        STATES_ONLY: tl.constexpr, FROM_CHUNK_STATE: tl.constexpr, SAVE_SEGMENTS: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+        SEG: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (channel block, chunk c, batch b). STATES_ONLY (pass 1): from a zero state, write the chunk's
     end state and ΣΔ. Otherwise (pass 3): from the chunk's start state (zero for a single chunk), write out,
     the state every SEG tokens for the backward (SAVE_SEGMENTS) and, in the last chunk, the last state."""
@@ -196,7 +216,6 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, del
     c = tl.program_id(1)
     n_chunks = tl.num_programs(1)
     b = tl.program_id(2).to(tl.int64)  # b·d_inner·L can exceed 2^31
-    stride = tl.multiple_of(stride, 8)  # rows start 16-byte aligned (the host pads them): vector loads
     n = tl.arange(0, BLOCK_N)
     state_offs = d[:, None] * BLOCK_N + n[None, :]                     # (BLOCK_D, BLOCK_N) in (d_inner, BLOCK_N)
     state_mask = d_mask[:, None]
@@ -209,29 +228,27 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, del
     bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
     D = _load(D_ptr, d, d_mask) if HAS_D else tl.zeros((BLOCK_D,), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    rows = (b * d_inner + d) * stride                                  # (BLOCK_D,) start of each channel's row
-    bc_rows = (b * n_groups + g) * stride                              # first token of this group's B^T, C^T
+    rows = b * stride_b + d * stride_d                                 # (BLOCK_D,) each channel's token 0
+    z_rows = b * stride_zb + d * stride_zd
+    bc_rows = (b * n_groups + g) * L_bc                                # this group's B^T, C^T
     t_start = c * chunk_len
     t_end = tl.minimum(t_start + chunk_len, L)
     # Each iteration issues the loads of the next tile before it works on the current one, so that the memory
     # latency is hidden behind the work of a tile instead of stalling every iteration.
-    mask = d_mask[:, None]
-    offs = rows[:, None] + (t_start + tl.arange(0, T))[None, :]       # (BLOCK_D, T)
-    delta_next = tl.load(delta_ptr + offs, mask=mask, other=0.0)
-    u_next = tl.load(u_ptr + offs, mask=mask, other=0.0)
-    z_next = tl.load(z_ptr + offs, mask=mask, other=0.0) if HAS_Z and not STATES_ONLY else u_next
+    t = t_start + tl.arange(0, T)
+    delta_next = _load_tile(delta_ptr, rows, t, stride_t, d_mask, L)
+    u_next = _load_tile(u_ptr, rows, t, stride_t, d_mask, L)
+    z_next = _load_tile(z_ptr, z_rows, t, stride_zt, d_mask, L) if HAS_Z and not STATES_ONLY else u_next
     for t0 in tl.range(t_start, t_end, T, num_stages=STAGES):
         if SAVE_SEGMENTS and t0 % SEG == 0:                            # h before token t0, for the backward
             tl.store(seg_state_ptr + (b * tl.cdiv(L, SEG) + t0 // SEG) * d_inner * BLOCK_N + state_offs, h,
                      mask=state_mask)
         t = t0 + tl.arange(0, T)
-        offs = rows[:, None] + t[None, :]
         delta_raw, u_raw, z_raw = delta_next, u_next, z_next
-        more = mask & (t + T < stride)[None, :]    # the row's next tile (past the chunk: loaded, unused)
-        delta_next = tl.load(delta_ptr + offs + T, mask=more, other=0.0)
-        u_next = tl.load(u_ptr + offs + T, mask=more, other=0.0)
+        delta_next = _load_tile(delta_ptr, rows, t + T, stride_t, d_mask, L)   # past the chunk: loaded, unused
+        u_next = _load_tile(u_ptr, rows, t + T, stride_t, d_mask, L)
         if HAS_Z and not STATES_ONLY:
-            z_next = tl.load(z_ptr + offs + T, mask=more, other=0.0)
+            z_next = _load_tile(z_ptr, z_rows, t + T, stride_zt, d_mask, L)
 
         delta, _ = _delta(delta_raw, bias, (t < L)[None, :], DELTA_SOFTPLUS)
         u = u_raw.to(tl.float32)
@@ -252,7 +269,7 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, del
             if HAS_Z:
                 z = z_raw.to(tl.float32)
                 y *= z * tl.sigmoid(z)
-            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+            _store_tile(out_ptr, rows, t, stride_t, d_mask, L, y)
     chunk_offs = (b * n_chunks + c) * d_inner * BLOCK_N + state_offs
     if STATES_ONLY:
         tl.store(chunk_state_ptr + chunk_offs, h, mask=state_mask)
@@ -309,10 +326,12 @@ def _chunk_carry_kernel(states_ptr, delta_sum_ptr, A2_ptr, initial_ptr, d_inner,
 
 
 @triton.jit
-def _adjoint_summary_kernel(dout_ptr, delta_ptr, A2_ptr, Ct_ptr, z_ptr, delta_bias_ptr, adjoint_ptr,
-                            delta_sum_ptr, L, stride, d_inner, group_size, n_groups, chunk_len,
-                            HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
-                            T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _adjoint_summary_kernel(
+        dout_ptr, delta_ptr, z_ptr, A2_ptr, Ct_ptr, delta_bias_ptr, adjoint_ptr, delta_sum_ptr,
+        L, L_bc, d_inner, group_size, n_groups, chunk_len,
+        stride_b, stride_d, stride_t, stride_zb, stride_zd, stride_zt,
+        HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+        T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (channel block, chunk c, batch b): walk the chunk backwards from a zero adjoint,
         g_t = C_t dy_t + carried,  carried <- a_t g_t,
     and write what reaches the previous chunk's last token (carried at the chunk's first token) and ΣΔ_c."""
@@ -320,32 +339,29 @@ def _adjoint_summary_kernel(dout_ptr, delta_ptr, A2_ptr, Ct_ptr, z_ptr, delta_bi
     c = tl.program_id(1)
     n_chunks = tl.num_programs(1)
     b = tl.program_id(2).to(tl.int64)
-    stride = tl.multiple_of(stride, 8)
     n = tl.arange(0, BLOCK_N)
     state_offs = d[:, None] * BLOCK_N + n[None, :]
     A2 = tl.load(A2_ptr + state_offs, mask=d_mask[:, None], other=0.0)
     bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
     carried = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    rows = (b * d_inner + d) * stride
-    bc_rows = (b * n_groups + g) * stride
+    rows = b * stride_b + d * stride_d
+    z_rows = b * stride_zb + d * stride_zd
+    bc_rows = (b * n_groups + g) * L_bc
     t_start = c * chunk_len
     n_tiles = tl.cdiv(tl.minimum(chunk_len, L - t_start), T)
-    mask = d_mask[:, None]
-    offs = rows[:, None] + (t_start + (n_tiles - 1) * T + tl.arange(0, T))[None, :]   # the last tile first
-    delta_next = tl.load(delta_ptr + offs, mask=mask, other=0.0)
-    dout_next = tl.load(dout_ptr + offs, mask=mask, other=0.0)
-    z_next = tl.load(z_ptr + offs, mask=mask, other=0.0) if HAS_Z else dout_next
+    t = t_start + (n_tiles - 1) * T + tl.arange(0, T)                                  # the last tile first
+    delta_next = _load_tile(delta_ptr, rows, t, stride_t, d_mask, L)
+    dout_next = _load_tile(dout_ptr, rows, t, stride_t, d_mask, L)
+    z_next = _load_tile(z_ptr, z_rows, t, stride_zt, d_mask, L) if HAS_Z else dout_next
     for i in range(n_tiles):
         t0 = t_start + (n_tiles - 1 - i) * T
         t = t0 + tl.arange(0, T)
-        offs = rows[:, None] + t[None, :]
         delta_raw, dout_raw, z_raw = delta_next, dout_next, z_next
-        more = mask & (t >= T)[None, :]                                # prefetch the tile before this one
-        delta_next = tl.load(delta_ptr + offs - T, mask=more, other=0.0)
-        dout_next = tl.load(dout_ptr + offs - T, mask=more, other=0.0)
+        delta_next = _load_tile(delta_ptr, rows, t - T, stride_t, d_mask, L)            # the tile before this one
+        dout_next = _load_tile(dout_ptr, rows, t - T, stride_t, d_mask, L)
         if HAS_Z:
-            z_next = tl.load(z_ptr + offs - T, mask=more, other=0.0)
+            z_next = _load_tile(z_ptr, z_rows, t - T, stride_zt, d_mask, L)
 
         delta, _ = _delta(delta_raw, bias, (t < L)[None, :], DELTA_SOFTPLUS)
         dy = dout_raw.to(tl.float32)                                                     # ∂y_t
@@ -362,25 +378,30 @@ def _adjoint_summary_kernel(dout_ptr, delta_ptr, A2_ptr, Ct_ptr, z_ptr, delta_bi
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Pass 3 (backward): per chunk, segments and tiles from the last to the first, every gradient
+# Pass 3 (backward): per chunk, segments from the last to the first; in each, its tiles from the last to the first
 
 
 @triton.jit
-def _scan_bwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, delta_bias_ptr, dout_ptr,
-                     seg_state_ptr, adjoint_ptr, scratch_ptr,
-                     du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr, dA_part_ptr, dD_part_ptr, ddelta_bias_part_ptr,
-                     L, stride, d_inner, group_size, n_groups, chunk_len,
-                     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr,
-                     DELTA_SOFTPLUS: tl.constexpr, SEG: tl.constexpr, T: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _scan_bwd_kernel(
+        # pointers: inputs, the states kept by the forward and pass 2, outputs
+        u_ptr, delta_ptr, z_ptr, dout_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, delta_bias_ptr,
+        seg_state_ptr, adjoint_ptr, scratch_ptr,
+        du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr, dA_part_ptr, dD_part_ptr, ddelta_bias_part_ptr,
+        # sizes
+        L, L_bc, d_inner, group_size, n_groups, chunk_len,
+        # strides (batch, channel, token) of u, delta, dout, du, ddelta, dz, and of z
+        stride_b, stride_d, stride_t, stride_zb, stride_zd, stride_zt,
+        # meta-parameters
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+        SEG: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (channel block, chunk c, batch b): starting from the adjoint G_c that enters the chunk's last
-    token from the right (pass 2), walk the chunk's segments and tiles from the last to the first, and write
-    ∂u, ∂delta, ∂z, add ∂B, ∂C, and write this program's partial sums of ∂A, ∂D, ∂delta_bias."""
+    token from the right (pass 2), walk the chunk's segments from the last to the first: recompute the states
+    at the segment's tile starts (`_segment_tile_starts`), then go back through its tiles (`_segment_backward`),
+    writing ∂u, ∂delta, ∂z, adding ∂B, ∂C. At the end, write this program's partial sums of ∂A, ∂D, ∂delta_bias."""
     d, d_mask, g = _program_channels(d_inner, group_size, BLOCK_D)
     c = tl.program_id(1)
     n_chunks = tl.num_programs(1)
     b = tl.program_id(2).to(tl.int64)
-    stride = tl.multiple_of(stride, 8)
     n = tl.arange(0, BLOCK_N)
     state_offs = d[:, None] * BLOCK_N + n[None, :]
     state_mask = d_mask[:, None]
@@ -392,120 +413,139 @@ def _scan_bwd_kernel(u_ptr, delta_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, z_ptr, del
     dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     ddelta_bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    rows = (b * d_inner + d) * stride
-    bc_rows = (b * n_groups + g) * stride
+    rows = b * stride_b + d * stride_d
+    z_rows = b * stride_zb + d * stride_zd
+    bc_rows = (b * n_groups + g) * L_bc
     # the program's scratch: SEG/T states of (BLOCK_D, BLOCK_N), each stored transposed with rows of BLOCK_D + 1:
     # the compiler then gives every thread all N states of its channel (as in the loops) and does not shuffle
     # states between threads at each tile, as it would for a plain (BLOCK_D, BLOCK_N) layout it could vectorise
-    scratch_size = BLOCK_N * (BLOCK_D + 1)
-    scratch = scratch_ptr + (chunk // d_inner * tl.num_programs(0) + tl.program_id(0)) * (SEG // T) * scratch_size
-    scratch_offs = tl.arange(0, BLOCK_D)[:, None] + n[None, :] * (BLOCK_D + 1)
+    scratch = scratch_ptr + (chunk // d_inner * tl.num_programs(0) + tl.program_id(0)) * (SEG // T) * \
+        (BLOCK_N * (BLOCK_D + 1))
     t_start = c * chunk_len
     n_segs = tl.cdiv(tl.minimum(chunk_len, L - t_start), SEG)
     for i in range(n_segs):
         s0 = t_start + (n_segs - 1 - i) * SEG
         n_tiles = tl.cdiv(tl.minimum(SEG, L - s0), T)
-
-        # the segment forwards from its saved state: the state at the start of each tile into the scratch
         h = tl.load(seg_state_ptr + (b * tl.cdiv(L, SEG) + s0 // SEG) * d_inner * BLOCK_N + state_offs,
                     mask=state_mask, other=0.0)
-        mask = d_mask[:, None]
-        offs = rows[:, None] + (s0 + tl.arange(0, T))[None, :]
-        delta_next = tl.load(delta_ptr + offs, mask=mask, other=0.0)
-        u_next = tl.load(u_ptr + offs, mask=mask, other=0.0)
-        for k in range(n_tiles):
-            tl.store(scratch + k * scratch_size + scratch_offs, h)
-            t0 = s0 + k * T
-            t = t0 + tl.arange(0, T)
-            offs = rows[:, None] + t[None, :]
-            delta_raw, u_raw = delta_next, u_next
-            more = mask & (t + T < stride)[None, :]                    # the next tile, as in the forward
-            delta_next = tl.load(delta_ptr + offs + T, mask=more, other=0.0)
-            u_next = tl.load(u_ptr + offs + T, mask=more, other=0.0)
-            delta, _ = _delta(delta_raw, bias, (t < L)[None, :], DELTA_SOFTPLUS)
-            du = delta * u_raw.to(tl.float32)
-            bc_tile = (bc_rows + t0) * BLOCK_N + n
-            for j in tl.static_range(T):
-                B_j = tl.load(Bt_ptr + bc_tile + j * BLOCK_N)
-                h = _step(h, A2, _token(delta, j, T), _token(du, j, T), B_j)
-
-        # the tiles backwards
-        offs = rows[:, None] + (s0 + (n_tiles - 1) * T + tl.arange(0, T))[None, :]
-        delta_next = tl.load(delta_ptr + offs, mask=mask, other=0.0)
-        u_next = tl.load(u_ptr + offs, mask=mask, other=0.0)
-        dout_next = tl.load(dout_ptr + offs, mask=mask, other=0.0)
-        z_next = tl.load(z_ptr + offs, mask=mask, other=0.0) if HAS_Z else dout_next
-        for k_rev in range(n_tiles):
-            k = n_tiles - 1 - k_rev
-            t0 = s0 + k * T
-            t = t0 + tl.arange(0, T)
-            offs = rows[:, None] + t[None, :]
-            in_sequence = (t < L)[None, :]
-            delta_raw, u_raw, dout_raw, z_raw = delta_next, u_next, dout_next, z_next
-            more = mask & (t >= T)[None, :]                            # prefetch the tile before this one
-            delta_next = tl.load(delta_ptr + offs - T, mask=more, other=0.0)
-            u_next = tl.load(u_ptr + offs - T, mask=more, other=0.0)
-            dout_next = tl.load(dout_ptr + offs - T, mask=more, other=0.0)
-            if HAS_Z:
-                z_next = tl.load(z_ptr + offs - T, mask=more, other=0.0)
-
-            delta, delta_pre = _delta(delta_raw, bias, in_sequence, DELTA_SOFTPLUS)
-            u = u_raw.to(tl.float32)
-            du = delta * u
-            dout = dout_raw.to(tl.float32)
-            dy = dout                                                                   # ∂y_t
-            if HAS_Z:
-                silu_z, dsilu_z = _silu_and_derivative(z_raw.to(tl.float32))
-                dy = dout * silu_z
-            # the tile forwards from its start state: states[j] is h before token j. On the way, ∂C_t = Σ_d dy_t h_t
-            # and y_t (for ∂z).
-            h = tl.load(scratch + k * scratch_size + scratch_offs)
-            states = ()
-            y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-            bc_tile = (bc_rows + t0) * BLOCK_N + n                     # B_t, C_t of the tile's first token
-            for j in tl.static_range(T):
-                bc_offs = bc_tile + j * BLOCK_N
-                states = states + (h,)
-                h = _step(h, A2, _token(delta, j, T), _token(du, j, T), tl.load(Bt_ptr + bc_offs))
-                C_j = tl.load(Ct_ptr + bc_offs)
-                y = _set_token(y, j, tl.sum(h * C_j[None, :], axis=1), T)
-                tl.atomic_add(dCt_ptr + bc_offs, tl.sum(_token(dy, j, T)[:, None] * h, axis=0), sem="relaxed")
-            if HAS_Z:
-                if HAS_D:
-                    y += D[:, None] * u
-                tl.store(dz_ptr + offs, (dout * y * dsilu_z).to(dz_ptr.dtype.element_ty), mask=mask)
-            # backwards through the tile's tokens
-            du_tile = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-            ddelta_tile = tl.zeros((BLOCK_D, T), dtype=tl.float32)
-            for j in tl.static_range(T - 1, -1, -1):
-                bc_offs = bc_tile + j * BLOCK_N
-                B_j = tl.load(Bt_ptr + bc_offs)
-                C_j = tl.load(Ct_ptr + bc_offs)
-                delta_j = _token(delta, j, T)
-                dy_j = _token(dy, j, T)
-                a = tl.exp2(A2 * delta_j[:, None])                                      # a_t
-                adjoint = carried + dy_j[:, None] * C_j[None, :]                              # g_t
-                decayed = a * states[j]                                                 # a_t h_{t-1}
-                g_decayed = adjoint * decayed
-                gB = tl.sum(adjoint * B_j[None, :], axis=1)                             # Σ_n g_t B_t
-                du_tile = _set_token(du_tile, j, delta_j * gB + D * dy_j, T)
-                ddelta_tile = _set_token(ddelta_tile, j, _token(u, j, T) * gB +
-                                         LN2 * tl.sum(A2 * g_decayed, axis=1), T)        # A = A2·ln(2)
-                dA += delta_j[:, None] * g_decayed
-                tl.atomic_add(dBt_ptr + bc_offs, tl.sum(adjoint * _token(du, j, T)[:, None], axis=0), sem="relaxed")
-                carried = a * adjoint                                                         # a_t g_t
-            if DELTA_SOFTPLUS:
-                ddelta_tile *= tl.sigmoid(delta_pre)                                    # softplus' = sigmoid
-            ddelta_tile = tl.where(in_sequence, ddelta_tile, 0.0)
-            tl.store(du_ptr + offs, du_tile.to(du_ptr.dtype.element_ty), mask=mask)
-            tl.store(ddelta_ptr + offs, ddelta_tile.to(ddelta_ptr.dtype.element_ty), mask=mask)
-            dD += tl.sum(dy * u, axis=1)
-            ddelta_bias += tl.sum(ddelta_tile, axis=1)
+        _segment_tile_starts(h, scratch, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias, rows, bc_rows,
+                             stride_t, d_mask, L, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
+        carried, dA, dD, ddelta_bias = _segment_backward(
+            carried, dA, dD, ddelta_bias, scratch, s0, n_tiles,
+            u_ptr, delta_ptr, z_ptr, dout_ptr, Bt_ptr, Ct_ptr, du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr,
+            A2, D, bias, rows, z_rows, bc_rows, stride_t, stride_zt, d_mask, L,
+            HAS_D, HAS_Z, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
     tl.store(dA_part_ptr + chunk * BLOCK_N + state_offs, dA, mask=state_mask)
     if HAS_D:
         tl.store(dD_part_ptr + chunk + d, dD, mask=d_mask)
     if HAS_DELTA_BIAS:
         tl.store(ddelta_bias_part_ptr + chunk + d, ddelta_bias, mask=d_mask)
+
+
+@triton.jit
+def _segment_tile_starts(h, scratch, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias, rows, bc_rows,
+                         stride_t, d_mask, L, DELTA_SOFTPLUS: tl.constexpr, T: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The segment forwards from its saved state h: the state at the start of each of its tiles to the scratch."""
+    n = tl.arange(0, BLOCK_N)
+    scratch_offs = tl.arange(0, BLOCK_D)[:, None] + n[None, :] * (BLOCK_D + 1)
+    t = s0 + tl.arange(0, T)
+    delta_next = _load_tile(delta_ptr, rows, t, stride_t, d_mask, L)
+    u_next = _load_tile(u_ptr, rows, t, stride_t, d_mask, L)
+    for k in range(n_tiles):
+        tl.store(scratch + k * (BLOCK_N * (BLOCK_D + 1)) + scratch_offs, h)
+        t = s0 + k * T + tl.arange(0, T)
+        delta_raw, u_raw = delta_next, u_next
+        delta_next = _load_tile(delta_ptr, rows, t + T, stride_t, d_mask, L)            # the next tile
+        u_next = _load_tile(u_ptr, rows, t + T, stride_t, d_mask, L)
+        delta, _ = _delta(delta_raw, bias, (t < L)[None, :], DELTA_SOFTPLUS)
+        du = delta * u_raw.to(tl.float32)
+        bc_tile = (bc_rows + s0 + k * T) * BLOCK_N + n
+        for j in tl.static_range(T):
+            h = _step(h, A2, _token(delta, j, T), _token(du, j, T), tl.load(Bt_ptr + bc_tile + j * BLOCK_N))
+
+
+@triton.jit
+def _segment_backward(carried, dA, dD, ddelta_bias, scratch, s0, n_tiles,
+                      u_ptr, delta_ptr, z_ptr, dout_ptr, Bt_ptr, Ct_ptr, du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr,
+                      A2, D, bias, rows, z_rows, bc_rows, stride_t, stride_zt, d_mask, L,
+                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, T: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The segment's tiles from the last to the first. Each tile runs forwards from its start state (scratch) to
+    keep its T states in registers, then backwards through its tokens carrying the adjoint. Returns the adjoint
+    carried into the segment before, and the running sums of ∂A, ∂D, ∂delta_bias."""
+    n = tl.arange(0, BLOCK_N)
+    scratch_offs = tl.arange(0, BLOCK_D)[:, None] + n[None, :] * (BLOCK_D + 1)
+    t = s0 + (n_tiles - 1) * T + tl.arange(0, T)
+    delta_next = _load_tile(delta_ptr, rows, t, stride_t, d_mask, L)
+    u_next = _load_tile(u_ptr, rows, t, stride_t, d_mask, L)
+    dout_next = _load_tile(dout_ptr, rows, t, stride_t, d_mask, L)
+    z_next = _load_tile(z_ptr, z_rows, t, stride_zt, d_mask, L) if HAS_Z else dout_next
+    for k_rev in range(n_tiles):
+        k = n_tiles - 1 - k_rev
+        t0 = s0 + k * T
+        t = t0 + tl.arange(0, T)
+        in_sequence = (t < L)[None, :]
+        delta_raw, u_raw, dout_raw, z_raw = delta_next, u_next, dout_next, z_next
+        delta_next = _load_tile(delta_ptr, rows, t - T, stride_t, d_mask, L)            # the tile before this one
+        u_next = _load_tile(u_ptr, rows, t - T, stride_t, d_mask, L)
+        dout_next = _load_tile(dout_ptr, rows, t - T, stride_t, d_mask, L)
+        if HAS_Z:
+            z_next = _load_tile(z_ptr, z_rows, t - T, stride_zt, d_mask, L)
+
+        delta, delta_pre = _delta(delta_raw, bias, in_sequence, DELTA_SOFTPLUS)
+        u = u_raw.to(tl.float32)
+        du = delta * u
+        dout = dout_raw.to(tl.float32)
+        dy = dout                                                                   # ∂y_t
+        if HAS_Z:
+            silu_z, dsilu_z = _silu_and_derivative(z_raw.to(tl.float32))
+            dy = dout * silu_z
+        # the tile forwards from its start state: states[j] is h before token j. On the way, ∂C_t = Σ_d dy_t h_t
+        # and y_t (for ∂z).
+        h = tl.load(scratch + k * (BLOCK_N * (BLOCK_D + 1)) + scratch_offs)
+        states = ()
+        y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+        bc_tile = (bc_rows + t0) * BLOCK_N + n                     # B_t, C_t of the tile's first token
+        for j in tl.static_range(T):
+            bc_offs = bc_tile + j * BLOCK_N
+            states = states + (h,)
+            h = _step(h, A2, _token(delta, j, T), _token(du, j, T), tl.load(Bt_ptr + bc_offs))
+            C_j = tl.load(Ct_ptr + bc_offs)
+            y = _set_token(y, j, tl.sum(h * C_j[None, :], axis=1), T)
+            tl.atomic_add(dCt_ptr + bc_offs, tl.sum(_token(dy, j, T)[:, None] * h, axis=0), sem="relaxed")
+        if HAS_Z:
+            if HAS_D:
+                y += D[:, None] * u
+            _store_tile(dz_ptr, rows, t, stride_t, d_mask, L, dout * y * dsilu_z)
+        # backwards through the tile's tokens
+        du_tile = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+        ddelta_tile = tl.zeros((BLOCK_D, T), dtype=tl.float32)
+        for j in tl.static_range(T - 1, -1, -1):
+            bc_offs = bc_tile + j * BLOCK_N
+            B_j = tl.load(Bt_ptr + bc_offs)
+            C_j = tl.load(Ct_ptr + bc_offs)
+            delta_j = _token(delta, j, T)
+            dy_j = _token(dy, j, T)
+            a = tl.exp2(A2 * delta_j[:, None])                                      # a_t
+            adjoint = carried + dy_j[:, None] * C_j[None, :]                        # g_t
+            decayed = a * states[j]                                                 # a_t h_{t-1}
+            g_decayed = adjoint * decayed
+            gB = tl.sum(adjoint * B_j[None, :], axis=1)                             # Σ_n g_t B_t
+            du_tile = _set_token(du_tile, j, delta_j * gB + D * dy_j, T)
+            ddelta_tile = _set_token(ddelta_tile, j, _token(u, j, T) * gB +
+                                     LN2 * tl.sum(A2 * g_decayed, axis=1), T)        # A = A2·ln(2)
+            dA += delta_j[:, None] * g_decayed
+            tl.atomic_add(dBt_ptr + bc_offs, tl.sum(adjoint * _token(du, j, T)[:, None], axis=0), sem="relaxed")
+            carried = a * adjoint                                                   # a_t g_t
+        if DELTA_SOFTPLUS:
+            ddelta_tile *= tl.sigmoid(delta_pre)                                    # softplus' = sigmoid
+        ddelta_tile = tl.where(in_sequence, ddelta_tile, 0.0)
+        _store_tile(du_ptr, rows, t, stride_t, d_mask, L, du_tile)
+        _store_tile(ddelta_ptr, rows, t, stride_t, d_mask, L, ddelta_tile)
+        dD += tl.sum(dy * u, axis=1)
+        ddelta_bias += tl.sum(ddelta_tile, axis=1)
+    return carried, dA, dD, ddelta_bias
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -528,74 +568,89 @@ def _chunk_len(batch, d_inner, L, device, num_warps, warps_per_sm):
     return SEG * triton.cdiv(triton.cdiv(L, n_chunks), SEG)
 
 
-def _rows(x, L_pad):
-    """x (batch, d_inner, L) as rows of L_pad tokens, 16-byte aligned: x itself when it already is."""
-    if x is None:
-        return None
-    if x.is_contiguous() and x.shape[-1] == L_pad and x.data_ptr() % 16 == 0:
-        return x
-    rows = torch.zeros(*x.shape[:-1], L_pad, dtype=x.dtype, device=x.device)
-    rows[..., :x.shape[-1]] = x
-    return rows
+def _dense(x):
+    """x (batch, d_inner, L) stored densely in one of the two layouts the kernels read: rows of tokens per channel
+    (x contiguous), or the channels of each token side by side (x.mT contiguous, as a projection's (batch, L, ·)
+    output is). Anything else is copied to rows."""
+    return x if x.is_contiguous() or x.mT.is_contiguous() else x.contiguous()
 
 
-def _transposed(M, L_pad, block_n):
-    """(batch, G, N, L) -> (batch, G, L_pad, BLOCK_N) float32, zero-padded: B_t, C_t become contiguous rows,
-    and a tile running past L reads zeros without a mask. One copy kernel when there is nothing to pad: on small
-    scans these host-side kernels are a visible part of the time."""
-    padded = M.shape[3] != L_pad or M.shape[2] != block_n
-    out = (torch.zeros if padded else torch.empty)(*M.shape[:2], L_pad, block_n, dtype=torch.float32,
+def _empty_like(u, dtype):
+    """A (batch, d_inner, L) buffer in dense u's layout, so that one set of strides addresses both."""
+    batch, d_inner, L = u.shape
+    if u.is_contiguous():
+        return _alloc(batch, d_inner, L, dtype=dtype, device=u.device)
+    return _alloc(batch, L, d_inner, dtype=dtype, device=u.device).mT
+
+
+def _like(x, u):
+    """x in dense u's layout: the kernels address u, delta, dout and the outputs with u's strides."""
+    return x if x.stride() == u.stride() else _empty_like(u, x.dtype).copy_(x)
+
+
+def _gate(z):
+    """z keeps its own strides, as long as tokens or channels are contiguous (z is a slice of in_proj's output)."""
+    return z if z is None or z.stride(1) == 1 or z.stride(2) == 1 else z.contiguous()
+
+
+def _row_len(L):
+    """Tokens per row of the transposed B and C: L rounded up to whole tiles, so tiles never read past a row."""
+    return triton.cdiv(L, 8) * 8
+
+
+def _transposed(M, block_n):
+    """(batch, G, N, L) -> (batch, G, _row_len(L), BLOCK_N) float32, zero-padded: B_t, C_t become contiguous
+    rows, and a tile running past L reads zeros without a mask. One copy kernel when there is nothing to pad."""
+    L_bc = _row_len(M.shape[3])
+    padded = M.shape[3] != L_bc or M.shape[2] != block_n
+    out = (torch.zeros if padded else torch.empty)(*M.shape[:2], L_bc, block_n, dtype=torch.float32,
                                                     device=M.device)
     out[..., :M.shape[3], :M.shape[2]] = M.transpose(2, 3)
     return out
 
 
-# The forward and the backward are registered as PyTorch operators (torch.library.custom_op), so that
-# torch.compile can compile the model around them: it sees one opaque operator with known output shapes instead
-# of tracing into the kernel launches. The backward re-makes the padded rows and transposed B, C from the inputs
-# rather than keeping them: the inputs are saved anyway, and the copies are cheap next to the scan.
-
-def _row_len(L):
-    """Tokens per stored row: L rounded up to a multiple of 8, so that every row starts 16-byte aligned."""
-    return triton.cdiv(L, 8) * 8
-
-
-def _prepare(u, delta, A, B, C, z):
-    """The kernels' layouts: u, Δ, z as 16-byte-aligned rows of `stride` tokens, A·log2(e) padded to BLOCK_N,
-    B and C transposed to (batch, G, stride, BLOCK_N) float32."""
-    L, d_state = u.shape[-1], A.shape[1]
-    block_n, stride = triton.next_power_of_2(d_state), _row_len(L)
+def _prepare(A, B, C):
+    """A·log2(e) padded to BLOCK_N states; B and C transposed to (batch, G, _row_len(L), BLOCK_N) float32."""
+    d_state = A.shape[1]
+    block_n = triton.next_power_of_2(d_state)
     A2 = A * math.log2(math.e)                                         # exp(x A) = exp2(x A2)
     A2 = torch.nn.functional.pad(A2, (0, block_n - d_state)) if block_n != d_state else A2.contiguous()
-    return (_rows(u, stride), _rows(delta, stride), A2, _transposed(B, stride, block_n),
-            _transposed(C, stride, block_n), _rows(z, stride))
+    return A2, _transposed(B, block_n), _transposed(C, block_n)
 
 
-def _launch(u, n_groups, num_warps, warps_per_sm):
-    """A pass's launch geometry for u (batch, d_inner, L): (grid, the kernels' size arguments, n_chunks, BLOCK_D)."""
+def _launch(u, z, n_groups, num_warps, warps_per_sm):
+    """A pass's launch geometry for u (batch, d_inner, L): (grid, the kernels' size and stride arguments,
+    n_chunks, BLOCK_D)."""
     batch, d_inner, L = u.shape
     chunk_len = _chunk_len(batch, d_inner, L, u.device, num_warps, warps_per_sm)
     n_chunks, block_d = triton.cdiv(L, chunk_len), 32 * num_warps
     grid = (n_groups * triton.cdiv(d_inner // n_groups, block_d), n_chunks, batch)
-    return grid, (L, _row_len(L), d_inner, d_inner // n_groups, n_groups, chunk_len), n_chunks, block_d
+    sizes = (L, _row_len(L), d_inner, d_inner // n_groups, n_groups, chunk_len)
+    return grid, sizes + u.stride() + (u if z is None else z).stride(), n_chunks, block_d
 
 
 def _nothing(like):
     return like.new_empty(0)  # an operator cannot return None: an absent gradient or buffer is an empty tensor
 
 
+# The forward and the backward are registered as PyTorch operators (torch.library.custom_op), so that
+# torch.compile can compile the model around them: it sees one opaque operator with known output shapes instead
+# of tracing into the kernel launches. The backward re-makes the transposed B, C from the inputs rather than
+# keeping them: the inputs are saved anyway, and the copies are small next to the scan.
+
 @torch.library.custom_op("mamba_triton::scan_fwd", mutates_args=())
 def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
               delta_softplus: bool, save_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """u, delta, z (batch, d_inner, L); B, C (batch, G, N, L). Returns out (batch, d_inner, stride) (the first L
-    tokens are the output), last_state (batch, d_inner, BLOCK_N), and the states every SEG tokens the backward
-    starts from (empty unless save_states)."""
+    """u, delta, z (batch, d_inner, L); B, C (batch, G, N, L). Returns out (batch, d_inner, L) in u's layout,
+    last_state (batch, d_inner, BLOCK_N), and the states every SEG tokens the backward starts from (empty
+    unless save_states)."""
     batch, d_inner, L = u.shape
-    n_groups = B.shape[1]
-    u_rows, delta_rows, A2, Bt, Ct, z_rows = _prepare(u, delta, A, B, C, z)
-    stride, block_n = u_rows.shape[-1], Bt.shape[-1]
-    grid, sizes, n_chunks, block_d = _launch(u, n_groups, FWD_WARPS, FWD_WARPS_PER_SM)
+    u = _dense(u)
+    delta, z = _like(delta, u), _gate(z)
+    A2, Bt, Ct = _prepare(A, B, C)
+    block_n = Bt.shape[-1]
+    grid, sizes, n_chunks, block_d = _launch(u, z, B.shape[1], FWD_WARPS, FWD_WARPS_PER_SM)
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
                  DELTA_SOFTPLUS=delta_softplus, SEG=SEG, T=FWD_T, STAGES=FWD_STAGES,
                  BLOCK_D=block_d, BLOCK_N=block_n, num_warps=FWD_WARPS)
@@ -604,15 +659,14 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     if n_chunks > 1:  # passes 1 and 2
         chunk_states = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
         delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
-        _scan_fwd_kernel[grid](u_rows, delta_rows, A2, Bt, Ct, D, z_rows, delta_bias, None, chunk_states,
-                               delta_sums, None, None, *sizes, STATES_ONLY=True, FROM_CHUNK_STATE=False,
-                               SAVE_SEGMENTS=False, **flags)
+        _scan_fwd_kernel[grid](u, delta, z, None, A2, Bt, Ct, D, delta_bias, chunk_states, delta_sums, None, None,
+                               *sizes, STATES_ONLY=True, FROM_CHUNK_STATE=False, SAVE_SEGMENTS=False, **flags)
         _carry(chunk_states, delta_sums, A2, None, False)
-    out = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
+    out = _empty_like(u, u.dtype)
     last_state = _alloc(batch, d_inner, block_n, dtype=torch.float32, device=u.device)
     seg_states = (_alloc(batch, triton.cdiv(L, SEG), d_inner, block_n, dtype=torch.float32, device=u.device)
                   if save_states else _nothing(last_state))
-    _scan_fwd_kernel[grid](u_rows, delta_rows, A2, Bt, Ct, D, z_rows, delta_bias, out, chunk_states, None,
+    _scan_fwd_kernel[grid](u, delta, z, out, A2, Bt, Ct, D, delta_bias, chunk_states, None,
                            seg_states if save_states else None, last_state, *sizes, STATES_ONLY=False,
                            FROM_CHUNK_STATE=n_chunks > 1, SAVE_SEGMENTS=save_states, **flags)
     return out, last_state, seg_states
@@ -621,11 +675,11 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 @_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states):
     batch, d_inner, L = u.shape
-    block_n, stride = triton.next_power_of_2(A.shape[1]), _row_len(L)
+    block_n = triton.next_power_of_2(A.shape[1])
     f32 = dict(dtype=torch.float32)
     seg_states = (u.new_empty(batch, triton.cdiv(L, SEG), d_inner, block_n, **f32) if save_states
                   else u.new_empty(0, **f32))
-    return u.new_empty(batch, d_inner, stride), u.new_empty(batch, d_inner, block_n, **f32), seg_states
+    return _empty_like(_dense(u), u.dtype), u.new_empty(batch, d_inner, block_n, **f32), seg_states
 
 
 @torch.library.custom_op("mamba_triton::scan_bwd", mutates_args=())
@@ -634,29 +688,30 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
               seg_states: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor | None,
               delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each of its input's shape (du, ddelta, dz
-    (batch, d_inner, stride)); an empty tensor for an absent D, z or delta_bias."""
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each of its input's shape (du, ddelta, dz in u's
+    layout); an empty tensor for an absent D, z or delta_bias."""
     batch, d_inner, L = u.shape
-    n_groups, d_state = B.shape[1], B.shape[2]
-    grid, sizes, n_chunks, block_d = _launch(u, n_groups, BWD_WARPS, BWD_WARPS_PER_SM)
-    u, delta, A2, Bt, Ct, z = _prepare(u, delta, A, B, C, z)
-    stride, block_n = u.shape[-1], Bt.shape[-1]
+    d_state = B.shape[2]
+    u = _dense(u)
+    delta, dout, z = _like(delta, u), _like(dout, u), _gate(z)
+    A2, Bt, Ct = _prepare(A, B, C)
+    block_n = Bt.shape[-1]
+    grid, sizes, n_chunks, block_d = _launch(u, z, B.shape[1], BWD_WARPS, BWD_WARPS_PER_SM)
     flags = dict(HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None, DELTA_SOFTPLUS=delta_softplus,
                  T=BWD_T, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BWD_WARPS)
-    dout = _rows(dout, stride)
     adjoints = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
     if n_chunks > 1:  # passes 1 and 2 of the adjoint
         delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
-        _adjoint_summary_kernel[grid](dout, delta, A2, Ct, z, delta_bias, adjoints, delta_sums, *sizes, **flags)
+        _adjoint_summary_kernel[grid](dout, delta, z, A2, Ct, delta_bias, adjoints, delta_sums, *sizes, **flags)
         _carry(adjoints, delta_sums, A2, dlast, True)
     elif dlast is None:
         adjoints.zero_()
     else:
         adjoints.copy_(dlast[:, None])
 
-    du = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
-    ddelta = _alloc(batch, d_inner, stride, dtype=delta.dtype, device=u.device)
-    dz = _nothing(u) if z is None else _alloc(batch, d_inner, stride, dtype=z.dtype, device=u.device)
+    du = _empty_like(u, u.dtype)
+    ddelta = _empty_like(u, delta.dtype)
+    dz = _nothing(u) if z is None else _empty_like(u, z.dtype)
     dBt = torch.zeros(Bt.shape, dtype=torch.float32, device=u.device)            # atomic-add targets
     dCt = torch.zeros(Ct.shape, dtype=torch.float32, device=u.device)
     dA_part = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
@@ -665,7 +720,7 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
                         _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device))
     scratch = _alloc(batch * n_chunks * grid[0], SEG // BWD_T, block_n, block_d + 1, dtype=torch.float32,
                      device=u.device)
-    _scan_bwd_kernel[grid](u, delta, A2, Bt, Ct, D, z, delta_bias, dout, seg_states, adjoints, scratch,
+    _scan_bwd_kernel[grid](u, delta, z, dout, A2, Bt, Ct, D, delta_bias, seg_states, adjoints, scratch,
                            du, ddelta, None if z is None else dz, dBt, dCt, dA_part, dD_part, ddelta_bias_part,
                            *sizes, HAS_D=D is not None, SEG=SEG, **flags)
     dA = dA_part.sum((0, 1))[:, :d_state].contiguous()
@@ -678,12 +733,11 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 
 @_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, seg_states, dout, dlast, delta_softplus):
-    batch, d_inner, L = u.shape
-    rows = (batch, d_inner, _row_len(L))
+    u = _dense(u)
     nothing = A.new_empty(0)
     like = (lambda x: x.new_empty(x.shape))                       # contiguous, as the operator returns them
-    return (u.new_empty(rows), delta.new_empty(rows), like(A), like(B), like(C),
-            nothing if D is None else like(D), u.new_empty(0) if z is None else z.new_empty(rows),
+    return (_empty_like(u, u.dtype), _empty_like(u, delta.dtype), like(A), like(B), like(C),
+            nothing if D is None else like(D), u.new_empty(0) if z is None else _empty_like(u, z.dtype),
             nothing if delta_bias is None else like(delta_bias))
 
 
@@ -701,9 +755,8 @@ def _backward(ctx, dout, dlast, _):
         dlast = dlast.contiguous()
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, seg_states,
                                                             dout, dlast, ctx.delta_softplus)
-    L = u.shape[-1]
-    return (du[..., :L], ddelta[..., :L], dA, dB, dC, None if D is None else dD,
-            None if z is None else dz[..., :L], None if delta_bias is None else ddelta_bias, None, None)
+    return (du, ddelta, dA, dB, dC, None if D is None else dD, None if z is None else dz,
+            None if delta_bias is None else ddelta_bias, None, None)
 
 
 torch.library.register_autograd("mamba_triton::scan_fwd", _backward, setup_context=_setup_context)
@@ -739,9 +792,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     batch, _, L = u.shape
     grouped = (lambda M: M.reshape(batch, n_groups, M.shape[-2], L).contiguous())    # (B, G, N, L), small
     contiguous = (lambda x: None if x is None else x.contiguous())
-    inputs = (u.contiguous(), delta.contiguous(), A.float(), grouped(B), grouped(C),
-              *map(contiguous, (D, z, delta_bias)))
+    u = _dense(u)                               # u, delta, out in one layout: rows of tokens or tokens of channels
+    inputs = (u, _like(delta, u), A.float(), grouped(B), grouped(C), contiguous(D), _gate(z), contiguous(delta_bias))
     save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     out, last_state, _ = _scan_fwd(*inputs, delta_softplus, save_states)
-    out, last_state = out[..., :L], last_state[..., :A.shape[1]]
-    return (out, last_state) if return_last_state else out
+    return (out, last_state[..., :A.shape[1]]) if return_last_state else out

@@ -144,21 +144,31 @@ def test_gradient_through_last_state_only(chunked, monkeypatch):
         assert grads[0][name].grad.abs().max() == 0
 
 
-def test_strided_and_misaligned_inputs_are_accepted():
-    """B, C as they come out of x_proj, (batch, L, N) transposed to (batch, N, L); u a transposed view; delta
-    contiguous but starting 4 bytes into its storage: rows are copied to aligned memory first. L = 24 needs no
-    padding, so only the layout sends them there."""
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "one chunk"])
+@pytest.mark.parametrize("layout", ["tokens of channels", "rows"])
+def test_the_layouts_a_mamba_layer_passes(layout, chunked, monkeypatch):
+    """As MambaMixer calls it: u the conv's (batch, L, d_inner) output seen as (batch, d_inner, L); z stored
+    (batch, L, d_inner) with its own strides; B, C x_proj's (batch, L, N) transposed; delta in the other layout,
+    or starting 4 bytes into its storage. Outputs and gradients come back in u's layout, equal to the reference."""
+    use_chunks(monkeypatch, chunked)
     seed = torch.seed() % 2**31
-    x = {k: v.detach() for k, v in make_inputs(seed, 2, 4, 16, 24).items()}
-    x["B"] = x["B"].transpose(1, 2).contiguous().transpose(1, 2)
-    x["C"] = x["C"].transpose(1, 2).contiguous().transpose(1, 2)
-    x["u"] = x["u"].transpose(1, 2).contiguous().transpose(1, 2)
-    x["delta"] = torch.cat([x["delta"].new_zeros(1), x["delta"].flatten()])[1:].view(2, 4, 24)
-    assert x["delta"].is_contiguous() and x["delta"].data_ptr() % 16 != 0
-    with torch.no_grad():
-        out = scan_triton.selective_scan(**x, delta_softplus=True)
-        ref = mamba.selective_scan_ref(**x, delta_softplus=True)
-    assert rel_err(out, ref) <= 1e-5
+    batch, d_inner, L = 2, 36, 37                                              # 36 channels: 2 blocks
+    x = {k: v.detach() for k, v in make_inputs(seed, batch, d_inner, 16, L).items()}
+    tokens = (lambda t: t.mT.contiguous().mT)                                  # same values, (b, L, ·) storage
+    x["B"], x["C"] = tokens(x["B"]), tokens(x["C"])
+    x["z"] = tokens(x["z"])
+    if layout == "rows":
+        x["delta"] = torch.cat([x["delta"].new_zeros(1), x["delta"].flatten()])[1:].view(batch, d_inner, L)
+    else:
+        x["u"] = tokens(x["u"])
+    (outs, grads), (ref_outs, ref_grads) = run_both(x, True, True, seed)
+    assert outs[0].stride() == x["u"].stride()
+    for o, ref in zip(outs, ref_outs):
+        assert rel_err(o, ref) <= 1e-5, f"forward rel err {rel_err(o, ref):.2e} (seed {seed})"
+    assert grads["u"].stride() == x["u"].stride()
+    for name in GRAD_NAMES:
+        err = rel_err(grads[name], ref_grads[name])
+        assert err <= 1e-4, f"d{name} rel err {err:.2e} (seed {seed})"
 
 
 @pytest.mark.parametrize("change", [dict(A=torch.zeros(5, 16)), dict(A=torch.zeros(4, 65)),
