@@ -27,7 +27,6 @@ import triton.language as tl
 
 BLOCK_L = 32            # tokens per program
 BLOCK_D = 128           # channels per program (contiguous in memory)
-BWD_PROGRAMS_PER_SEQUENCE = 16  # the backward's first pass: programs along a sequence (each sums ∂w over its range)
 
 
 @triton.jit
@@ -62,40 +61,31 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr,
 
 @triton.jit
 def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, du_ptr, g_ptr, dw_part_ptr, dbias_part_ptr,
-                     L, d, stride_xb, stride_xl, stride_ub, stride_ul, stride_ud, tiles_per_program,
+                     L, d, stride_xb, stride_xl, stride_ub, stride_ul, stride_ud,
                      K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (token range, channel block, batch b), tile by tile: g = ∂u · silu'(pre) (written out for
-    `_conv_transpose_kernel`), and the program's sums of ∂w_k = Σ g_t x_{t-K+1+k} and ∂bias = Σ g_t. ∂u may come
-    in any layout (the compiler turns a token-contiguous tile into channel-contiguous registers)."""
+    """Program (token block, channel block, batch b): g = ∂u · silu'(pre) for its tile (written out for
+    `_conv_transpose_kernel`), and the tile's sums ∂w_k = Σ_t g_t x_{t-K+1+k}, ∂bias = Σ_t g_t. ∂u may come in
+    any layout (the compiler turns a token-contiguous tile into channel-contiguous registers)."""
+    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     b = tl.program_id(2).to(tl.int64)
     mask_c = c < d
+    in_seq = (t < L)[:, None] & mask_c[None, :]
     bias = tl.load(bias_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
     x_b = x_ptr + b * stride_xb
-    dw = (tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32),) * K           # Σ over the program's tiles, per token row
-    dbias = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    for i in range(tiles_per_program):
-        t = (tl.program_id(0) * tiles_per_program + i) * BLOCK_L + tl.arange(0, BLOCK_L)
-        pre = tl.zeros((BLOCK_L, 1), dtype=tl.float32) + bias[None, :]
-        xs = ()
-        for k in tl.static_range(K):                                     # the conv again, keeping its inputs
-            src = t - (K - 1) + k
-            x = tl.load(x_b + src[:, None] * stride_xl + c[None, :],
-                        mask=((src >= 0) & (src < L))[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-            pre += tl.load(w_ptr + c * K + k, mask=mask_c, other=0.0).to(tl.float32)[None, :] * x
-            xs += (x,)
-        in_seq = (t < L)[:, None] & mask_c[None, :]
-        du = tl.load(du_ptr + b * stride_ub + t[:, None] * stride_ul + c[None, :] * stride_ud, mask=in_seq,
-                     other=0.0).to(tl.float32)
-        sig = tl.sigmoid(pre)
-        g = du * sig * (1.0 + pre * (1.0 - sig))                         # ∂pre = ∂u · silu'(pre); 0 past L
-        tl.store(g_ptr + (b * L + t[:, None]) * d + c[None, :], g.to(g_ptr.dtype.element_ty), mask=in_seq)
-        dw = tuple(dw[k] + g * xs[k] for k in tl.static_range(K))
-        dbias += g
-    part = (b * tl.num_programs(0) + tl.program_id(0)) * d + c          # this program's row of the partial sums
-    for k in tl.static_range(K):
-        tl.store(dw_part_ptr + part * K + k, tl.sum(dw[k], axis=0), mask=mask_c)
-    tl.store(dbias_part_ptr + part, tl.sum(dbias, axis=0), mask=mask_c)
+    pre = _conv_at(x_b, w_ptr, bias, t, c, mask_c, stride_xl, L, K, BLOCK_L)
+    du = tl.load(du_ptr + b * stride_ub + t[:, None] * stride_ul + c[None, :] * stride_ud, mask=in_seq,
+                 other=0.0).to(tl.float32)
+    sig = tl.sigmoid(pre)
+    g = du * sig * (1.0 + pre * (1.0 - sig))                             # ∂pre = ∂u · silu'(pre); 0 past L
+    tl.store(g_ptr + (b * L + t[:, None]) * d + c[None, :], g.to(g_ptr.dtype.element_ty), mask=in_seq)
+    part = (b * tl.num_programs(0) + tl.program_id(0)) * d + c          # this tile's row of the partial sums
+    tl.store(dbias_part_ptr + part, tl.sum(g, axis=0), mask=mask_c)
+    for k in tl.static_range(K):                                         # the conv's inputs again (cached)
+        src = t - (K - 1) + k
+        x = tl.load(x_b + src[:, None] * stride_xl + c[None, :],
+                    mask=((src >= 0) & (src < L))[:, None] & mask_c[None, :], other=0.0)
+        tl.store(dw_part_ptr + part * K + k, tl.sum(g * x.to(tl.float32), axis=0), mask=mask_c)
 
 
 @triton.jit
@@ -146,13 +136,11 @@ def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     x = _unit_channel_stride(x)
     batch, L, d = x.shape
     grid = _grid(x)
-    tiles = triton.cdiv(grid[0], BWD_PROGRAMS_PER_SEQUENCE)             # token tiles per program of pass 1
-    grid_1 = (triton.cdiv(grid[0], tiles), grid[1], batch)
     g = torch.empty(batch, L, d, dtype=du.dtype, device=x.device)
-    dw_part = torch.empty(batch * grid_1[0], d, weight.shape[1], dtype=torch.float32, device=x.device)
-    dbias_part = torch.empty(batch * grid_1[0], d, dtype=torch.float32, device=x.device)
-    _conv_bwd_kernel[grid_1](x, weight, bias, du, g, dw_part, dbias_part, L, d, x.stride(0), x.stride(1),
-                             *du.stride(), tiles, K=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+    dw_part = torch.empty(batch * grid[0], d, weight.shape[1], dtype=torch.float32, device=x.device)
+    dbias_part = torch.empty(batch * grid[0], d, dtype=torch.float32, device=x.device)
+    _conv_bwd_kernel[grid](x, weight, bias, du, g, dw_part, dbias_part, L, d, x.stride(0), x.stride(1),
+                           *du.stride(), K=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
     dx = torch.empty(batch, L, d, dtype=x.dtype, device=x.device)
     _conv_transpose_kernel[grid](g, weight, dx, L, d, K=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
     return dx, dw_part.sum(0).to(weight.dtype), dbias_part.sum(0).to(bias.dtype)
