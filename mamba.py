@@ -336,8 +336,8 @@ class MambaMixer(nn.Module):
     def _selection(self, x):
         """x (b, l, d_inner) after the conv -> dt (b, d_inner, l) before bias and softplus, B, C (b, n, l)."""
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, self.dt_proj.weight)              # (b, l, d_inner): the bias is added inside the scan
-        return dt.mT, B.mT, C.mT                            # views: the scan reads the (b, l, ·) layout as it is
+        dt = self.dt_proj.weight @ dt.mT                    # (d_inner, dt_rank) @ (b, dt_rank, l): made (b, d_inner, l)
+        return dt, B.mT, C.mT                               # the bias is added inside the scan
 
     def _conv_silu(self, x):
         """silu(depthwise causal conv over time), x (b, l, d_inner) -> (b, l, d_inner):

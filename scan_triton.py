@@ -568,29 +568,11 @@ def _chunk_len(batch, d_inner, L, device, num_warps, warps_per_sm):
     return SEG * triton.cdiv(triton.cdiv(L, n_chunks), SEG)
 
 
-def _dense(x):
-    """x (batch, d_inner, L) stored densely in one of the two layouts the kernels read: rows of tokens per channel
-    (x contiguous), or the channels of each token side by side (x.mT contiguous, as a projection's (batch, L, ·)
-    output is). Anything else is copied to rows."""
-    return x if x.is_contiguous() or x.mT.is_contiguous() else x.contiguous()
-
-
-def _empty_like(u, dtype):
-    """A (batch, d_inner, L) buffer in dense u's layout, so that one set of strides addresses both."""
-    batch, d_inner, L = u.shape
-    if u.is_contiguous():
-        return _alloc(batch, d_inner, L, dtype=dtype, device=u.device)
-    return _alloc(batch, L, d_inner, dtype=dtype, device=u.device).mT
-
-
-def _like(x, u):
-    """x in dense u's layout: the kernels address u, delta, dout and the outputs with u's strides."""
-    return x if x.stride() == u.stride() else _empty_like(u, x.dtype).copy_(x)
-
-
-def _gate(z):
-    """z keeps its own strides, as long as tokens or channels are contiguous (z is a slice of in_proj's output)."""
-    return z if z is None or z.stride(1) == 1 or z.stride(2) == 1 else z.contiguous()
+def _rows(x):
+    """x (batch, d_inner, L) with each channel's tokens contiguous: x itself (a slice along channels is fine)
+    or a copy. The kernels take any strides, but a tile of tokens read across channels (x.mT contiguous, as a
+    projection's (batch, L, ·) output is) makes the forward many times slower than the copy costs."""
+    return x if x is None or x.stride(2) == 1 else x.contiguous()
 
 
 def _row_len(L):
@@ -642,12 +624,11 @@ def _nothing(like):
 def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
               delta_softplus: bool, save_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """u, delta, z (batch, d_inner, L); B, C (batch, G, N, L). Returns out (batch, d_inner, L) in u's layout,
+    """u, delta, z (batch, d_inner, L); B, C (batch, G, N, L). Returns out (batch, d_inner, L) contiguous,
     last_state (batch, d_inner, BLOCK_N), and the states every SEG tokens the backward starts from (empty
     unless save_states)."""
     batch, d_inner, L = u.shape
-    u = _dense(u)
-    delta, z = _like(delta, u), _gate(z)
+    u, delta, z = u.contiguous(), delta.contiguous(), _rows(z)       # u, delta and out share one set of strides
     A2, Bt, Ct = _prepare(A, B, C)
     block_n = Bt.shape[-1]
     grid, sizes, n_chunks, block_d = _launch(u, z, B.shape[1], FWD_WARPS, FWD_WARPS_PER_SM)
@@ -662,7 +643,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
         _scan_fwd_kernel[grid](u, delta, z, None, A2, Bt, Ct, D, delta_bias, chunk_states, delta_sums, None, None,
                                *sizes, STATES_ONLY=True, FROM_CHUNK_STATE=False, SAVE_SEGMENTS=False, **flags)
         _carry(chunk_states, delta_sums, A2, None, False)
-    out = _empty_like(u, u.dtype)
+    out = _alloc(batch, d_inner, L, dtype=u.dtype, device=u.device)
     last_state = _alloc(batch, d_inner, block_n, dtype=torch.float32, device=u.device)
     seg_states = (_alloc(batch, triton.cdiv(L, SEG), d_inner, block_n, dtype=torch.float32, device=u.device)
                   if save_states else _nothing(last_state))
@@ -679,7 +660,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states):
     f32 = dict(dtype=torch.float32)
     seg_states = (u.new_empty(batch, triton.cdiv(L, SEG), d_inner, block_n, **f32) if save_states
                   else u.new_empty(0, **f32))
-    return _empty_like(_dense(u), u.dtype), u.new_empty(batch, d_inner, block_n, **f32), seg_states
+    return u.new_empty(batch, d_inner, L), u.new_empty(batch, d_inner, block_n, **f32), seg_states
 
 
 @torch.library.custom_op("mamba_triton::scan_bwd", mutates_args=())
@@ -688,12 +669,11 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
               seg_states: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor | None,
               delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each of its input's shape (du, ddelta, dz in u's
-    layout); an empty tensor for an absent D, z or delta_bias."""
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each of its input's shape and contiguous; an
+    empty tensor for an absent D, z or delta_bias."""
     batch, d_inner, L = u.shape
     d_state = B.shape[2]
-    u = _dense(u)
-    delta, dout, z = _like(delta, u), _like(dout, u), _gate(z)
+    u, delta, dout, z = u.contiguous(), delta.contiguous(), dout.contiguous(), _rows(z)
     A2, Bt, Ct = _prepare(A, B, C)
     block_n = Bt.shape[-1]
     grid, sizes, n_chunks, block_d = _launch(u, z, B.shape[1], BWD_WARPS, BWD_WARPS_PER_SM)
@@ -709,9 +689,9 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     else:
         adjoints.copy_(dlast[:, None])
 
-    du = _empty_like(u, u.dtype)
-    ddelta = _empty_like(u, delta.dtype)
-    dz = _nothing(u) if z is None else _empty_like(u, z.dtype)
+    du = _alloc(batch, d_inner, L, dtype=u.dtype, device=u.device)
+    ddelta = _alloc(batch, d_inner, L, dtype=delta.dtype, device=u.device)
+    dz = _nothing(u) if z is None else _alloc(batch, d_inner, L, dtype=z.dtype, device=u.device)
     dBt = torch.zeros(Bt.shape, dtype=torch.float32, device=u.device)            # atomic-add targets
     dCt = torch.zeros(Ct.shape, dtype=torch.float32, device=u.device)
     dA_part = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
@@ -733,11 +713,10 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 
 @_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, seg_states, dout, dlast, delta_softplus):
-    u = _dense(u)
     nothing = A.new_empty(0)
     like = (lambda x: x.new_empty(x.shape))                       # contiguous, as the operator returns them
-    return (_empty_like(u, u.dtype), _empty_like(u, delta.dtype), like(A), like(B), like(C),
-            nothing if D is None else like(D), u.new_empty(0) if z is None else _empty_like(u, z.dtype),
+    return (like(u), like(delta), like(A), like(B), like(C),
+            nothing if D is None else like(D), u.new_empty(0) if z is None else like(z),
             nothing if delta_bias is None else like(delta_bias))
 
 
@@ -792,8 +771,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     batch, _, L = u.shape
     grouped = (lambda M: M.reshape(batch, n_groups, M.shape[-2], L).contiguous())    # (B, G, N, L), small
     contiguous = (lambda x: None if x is None else x.contiguous())
-    u = _dense(u)                               # u, delta, out in one layout: rows of tokens or tokens of channels
-    inputs = (u, _like(delta, u), A.float(), grouped(B), grouped(C), contiguous(D), _gate(z), contiguous(delta_bias))
+    inputs = (u.contiguous(), delta.contiguous(), A.float(), grouped(B), grouped(C), contiguous(D), _rows(z),
+              contiguous(delta_bias))
     save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     out, last_state, _ = _scan_fwd(*inputs, delta_softplus, save_states)
     return (out, last_state[..., :A.shape[1]]) if return_last_state else out

@@ -51,14 +51,16 @@ def make_inputs(seed, batch, d_inner, d_state, L, groups=None, D=True, z=True, d
     return {k: None if v is None else v.requires_grad_() for k, v in x.items()}
 
 
-def run_both(x, softplus, return_last_state, seed):
+def run_both(x, softplus, return_last_state, seed, keep_strides=False):
     """Forward and backward through both scans with the same random output gradients; returns
-    ([out, last_state?], {name: grad}) for each."""
+    ([out, last_state?], {name: grad}) for each. keep_strides: the inputs' copies keep their strides, those
+    of slices included (clone would make them dense)."""
     results = []
     g = torch.Generator().manual_seed(seed + 1)
     cotangents = None
     for scan in (scan_triton.selective_scan, mamba.selective_scan_ref):
-        inputs = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in x.items()}
+        copy = (lambda v: torch.empty_strided(v.shape, v.stride()).copy_(v)) if keep_strides else torch.clone
+        inputs = {k: None if v is None else copy(v.detach()).requires_grad_() for k, v in x.items()}
         outs = scan(**inputs, delta_softplus=softplus, return_last_state=return_last_state)
         outs = list(outs) if return_last_state else [outs]
         if cotangents is None:
@@ -147,25 +149,22 @@ def test_gradient_through_last_state_only(chunked, monkeypatch):
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "one chunk"])
 @pytest.mark.parametrize("layout", ["tokens of channels", "rows"])
 def test_the_layouts_a_mamba_layer_passes(layout, chunked, monkeypatch):
-    """As MambaMixer calls it: u the conv's (batch, L, d_inner) output seen as (batch, d_inner, L); z stored
-    (batch, L, d_inner) with its own strides; B, C x_proj's (batch, L, N) transposed; delta in the other layout,
-    or starting 4 bytes into its storage. Outputs and gradients come back in u's layout, equal to the reference."""
+    """As MambaMixer calls it: u the conv's (batch, L, d_inner) output seen as (batch, d_inner, L), z a slice of
+    in_proj's output, B, C x_proj's (batch, L, N) transposed (the wrapper copies u, delta, z to rows of tokens);
+    or every input in rows, z a slice along channels of a larger tensor (read in place with its own strides)."""
     use_chunks(monkeypatch, chunked)
     seed = torch.seed() % 2**31
     batch, d_inner, L = 2, 36, 37                                              # 36 channels: 2 blocks
     x = {k: v.detach() for k, v in make_inputs(seed, batch, d_inner, 16, L).items()}
     tokens = (lambda t: t.mT.contiguous().mT)                                  # same values, (b, L, ·) storage
     x["B"], x["C"] = tokens(x["B"]), tokens(x["C"])
-    x["z"] = tokens(x["z"])
     if layout == "rows":
-        x["delta"] = torch.cat([x["delta"].new_zeros(1), x["delta"].flatten()])[1:].view(batch, d_inner, L)
+        x["z"] = torch.cat([x["z"], torch.randn(batch, 3, L)], dim=1)[:, :d_inner]
     else:
-        x["u"] = tokens(x["u"])
-    (outs, grads), (ref_outs, ref_grads) = run_both(x, True, True, seed)
-    assert outs[0].stride() == x["u"].stride()
+        x["u"], x["z"] = tokens(x["u"]), torch.cat([x["z"].mT, x["z"].mT], dim=-1)[..., :d_inner].mT
+    (outs, grads), (ref_outs, ref_grads) = run_both(x, True, True, seed, keep_strides=True)
     for o, ref in zip(outs, ref_outs):
         assert rel_err(o, ref) <= 1e-5, f"forward rel err {rel_err(o, ref):.2e} (seed {seed})"
-    assert grads["u"].stride() == x["u"].stride()
     for name in GRAD_NAMES:
         err = rel_err(grads[name], ref_grads[name])
         assert err <= 1e-4, f"d{name} rel err {err:.2e} (seed {seed})"
