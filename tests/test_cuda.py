@@ -34,22 +34,36 @@ def test_compiled_triton_path_matches_the_pytorch_path_in_float32(monkeypatch):
         assert rel_err(g_compiled[name], g_eager[name]) <= 1e-4, name
 
 
-@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
 @pytest.mark.parametrize("batch", [1, 4])
-def test_decoding_from_cuda_graphs_gives_the_tokens_of_plain_steps(autocast, batch):
+def test_decoding_from_cuda_graphs_gives_the_tokens_of_plain_steps(batch):
     model = mamba.Mamba.from_pretrained(TESTBED, device="cuda").eval()
     prompt = torch.randint(0, 256, (batch, 700), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     outputs = []
     for graphs in (False, True, True):          # the second graphed run replays the graph recorded by the first
         model.cuda_graph_decoding = graphs
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            logits, caches = model.prefill(prompt)
-            tokens = model.decode(logits, caches, 40)
+        logits, caches = model.prefill(prompt)
+        tokens = model.decode(logits, caches, 40)
         outputs.append((tokens, [c.ssm_state.clone() for c in caches]))
     for tokens, states in outputs[1:]:
         assert torch.equal(tokens, outputs[0][0])
         for state, plain in zip(states, outputs[0][1]):     # the caller's caches hold the state after decoding
-            assert rel_err(state, plain) <= (1e-2 if autocast else 1e-5)
+            assert rel_err(state, plain) <= 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_graphed_steps_under_bf16_autocast_give_the_logits_of_plain_steps(batch):
+    """In bf16 the compiled step rounds differently from the eager one, so greedy decoding may take another
+    token where two are nearly tied: both step paths are fed the same tokens and their logits compared."""
+    model = mamba.Mamba.from_pretrained(TESTBED, device="cuda").eval()
+    prompt = torch.randint(0, 256, (batch, 700), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    tokens = torch.randint(0, 256, (batch, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        _, plain_caches = model.prefill(prompt)
+        _, caches = model.prefill(prompt)
+        graphed = model._graphed_step(caches)
+        for token in tokens.unbind(1):
+            plain = model.step(token, plain_caches)
+            assert rel_err(graphed.step(token).float(), plain.float()) <= 1e-2
 
 
 def test_longmamba_on_the_triton_path_matches_the_pytorch_path(monkeypatch):
