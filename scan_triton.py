@@ -771,8 +771,9 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     batch, _, L = u.shape
     grouped = (lambda M: M.reshape(batch, n_groups, M.shape[-2], L).contiguous())    # (B, G, N, L), small
     contiguous = (lambda x: None if x is None else x.contiguous())
-    inputs = (u.contiguous(), delta.contiguous(), A.float(), grouped(B), grouped(C), contiguous(D), _rows(z),
-              contiguous(delta_bias))
+    # u, delta and z go to the operator as they are, which makes its rows inside (again in the backward): what
+    # autograd keeps is then a view of what the layer keeps anyway (the conv's output, in_proj's), not a copy
+    inputs = (u, delta, A.float(), grouped(B), grouped(C), contiguous(D), z, contiguous(delta_bias))
     save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     out, last_state, _ = _scan_fwd(*inputs, delta_softplus, save_states)
     return (out, last_state[..., :A.shape[1]]) if return_last_state else out
