@@ -30,16 +30,17 @@ tokens, with no communication between threads, and the sum over n for y_t stays 
 is BLOCK_D = 32·num_warps channels of one batch element, side by side (they share B_t and C_t, which every
 thread reads from the same address).
 
-Memory is read in tiles of T = 8 tokens: the thread of channel d loads u, Δ, z[d, t0 : t0+T] with 16-byte
-loads (one for 16-bit inputs, two for float32), then steps through the T tokens in its registers, and writes
-the T outputs at once. B and C are transposed once to (L, N) float32 rows, so B_t is one contiguous vector.
+Memory is read in tiles of T = 8 tokens: the thread of channel d loads u, Δ, z[d, t0 : t0+T], contiguous in a
+row of tokens, with 16-byte loads (one for 16-bit inputs, two for float32), then steps through the T tokens in
+its registers, and writes the T outputs at once. The kernels take strides, but the sequences come as rows: read
+across channels, (b, l, ·) as a projection writes them, a tile no longer sits in one thread's registers and the
+forward is several times slower than the copy to rows costs (the wrapper makes it; z may be any slice along
+channels). B and C are transposed once to (L, N) float32 rows, so B_t is one contiguous vector.
 Every token waits on B_t and C_t, which all threads of a program read, so their latency must not be paid
 token by token: the tile loop is software-pipelined (Triton's `tl.range(..., num_stages=2)`), which copies
 the next tile's B and C rows into shared memory asynchronously (cp.async) while the current tile is worked on,
-and the u, Δ, z tiles of the next iteration are loaded into registers before the current one is used. Rows must
-start 16-byte aligned
-for vector loads, so a length L that is not a multiple of 8 is padded (a copy) before the kernels run. The
-exponential is exp2 with A pre-scaled by log2(e): one hardware instruction.
+and the u, Δ, z tiles of the next iteration are loaded into registers before the current one is used. Loads
+past L are masked (zeros). The exponential is exp2 with A pre-scaled by log2(e): one hardware instruction.
 
 Chunks: parallel over the sequence
 ----------------------------------
@@ -74,9 +75,9 @@ that underflow). So states are checkpointed at three levels, each recomputed fro
   - the forward saves h every SEG = 64 tokens (memory B·d_inner·N·L/64 floats, never one state per token);
   - the backward program, for each segment of SEG tokens from the last to the first, recomputes the segment
     forward from its saved state and writes the state at the start of each tile of T = 4 tokens (BWD_T; the
-    forward's tiles are 8) to a small scratch buffer of its own (SEG/T states);
+    forward's tiles are 8) to a small scratch buffer of its own (SEG/T states): `_segment_tile_starts`;
   - for each tile, from the last to the first, it recomputes the T states of the tile into registers, then
-    steps backwards through the T tokens, carrying g and producing every gradient.
+    steps backwards through the T tokens, carrying g and producing every gradient: `_segment_backward`.
 ∂B and ∂C sum over channels, which live in different threads: a sum across the program's threads, then one
 atomic add per program into float32 buffers. ∂A, ∂D, ∂delta_bias sum over batch and time: each program
 writes its partial sum and PyTorch adds them up.
