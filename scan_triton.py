@@ -32,15 +32,16 @@ thread reads from the same address).
 
 Memory is read in tiles of T = 8 tokens: the thread of channel d loads u, Δ, z[d, t0 : t0+T], contiguous in a
 row of tokens, with 16-byte loads (one for 16-bit inputs, two for float32), then steps through the T tokens in
-its registers, and writes the T outputs at once. The kernels take strides, but the sequences come as rows: read
-across channels, (b, l, ·) as a projection writes them, a tile no longer sits in one thread's registers and the
-forward is several times slower than the copy to rows costs (the wrapper makes it; z may be any slice along
-channels). B and C are transposed once to (L, N) float32 rows, so B_t is one contiguous vector.
+its registers, and writes the T outputs at once. B and C are transposed once to (L, N) float32 rows, so B_t is
+one contiguous vector.
 Every token waits on B_t and C_t, which all threads of a program read, so their latency must not be paid
 token by token: the tile loop is software-pipelined (Triton's `tl.range(..., num_stages=2)`), which copies
 the next tile's B and C rows into shared memory asynchronously (cp.async) while the current tile is worked on,
-and the u, Δ, z tiles of the next iteration are loaded into registers before the current one is used. Loads
-past L are masked (zeros). The exponential is exp2 with A pre-scaled by log2(e): one hardware instruction.
+and the u, Δ, z tiles of the next iteration are loaded into registers before the current one is used. Rows must
+start 16-byte aligned for vector loads, and a tile's token mask must be the same for all its tokens, so every
+sequence is stored as rows of a multiple of 8 tokens (a zero-padded copy unless it already is; so is one laid out
+(b, l, ·), as a projection writes it: read across channels, a tile no longer sits in one thread's registers). The
+exponential is exp2 with A pre-scaled by log2(e): one hardware instruction.
 
 Chunks: parallel over the sequence
 ----------------------------------
@@ -179,18 +180,18 @@ def _silu_and_derivative(z):
 
 
 @triton.jit
-def _load_tile(ptr, rows, t, stride_t, d_mask, L):
-    """The (BLOCK_D, T) tile of tokens t (T,) of the program's channels, as stored, zeros outside 0 <= t < L.
-    rows (BLOCK_D,) are the offsets of each channel's token 0; token t is stride_t further."""
-    mask = d_mask[:, None] & ((t >= 0) & (t < L))[None, :]
-    return tl.load(ptr + rows[:, None] + t[None, :] * stride_t, mask=mask, other=0.0)
+def _load_tile(ptr, rows, t, d_mask, stride):
+    """The (BLOCK_D, T) tile of tokens t (T,) of the program's channels, as stored; zeros for a tile outside the
+    row. rows (BLOCK_D,) are the offsets of each channel's token 0. Rows hold a multiple of 8 tokens and tiles
+    start at multiples of T, so the token mask is the same for a whole tile: the compiler keeps 16-byte loads."""
+    mask = d_mask[:, None] & ((t >= 0) & (t < stride))[None, :]
+    return tl.load(ptr + rows[:, None] + t[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _store_tile(ptr, rows, t, stride_t, d_mask, L, tile):
-    """Store a float32 (BLOCK_D, T) tile of tokens t in ptr's dtype (tokens past L are not written)."""
-    mask = d_mask[:, None] & (t < L)[None, :]
-    tl.store(ptr + rows[:, None] + t[None, :] * stride_t, tile.to(ptr.dtype.element_ty), mask=mask)
+def _store_tile(ptr, rows, t, d_mask, stride, tile):
+    """Store a float32 (BLOCK_D, T) tile of tokens t in ptr's dtype."""
+    tl.store(ptr + rows[:, None] + t[None, :], tile.to(ptr.dtype.element_ty), mask=d_mask[:, None] & (t < stride)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -202,10 +203,8 @@ def _scan_fwd_kernel(
         # pointers: the (batch, d_inner, L) sequences, the parameters, the states kept between passes
         u_ptr, delta_ptr, z_ptr, out_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, delta_bias_ptr,
         chunk_state_ptr, delta_sum_ptr, seg_state_ptr, last_state_ptr,
-        # sizes
-        L, L_bc, d_inner, group_size, n_groups, chunk_len,
-        # strides (batch, channel, token) of u, delta and out, and of z
-        stride_b, stride_d, stride_t, stride_zb, stride_zd, stride_zt,
+        # sizes: L tokens, stored as rows of `stride` (a multiple of 8) tokens
+        L, stride, d_inner, group_size, n_groups, chunk_len,
         # meta-parameters
         STATES_ONLY: tl.constexpr, FROM_CHUNK_STATE: tl.constexpr, SAVE_SEGMENTS: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
@@ -217,6 +216,7 @@ def _scan_fwd_kernel(
     c = tl.program_id(1)
     n_chunks = tl.num_programs(1)
     b = tl.program_id(2).to(tl.int64)  # b·d_inner·L can exceed 2^31
+    stride = tl.multiple_of(stride, 8)  # rows start 16-byte aligned (the host pads them): vector loads
     n = tl.arange(0, BLOCK_N)
     state_offs = d[:, None] * BLOCK_N + n[None, :]                     # (BLOCK_D, BLOCK_N) in (d_inner, BLOCK_N)
     state_mask = d_mask[:, None]
@@ -229,27 +229,26 @@ def _scan_fwd_kernel(
     bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
     D = _load(D_ptr, d, d_mask) if HAS_D else tl.zeros((BLOCK_D,), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    rows = b * stride_b + d * stride_d                                 # (BLOCK_D,) each channel's token 0
-    z_rows = b * stride_zb + d * stride_zd
-    bc_rows = (b * n_groups + g) * L_bc                                # this group's B^T, C^T
+    rows = (b * d_inner + d) * stride                                  # (BLOCK_D,) each channel's token 0
+    bc_rows = (b * n_groups + g) * stride                              # this group's B^T, C^T
     t_start = c * chunk_len
     t_end = tl.minimum(t_start + chunk_len, L)
     # Each iteration issues the loads of the next tile before it works on the current one, so that the memory
     # latency is hidden behind the work of a tile instead of stalling every iteration.
     t = t_start + tl.arange(0, T)
-    delta_next = _load_tile(delta_ptr, rows, t, stride_t, d_mask, L)
-    u_next = _load_tile(u_ptr, rows, t, stride_t, d_mask, L)
-    z_next = _load_tile(z_ptr, z_rows, t, stride_zt, d_mask, L) if HAS_Z and not STATES_ONLY else u_next
+    delta_next = _load_tile(delta_ptr, rows, t, d_mask, stride)
+    u_next = _load_tile(u_ptr, rows, t, d_mask, stride)
+    z_next = _load_tile(z_ptr, rows, t, d_mask, stride) if HAS_Z and not STATES_ONLY else u_next
     for t0 in tl.range(t_start, t_end, T, num_stages=STAGES):
         if SAVE_SEGMENTS and t0 % SEG == 0:                            # h before token t0, for the backward
             tl.store(seg_state_ptr + (b * tl.cdiv(L, SEG) + t0 // SEG) * d_inner * BLOCK_N + state_offs, h,
                      mask=state_mask)
         t = t0 + tl.arange(0, T)
         delta_raw, u_raw, z_raw = delta_next, u_next, z_next
-        delta_next = _load_tile(delta_ptr, rows, t + T, stride_t, d_mask, L)   # past the chunk: loaded, unused
-        u_next = _load_tile(u_ptr, rows, t + T, stride_t, d_mask, L)
+        delta_next = _load_tile(delta_ptr, rows, t + T, d_mask, stride)   # past the chunk: loaded, unused
+        u_next = _load_tile(u_ptr, rows, t + T, d_mask, stride)
         if HAS_Z and not STATES_ONLY:
-            z_next = _load_tile(z_ptr, z_rows, t + T, stride_zt, d_mask, L)
+            z_next = _load_tile(z_ptr, rows, t + T, d_mask, stride)
 
         delta, _ = _delta(delta_raw, bias, (t < L)[None, :], DELTA_SOFTPLUS)
         u = u_raw.to(tl.float32)
@@ -270,7 +269,7 @@ def _scan_fwd_kernel(
             if HAS_Z:
                 z = z_raw.to(tl.float32)
                 y *= z * tl.sigmoid(z)
-            _store_tile(out_ptr, rows, t, stride_t, d_mask, L, y)
+            _store_tile(out_ptr, rows, t, d_mask, stride, y)
     chunk_offs = (b * n_chunks + c) * d_inner * BLOCK_N + state_offs
     if STATES_ONLY:
         tl.store(chunk_state_ptr + chunk_offs, h, mask=state_mask)
@@ -329,8 +328,7 @@ def _chunk_carry_kernel(states_ptr, delta_sum_ptr, A2_ptr, initial_ptr, d_inner,
 @triton.jit
 def _adjoint_summary_kernel(
         dout_ptr, delta_ptr, z_ptr, A2_ptr, Ct_ptr, delta_bias_ptr, adjoint_ptr, delta_sum_ptr,
-        L, L_bc, d_inner, group_size, n_groups, chunk_len,
-        stride_b, stride_d, stride_t, stride_zb, stride_zd, stride_zt,
+        L, stride, d_inner, group_size, n_groups, chunk_len,
         HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
         T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (channel block, chunk c, batch b): walk the chunk backwards from a zero adjoint,
@@ -340,29 +338,29 @@ def _adjoint_summary_kernel(
     c = tl.program_id(1)
     n_chunks = tl.num_programs(1)
     b = tl.program_id(2).to(tl.int64)
+    stride = tl.multiple_of(stride, 8)
     n = tl.arange(0, BLOCK_N)
     state_offs = d[:, None] * BLOCK_N + n[None, :]
     A2 = tl.load(A2_ptr + state_offs, mask=d_mask[:, None], other=0.0)
     bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
     carried = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    rows = b * stride_b + d * stride_d
-    z_rows = b * stride_zb + d * stride_zd
-    bc_rows = (b * n_groups + g) * L_bc
+    rows = (b * d_inner + d) * stride
+    bc_rows = (b * n_groups + g) * stride
     t_start = c * chunk_len
     n_tiles = tl.cdiv(tl.minimum(chunk_len, L - t_start), T)
     t = t_start + (n_tiles - 1) * T + tl.arange(0, T)                                  # the last tile first
-    delta_next = _load_tile(delta_ptr, rows, t, stride_t, d_mask, L)
-    dout_next = _load_tile(dout_ptr, rows, t, stride_t, d_mask, L)
-    z_next = _load_tile(z_ptr, z_rows, t, stride_zt, d_mask, L) if HAS_Z else dout_next
+    delta_next = _load_tile(delta_ptr, rows, t, d_mask, stride)
+    dout_next = _load_tile(dout_ptr, rows, t, d_mask, stride)
+    z_next = _load_tile(z_ptr, rows, t, d_mask, stride) if HAS_Z else dout_next
     for i in range(n_tiles):
         t0 = t_start + (n_tiles - 1 - i) * T
         t = t0 + tl.arange(0, T)
         delta_raw, dout_raw, z_raw = delta_next, dout_next, z_next
-        delta_next = _load_tile(delta_ptr, rows, t - T, stride_t, d_mask, L)            # the tile before this one
-        dout_next = _load_tile(dout_ptr, rows, t - T, stride_t, d_mask, L)
+        delta_next = _load_tile(delta_ptr, rows, t - T, d_mask, stride)            # the tile before this one
+        dout_next = _load_tile(dout_ptr, rows, t - T, d_mask, stride)
         if HAS_Z:
-            z_next = _load_tile(z_ptr, z_rows, t - T, stride_zt, d_mask, L)
+            z_next = _load_tile(z_ptr, rows, t - T, d_mask, stride)
 
         delta, _ = _delta(delta_raw, bias, (t < L)[None, :], DELTA_SOFTPLUS)
         dy = dout_raw.to(tl.float32)                                                     # ∂y_t
@@ -388,10 +386,8 @@ def _scan_bwd_kernel(
         u_ptr, delta_ptr, z_ptr, dout_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, delta_bias_ptr,
         seg_state_ptr, adjoint_ptr, scratch_ptr,
         du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr, dA_part_ptr, dD_part_ptr, ddelta_bias_part_ptr,
-        # sizes
-        L, L_bc, d_inner, group_size, n_groups, chunk_len,
-        # strides (batch, channel, token) of u, delta, dout, du, ddelta, dz, and of z
-        stride_b, stride_d, stride_t, stride_zb, stride_zd, stride_zt,
+        # sizes: L tokens, stored as rows of `stride` (a multiple of 8) tokens
+        L, stride, d_inner, group_size, n_groups, chunk_len,
         # meta-parameters
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
         SEG: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -403,6 +399,7 @@ def _scan_bwd_kernel(
     c = tl.program_id(1)
     n_chunks = tl.num_programs(1)
     b = tl.program_id(2).to(tl.int64)
+    stride = tl.multiple_of(stride, 8)
     n = tl.arange(0, BLOCK_N)
     state_offs = d[:, None] * BLOCK_N + n[None, :]
     state_mask = d_mask[:, None]
@@ -414,9 +411,8 @@ def _scan_bwd_kernel(
     dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
     ddelta_bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    rows = b * stride_b + d * stride_d
-    z_rows = b * stride_zb + d * stride_zd
-    bc_rows = (b * n_groups + g) * L_bc
+    rows = (b * d_inner + d) * stride
+    bc_rows = (b * n_groups + g) * stride
     # the program's scratch: SEG/T states of (BLOCK_D, BLOCK_N), each stored transposed with rows of BLOCK_D + 1:
     # the compiler then gives every thread all N states of its channel (as in the loops) and does not shuffle
     # states between threads at each tile, as it would for a plain (BLOCK_D, BLOCK_N) layout it could vectorise
@@ -430,11 +426,11 @@ def _scan_bwd_kernel(
         h = tl.load(seg_state_ptr + (b * tl.cdiv(L, SEG) + s0 // SEG) * d_inner * BLOCK_N + state_offs,
                     mask=state_mask, other=0.0)
         _segment_tile_starts(h, scratch, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias, rows, bc_rows,
-                             stride_t, d_mask, L, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
+                             stride, d_mask, L, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
         carried, dA, dD, ddelta_bias = _segment_backward(
             carried, dA, dD, ddelta_bias, scratch, s0, n_tiles,
             u_ptr, delta_ptr, z_ptr, dout_ptr, Bt_ptr, Ct_ptr, du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr,
-            A2, D, bias, rows, z_rows, bc_rows, stride_t, stride_zt, d_mask, L,
+            A2, D, bias, rows, bc_rows, stride, d_mask, L,
             HAS_D, HAS_Z, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
     tl.store(dA_part_ptr + chunk * BLOCK_N + state_offs, dA, mask=state_mask)
     if HAS_D:
@@ -445,20 +441,20 @@ def _scan_bwd_kernel(
 
 @triton.jit
 def _segment_tile_starts(h, scratch, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias, rows, bc_rows,
-                         stride_t, d_mask, L, DELTA_SOFTPLUS: tl.constexpr, T: tl.constexpr,
+                         stride, d_mask, L, DELTA_SOFTPLUS: tl.constexpr, T: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """The segment forwards from its saved state h: the state at the start of each of its tiles to the scratch."""
     n = tl.arange(0, BLOCK_N)
     scratch_offs = tl.arange(0, BLOCK_D)[:, None] + n[None, :] * (BLOCK_D + 1)
     t = s0 + tl.arange(0, T)
-    delta_next = _load_tile(delta_ptr, rows, t, stride_t, d_mask, L)
-    u_next = _load_tile(u_ptr, rows, t, stride_t, d_mask, L)
+    delta_next = _load_tile(delta_ptr, rows, t, d_mask, stride)
+    u_next = _load_tile(u_ptr, rows, t, d_mask, stride)
     for k in range(n_tiles):
         tl.store(scratch + k * (BLOCK_N * (BLOCK_D + 1)) + scratch_offs, h)
         t = s0 + k * T + tl.arange(0, T)
         delta_raw, u_raw = delta_next, u_next
-        delta_next = _load_tile(delta_ptr, rows, t + T, stride_t, d_mask, L)            # the next tile
-        u_next = _load_tile(u_ptr, rows, t + T, stride_t, d_mask, L)
+        delta_next = _load_tile(delta_ptr, rows, t + T, d_mask, stride)            # the next tile
+        u_next = _load_tile(u_ptr, rows, t + T, d_mask, stride)
         delta, _ = _delta(delta_raw, bias, (t < L)[None, :], DELTA_SOFTPLUS)
         du = delta * u_raw.to(tl.float32)
         bc_tile = (bc_rows + s0 + k * T) * BLOCK_N + n
@@ -469,7 +465,7 @@ def _segment_tile_starts(h, scratch, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, 
 @triton.jit
 def _segment_backward(carried, dA, dD, ddelta_bias, scratch, s0, n_tiles,
                       u_ptr, delta_ptr, z_ptr, dout_ptr, Bt_ptr, Ct_ptr, du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr,
-                      A2, D, bias, rows, z_rows, bc_rows, stride_t, stride_zt, d_mask, L,
+                      A2, D, bias, rows, bc_rows, stride, d_mask, L,
                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, T: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """The segment's tiles from the last to the first. Each tile runs forwards from its start state (scratch) to
@@ -478,21 +474,21 @@ def _segment_backward(carried, dA, dD, ddelta_bias, scratch, s0, n_tiles,
     n = tl.arange(0, BLOCK_N)
     scratch_offs = tl.arange(0, BLOCK_D)[:, None] + n[None, :] * (BLOCK_D + 1)
     t = s0 + (n_tiles - 1) * T + tl.arange(0, T)
-    delta_next = _load_tile(delta_ptr, rows, t, stride_t, d_mask, L)
-    u_next = _load_tile(u_ptr, rows, t, stride_t, d_mask, L)
-    dout_next = _load_tile(dout_ptr, rows, t, stride_t, d_mask, L)
-    z_next = _load_tile(z_ptr, z_rows, t, stride_zt, d_mask, L) if HAS_Z else dout_next
+    delta_next = _load_tile(delta_ptr, rows, t, d_mask, stride)
+    u_next = _load_tile(u_ptr, rows, t, d_mask, stride)
+    dout_next = _load_tile(dout_ptr, rows, t, d_mask, stride)
+    z_next = _load_tile(z_ptr, rows, t, d_mask, stride) if HAS_Z else dout_next
     for k_rev in range(n_tiles):
         k = n_tiles - 1 - k_rev
         t0 = s0 + k * T
         t = t0 + tl.arange(0, T)
         in_sequence = (t < L)[None, :]
         delta_raw, u_raw, dout_raw, z_raw = delta_next, u_next, dout_next, z_next
-        delta_next = _load_tile(delta_ptr, rows, t - T, stride_t, d_mask, L)            # the tile before this one
-        u_next = _load_tile(u_ptr, rows, t - T, stride_t, d_mask, L)
-        dout_next = _load_tile(dout_ptr, rows, t - T, stride_t, d_mask, L)
+        delta_next = _load_tile(delta_ptr, rows, t - T, d_mask, stride)            # the tile before this one
+        u_next = _load_tile(u_ptr, rows, t - T, d_mask, stride)
+        dout_next = _load_tile(dout_ptr, rows, t - T, d_mask, stride)
         if HAS_Z:
-            z_next = _load_tile(z_ptr, z_rows, t - T, stride_zt, d_mask, L)
+            z_next = _load_tile(z_ptr, rows, t - T, d_mask, stride)
 
         delta, delta_pre = _delta(delta_raw, bias, in_sequence, DELTA_SOFTPLUS)
         u = u_raw.to(tl.float32)
@@ -518,7 +514,7 @@ def _segment_backward(carried, dA, dD, ddelta_bias, scratch, s0, n_tiles,
         if HAS_Z:
             if HAS_D:
                 y += D[:, None] * u
-            _store_tile(dz_ptr, rows, t, stride_t, d_mask, L, dout * y * dsilu_z)
+            _store_tile(dz_ptr, rows, t, d_mask, stride, dout * y * dsilu_z)
         # backwards through the tile's tokens
         du_tile = tl.zeros((BLOCK_D, T), dtype=tl.float32)
         ddelta_tile = tl.zeros((BLOCK_D, T), dtype=tl.float32)
@@ -542,8 +538,8 @@ def _segment_backward(carried, dA, dD, ddelta_bias, scratch, s0, n_tiles,
         if DELTA_SOFTPLUS:
             ddelta_tile *= tl.sigmoid(delta_pre)                                    # softplus' = sigmoid
         ddelta_tile = tl.where(in_sequence, ddelta_tile, 0.0)
-        _store_tile(du_ptr, rows, t, stride_t, d_mask, L, du_tile)
-        _store_tile(ddelta_ptr, rows, t, stride_t, d_mask, L, ddelta_tile)
+        _store_tile(du_ptr, rows, t, d_mask, stride, du_tile)
+        _store_tile(ddelta_ptr, rows, t, d_mask, stride, ddelta_tile)
         dD += tl.sum(dy * u, axis=1)
         ddelta_bias += tl.sum(ddelta_tile, axis=1)
     return carried, dA, dD, ddelta_bias
@@ -569,47 +565,52 @@ def _chunk_len(batch, d_inner, L, device, num_warps, warps_per_sm):
     return SEG * triton.cdiv(triton.cdiv(L, n_chunks), SEG)
 
 
-def _rows(x):
-    """x (batch, d_inner, L) with each channel's tokens contiguous: x itself (a slice along channels is fine)
-    or a copy. The kernels take any strides, but a tile of tokens read across channels (x.mT contiguous, as a
-    projection's (batch, L, ·) output is) makes the forward many times slower than the copy costs."""
-    return x if x is None or x.stride(2) == 1 else x.contiguous()
-
-
 def _row_len(L):
-    """Tokens per row of the transposed B and C: L rounded up to whole tiles, so tiles never read past a row."""
+    """Tokens per stored row: L rounded up to a multiple of 8, so that every row starts 16-byte aligned."""
     return triton.cdiv(L, 8) * 8
 
 
-def _transposed(M, block_n):
-    """(batch, G, N, L) -> (batch, G, _row_len(L), BLOCK_N) float32, zero-padded: B_t, C_t become contiguous
-    rows, and a tile running past L reads zeros without a mask. One copy kernel when there is nothing to pad."""
-    L_bc = _row_len(M.shape[3])
-    padded = M.shape[3] != L_bc or M.shape[2] != block_n
-    out = (torch.zeros if padded else torch.empty)(*M.shape[:2], L_bc, block_n, dtype=torch.float32,
+def _rows(x, stride):
+    """x (batch, d_inner, L) as zero-padded rows of `stride` tokens, 16-byte aligned: x itself when it already is.
+    A sequence stored across channels, (b, l, ·) as a projection writes it, is copied too: read in place, a tile
+    no longer sits in one thread's registers and the forward is several times slower than the copy."""
+    if x is None:
+        return None
+    if x.is_contiguous() and x.shape[-1] == stride and x.data_ptr() % 16 == 0:
+        return x
+    rows = torch.zeros(*x.shape[:-1], stride, dtype=x.dtype, device=x.device)
+    rows[..., :x.shape[-1]] = x
+    return rows
+
+
+def _transposed(M, stride, block_n):
+    """(batch, G, N, L) -> (batch, G, stride, BLOCK_N) float32, zero-padded: B_t, C_t become contiguous rows,
+    and a tile running past L reads zeros without a mask. One copy kernel when there is nothing to pad."""
+    padded = M.shape[3] != stride or M.shape[2] != block_n
+    out = (torch.zeros if padded else torch.empty)(*M.shape[:2], stride, block_n, dtype=torch.float32,
                                                     device=M.device)
     out[..., :M.shape[3], :M.shape[2]] = M.transpose(2, 3)
     return out
 
 
-def _prepare(A, B, C):
-    """A·log2(e) padded to BLOCK_N states; B and C transposed to (batch, G, _row_len(L), BLOCK_N) float32."""
-    d_state = A.shape[1]
-    block_n = triton.next_power_of_2(d_state)
+def _prepare(u, delta, A, B, C, z):
+    """The kernels' layouts: u, Δ, z as rows of `stride` tokens, A·log2(e) padded to BLOCK_N states, B and C
+    transposed to (batch, G, stride, BLOCK_N) float32."""
+    L, d_state = u.shape[-1], A.shape[1]
+    block_n, stride = triton.next_power_of_2(d_state), _row_len(L)
     A2 = A * math.log2(math.e)                                         # exp(x A) = exp2(x A2)
     A2 = torch.nn.functional.pad(A2, (0, block_n - d_state)) if block_n != d_state else A2.contiguous()
-    return A2, _transposed(B, block_n), _transposed(C, block_n)
+    return (_rows(u, stride), _rows(delta, stride), A2, _transposed(B, stride, block_n),
+            _transposed(C, stride, block_n), _rows(z, stride))
 
 
-def _launch(u, z, n_groups, num_warps, warps_per_sm):
-    """A pass's launch geometry for u (batch, d_inner, L): (grid, the kernels' size and stride arguments,
-    n_chunks, BLOCK_D)."""
+def _launch(u, n_groups, num_warps, warps_per_sm):
+    """A pass's launch geometry for u (batch, d_inner, L): (grid, the kernels' size arguments, n_chunks, BLOCK_D)."""
     batch, d_inner, L = u.shape
     chunk_len = _chunk_len(batch, d_inner, L, u.device, num_warps, warps_per_sm)
     n_chunks, block_d = triton.cdiv(L, chunk_len), 32 * num_warps
     grid = (n_groups * triton.cdiv(d_inner // n_groups, block_d), n_chunks, batch)
-    sizes = (L, _row_len(L), d_inner, d_inner // n_groups, n_groups, chunk_len)
-    return grid, sizes + u.stride() + (u if z is None else z).stride(), n_chunks, block_d
+    return grid, (L, _row_len(L), d_inner, d_inner // n_groups, n_groups, chunk_len), n_chunks, block_d
 
 
 def _nothing(like):
@@ -618,21 +619,22 @@ def _nothing(like):
 
 # The forward and the backward are registered as PyTorch operators (torch.library.custom_op), so that
 # torch.compile can compile the model around them: it sees one opaque operator with known output shapes instead
-# of tracing into the kernel launches. The backward re-makes the transposed B, C from the inputs rather than
-# keeping them: the inputs are saved anyway, and the copies are small next to the scan.
+# of tracing into the kernel launches. Both make the padded rows and transposed B, C from their inputs: autograd
+# then keeps the tensors the layer keeps anyway (views of them), not copies, and the copies are small next to
+# the scan.
 
 @torch.library.custom_op("mamba_triton::scan_fwd", mutates_args=())
 def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
               delta_softplus: bool, save_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """u, delta, z (batch, d_inner, L); B, C (batch, G, N, L). Returns out (batch, d_inner, L) contiguous,
-    last_state (batch, d_inner, BLOCK_N), and the states every SEG tokens the backward starts from (empty
-    unless save_states)."""
+    """u, delta, z (batch, d_inner, L); B, C (batch, G, N, L). Returns out (batch, d_inner, stride) (the first L
+    tokens are the output), last_state (batch, d_inner, BLOCK_N), and the states every SEG tokens the backward
+    starts from (empty unless save_states)."""
     batch, d_inner, L = u.shape
-    u, delta, z = u.contiguous(), delta.contiguous(), _rows(z)       # u, delta and out share one set of strides
-    A2, Bt, Ct = _prepare(A, B, C)
-    block_n = Bt.shape[-1]
-    grid, sizes, n_chunks, block_d = _launch(u, z, B.shape[1], FWD_WARPS, FWD_WARPS_PER_SM)
+    n_groups = B.shape[1]
+    grid, sizes, n_chunks, block_d = _launch(u, n_groups, FWD_WARPS, FWD_WARPS_PER_SM)
+    u, delta, A2, Bt, Ct, z = _prepare(u, delta, A, B, C, z)
+    stride, block_n = u.shape[-1], Bt.shape[-1]
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
                  DELTA_SOFTPLUS=delta_softplus, SEG=SEG, T=FWD_T, STAGES=FWD_STAGES,
                  BLOCK_D=block_d, BLOCK_N=block_n, num_warps=FWD_WARPS)
@@ -644,7 +646,7 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
         _scan_fwd_kernel[grid](u, delta, z, None, A2, Bt, Ct, D, delta_bias, chunk_states, delta_sums, None, None,
                                *sizes, STATES_ONLY=True, FROM_CHUNK_STATE=False, SAVE_SEGMENTS=False, **flags)
         _carry(chunk_states, delta_sums, A2, None, False)
-    out = _alloc(batch, d_inner, L, dtype=u.dtype, device=u.device)
+    out = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
     last_state = _alloc(batch, d_inner, block_n, dtype=torch.float32, device=u.device)
     seg_states = (_alloc(batch, triton.cdiv(L, SEG), d_inner, block_n, dtype=torch.float32, device=u.device)
                   if save_states else _nothing(last_state))
@@ -657,11 +659,11 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 @_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states):
     batch, d_inner, L = u.shape
-    block_n = triton.next_power_of_2(A.shape[1])
+    block_n, stride = triton.next_power_of_2(A.shape[1]), _row_len(L)
     f32 = dict(dtype=torch.float32)
     seg_states = (u.new_empty(batch, triton.cdiv(L, SEG), d_inner, block_n, **f32) if save_states
                   else u.new_empty(0, **f32))
-    return u.new_empty(batch, d_inner, L), u.new_empty(batch, d_inner, block_n, **f32), seg_states
+    return u.new_empty(batch, d_inner, stride), u.new_empty(batch, d_inner, block_n, **f32), seg_states
 
 
 @torch.library.custom_op("mamba_triton::scan_bwd", mutates_args=())
@@ -670,16 +672,16 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
               seg_states: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor | None,
               delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each of its input's shape and contiguous; an
-    empty tensor for an absent D, z or delta_bias."""
+    """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each of its input's shape (du, ddelta, dz
+    (batch, d_inner, stride)); an empty tensor for an absent D, z or delta_bias."""
     batch, d_inner, L = u.shape
-    d_state = B.shape[2]
-    u, delta, dout, z = u.contiguous(), delta.contiguous(), dout.contiguous(), _rows(z)
-    A2, Bt, Ct = _prepare(A, B, C)
-    block_n = Bt.shape[-1]
-    grid, sizes, n_chunks, block_d = _launch(u, z, B.shape[1], BWD_WARPS, BWD_WARPS_PER_SM)
+    n_groups, d_state = B.shape[1], B.shape[2]
+    grid, sizes, n_chunks, block_d = _launch(u, n_groups, BWD_WARPS, BWD_WARPS_PER_SM)
+    u, delta, A2, Bt, Ct, z = _prepare(u, delta, A, B, C, z)
+    stride, block_n = u.shape[-1], Bt.shape[-1]
     flags = dict(HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None, DELTA_SOFTPLUS=delta_softplus,
                  T=BWD_T, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BWD_WARPS)
+    dout = _rows(dout, stride)
     adjoints = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
     if n_chunks > 1:  # passes 1 and 2 of the adjoint
         delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
@@ -690,9 +692,9 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     else:
         adjoints.copy_(dlast[:, None])
 
-    du = _alloc(batch, d_inner, L, dtype=u.dtype, device=u.device)
-    ddelta = _alloc(batch, d_inner, L, dtype=delta.dtype, device=u.device)
-    dz = _nothing(u) if z is None else _alloc(batch, d_inner, L, dtype=z.dtype, device=u.device)
+    du = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
+    ddelta = _alloc(batch, d_inner, stride, dtype=delta.dtype, device=u.device)
+    dz = _nothing(u) if z is None else _alloc(batch, d_inner, stride, dtype=z.dtype, device=u.device)
     dBt = torch.zeros(Bt.shape, dtype=torch.float32, device=u.device)            # atomic-add targets
     dCt = torch.zeros(Ct.shape, dtype=torch.float32, device=u.device)
     dA_part = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
@@ -714,10 +716,12 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 
 @_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, seg_states, dout, dlast, delta_softplus):
+    batch, d_inner, L = u.shape
+    rows = (batch, d_inner, _row_len(L))
     nothing = A.new_empty(0)
     like = (lambda x: x.new_empty(x.shape))                       # contiguous, as the operator returns them
-    return (like(u), like(delta), like(A), like(B), like(C),
-            nothing if D is None else like(D), u.new_empty(0) if z is None else like(z),
+    return (u.new_empty(rows), delta.new_empty(rows), like(A), like(B), like(C),
+            nothing if D is None else like(D), u.new_empty(0) if z is None else z.new_empty(rows),
             nothing if delta_bias is None else like(delta_bias))
 
 
@@ -735,8 +739,9 @@ def _backward(ctx, dout, dlast, _):
         dlast = dlast.contiguous()
     du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, seg_states,
                                                             dout, dlast, ctx.delta_softplus)
-    return (du, ddelta, dA, dB, dC, None if D is None else dD, None if z is None else dz,
-            None if delta_bias is None else ddelta_bias, None, None)
+    L = u.shape[-1]
+    return (du[..., :L], ddelta[..., :L], dA, dB, dC, None if D is None else dD,
+            None if z is None else dz[..., :L], None if delta_bias is None else ddelta_bias, None, None)
 
 
 torch.library.register_autograd("mamba_triton::scan_fwd", _backward, setup_context=_setup_context)
@@ -772,9 +777,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     batch, _, L = u.shape
     grouped = (lambda M: M.reshape(batch, n_groups, M.shape[-2], L).contiguous())    # (B, G, N, L), small
     contiguous = (lambda x: None if x is None else x.contiguous())
-    # u, delta and z go to the operator as they are, which makes its rows inside (again in the backward): what
-    # autograd keeps is then a view of what the layer keeps anyway (the conv's output, in_proj's), not a copy
+    # u, delta and z go to the operator as they are and it makes its rows inside (again in the backward): autograd
+    # then keeps views of what the layer keeps anyway (the conv's output, in_proj's), not copies
     inputs = (u, delta, A.float(), grouped(B), grouped(C), contiguous(D), z, contiguous(delta_bias))
     save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     out, last_state, _ = _scan_fwd(*inputs, delta_softplus, save_states)
-    return (out, last_state[..., :A.shape[1]]) if return_last_state else out
+    out, last_state = out[..., :L], last_state[..., :A.shape[1]]
+    return (out, last_state) if return_last_state else out
