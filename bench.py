@@ -144,11 +144,17 @@ DECODE_CONFIGS = [(256, 4, 256), (768, 24, 50280)]  # (d_model, n_layer, vocab_s
 
 
 def mamba_ssm_model(d_model, n_layer, vocab_size, device="cuda"):
-    """mamba_ssm's MambaLMHeadModel with Mamba-1 layers and the fused add + RMSNorm, or None if it is missing."""
+    """mamba_ssm's MambaLMHeadModel with Mamba-1 layers and the fused add + RMSNorm, or None if it is missing.
+    Without causal-conv1d's extension mamba_ssm silently runs PyTorch's conv instead: refused, as unfair to it."""
     try:
         from mamba_ssm.models.config_mamba import MambaConfig as SSMConfig
         from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
     except ImportError:
+        return None
+    try:
+        import causal_conv1d_cuda  # noqa: F401
+    except ImportError:
+        print("mamba_ssm imports but causal_conv1d_cuda does not (README: how to build it): no mamba_ssm column")
         return None
     config = SSMConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab_size, ssm_cfg={"layer": "Mamba1"},
                        rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=8)
@@ -340,7 +346,16 @@ def git_commit():
 def provenance():
     return (f"Command: `python bench.py {' '.join(sys.argv[1:])}`  \n"
             f"Commit: {git_commit()}  \n"
-            f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+            f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}  \n"
+            f"CPU load when written (1-minute average): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+
+
+def check_idle_cpu():
+    """Kernel launches run on the CPU: timings taken while other work holds it (a compiler left by an interrupted
+    build) are not comparable. Say so before timing."""
+    load = os.getloadavg()[0]
+    if load > 0.5 * os.cpu_count():
+        print(f"warning: CPU load {load:.1f} on {os.cpu_count()} cores: other work may slow the timings down")
 
 
 def write_result(path, title, rows, notes):
@@ -379,6 +394,7 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU (torch.cuda.is_available() is False)")
+    check_idle_cpu()
     args.run(args)
 
 
