@@ -18,8 +18,9 @@ Why a kernel: the layer's x arrives inside in_proj's output (b, l, 2d) (x beside
 wants a contiguous (b, d, l) copy, runs a generic depthwise kernel, then a separate SiLU; its backward is slower
 still. Here one program reads a (BLOCK_L, BLOCK_D) tile of tokens × channels straight from in_proj's output, K
 shifted loads of the tile (the overlaps hit the cache), and writes u in the same (b, l, d) layout that x_proj reads.
-The backward recomputes pre at the K positions each ∂x_t needs instead of saving g: a few multiply-adds per load.
-Channels are the contiguous dimension, so every load of a warp is one contiguous run of memory.
+Channels are the contiguous dimension, so every load of a warp is one contiguous run of memory. Only x is kept
+for the backward, which runs in two kernels: the first recomputes pre from x, writes g (in ∂u's dtype) and sums
+∂w, ∂bias over its tile in float32; the second runs the conv backwards in time over g for ∂x.
 """
 import torch
 import triton
