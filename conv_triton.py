@@ -22,6 +22,8 @@ Channels are the contiguous dimension, so every load of a warp is one contiguous
 for the backward, which runs in two kernels: the first recomputes pre from x, writes g (in ∂u's dtype) and sums
 ∂w, ∂bias over its tile in float32; the second runs the conv backwards in time over g for ∂x.
 """
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -167,4 +169,6 @@ def causal_conv_silu(x, weight, bias):
     """silu(causal depthwise conv(x)): x (b, l, d) with x.stride(2) == 1 (a slice of in_proj's output is fine),
     weight (d, K), bias (d,) -> u (b, l, d) contiguous, in x's dtype. Differentiable in x, weight and bias."""
     assert x.stride(2) == 1 and weight.shape == (x.shape[2], weight.shape[1]) and bias.shape == (x.shape[2],)
+    assert x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1", \
+        "CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported); on a CPU use MAMBA_SCAN=torch"
     return _conv_fwd(x, weight.contiguous(), bias)
