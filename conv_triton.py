@@ -51,7 +51,7 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr,
                      L, d, stride_xb, stride_xl,
                      K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (token block, channel block, batch b): u = silu(conv(x)) for a (BLOCK_L, BLOCK_D) tile."""
-    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    t = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)   # t·stride can exceed 2^31
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     b = tl.program_id(2).to(tl.int64)
     mask_c = c < d
@@ -69,7 +69,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, du_ptr, g_ptr, dw_part_ptr, dbias_p
     """Program (token block, channel block, batch b): g = ∂u · silu'(pre) for its tile (written out for
     `_conv_transpose_kernel`), and the tile's sums ∂w_k = Σ_t g_t x_{t-K+1+k}, ∂bias = Σ_t g_t. ∂u may come in
     any layout (the compiler turns a token-contiguous tile into channel-contiguous registers)."""
-    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    t = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)   # t·stride can exceed 2^31
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     b = tl.program_id(2).to(tl.int64)
     mask_c = c < d
@@ -77,8 +77,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, du_ptr, g_ptr, dw_part_ptr, dbias_p
     bias = tl.load(bias_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
     x_b = x_ptr + b * stride_xb
     pre = _conv_at(x_b, w_ptr, bias, t, c, mask_c, stride_xl, L, K, BLOCK_L)
-    du = tl.load(du_ptr + b * stride_ub + t[:, None] * stride_ul + c[None, :] * stride_ud, mask=in_seq,
-                 other=0.0).to(tl.float32)
+    du_offs = b * stride_ub + t[:, None] * stride_ul + c[None, :].to(tl.int64) * stride_ud
+    du = tl.load(du_ptr + du_offs, mask=in_seq, other=0.0).to(tl.float32)
     sig = tl.sigmoid(pre)
     g = du * sig * (1.0 + pre * (1.0 - sig))                             # ∂pre = ∂u · silu'(pre); 0 past L
     tl.store(g_ptr + (b * L + t[:, None]) * d + c[None, :], g.to(g_ptr.dtype.element_ty), mask=in_seq)
@@ -94,8 +94,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, du_ptr, g_ptr, dw_part_ptr, dbias_p
 @triton.jit
 def _conv_transpose_kernel(g_ptr, w_ptr, dx_ptr, L, d,
                            K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (token block, channel block, batch b): ∂x_t = Σ_s w_{K-1-s} g_{t+s}, the conv run backwards in time."""
-    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    """Program (token block, channel block, batch b): ∂x_t = Σ_s w_{K-1-s} g_{t+s}, the conv backwards in time."""
+    t = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)   # t·stride can exceed 2^31
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     b = tl.program_id(2).to(tl.int64)
     mask_c = c < d

@@ -191,7 +191,8 @@ def _load_tile(ptr, rows, t, d_mask, stride):
 @triton.jit
 def _store_tile(ptr, rows, t, d_mask, stride, tile):
     """Store a float32 (BLOCK_D, T) tile of tokens t in ptr's dtype."""
-    tl.store(ptr + rows[:, None] + t[None, :], tile.to(ptr.dtype.element_ty), mask=d_mask[:, None] & (t < stride)[None, :])
+    mask = d_mask[:, None] & (t < stride)[None, :]
+    tl.store(ptr + rows[:, None] + t[None, :], tile.to(ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -394,7 +395,8 @@ def _scan_bwd_kernel(
     """Program (channel block, chunk c, batch b): starting from the adjoint G_c that enters the chunk's last
     token from the right (pass 2), walk the chunk's segments from the last to the first: recompute the states
     at the segment's tile starts (`_segment_tile_starts`), then go back through its tiles (`_segment_backward`),
-    writing ∂u, ∂delta, ∂z, adding ∂B, ∂C. At the end, write this program's partial sums of ∂A, ∂D, ∂delta_bias."""
+    writing ∂u, ∂delta, ∂z, adding ∂B, ∂C. At the end, write this program's partial sums of ∂A, ∂D and
+    ∂delta_bias."""
     d, d_mask, g = _program_channels(d_inner, group_size, BLOCK_D)
     c = tl.program_id(1)
     n_chunks = tl.num_programs(1)
