@@ -19,8 +19,8 @@ wants a contiguous (b, d, l) copy, runs a generic depthwise kernel, then a separ
 still. Here one program reads a (BLOCK_L, BLOCK_D) tile of tokens × channels straight from in_proj's output, K
 shifted loads of the tile (the overlaps hit the cache), and writes u in the same (b, l, d) layout that x_proj reads.
 Channels are the contiguous dimension, so every load of a warp is one contiguous run of memory. Only x is kept
-for the backward, which runs in two kernels: the first recomputes pre from x, writes g (in ∂u's dtype) and sums
-∂w, ∂bias over its tile in float32; the second runs the conv backwards in time over g for ∂x.
+for the backward, which runs in two kernels: the first recomputes pre from x, writes g in float32 and sums ∂w,
+∂bias over its tile; the second runs the conv backwards in time over g for ∂x.
 """
 import os
 
@@ -139,7 +139,7 @@ def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     x = _unit_channel_stride(x)
     batch, L, d = x.shape
     grid = _grid(x)
-    g = torch.empty(batch, L, d, dtype=du.dtype, device=x.device)
+    g = torch.empty(batch, L, d, dtype=torch.float32, device=x.device)   # ∂x is then rounded once, at the end
     dw_part = torch.empty(batch * grid[0], d, weight.shape[1], dtype=torch.float32, device=x.device)
     dbias_part = torch.empty(batch * grid[0], d, dtype=torch.float32, device=x.device)
     _conv_bwd_kernel[grid](x, weight, bias, du, g, dw_part, dbias_part, L, d, x.stride(0), x.stride(1),
@@ -171,4 +171,4 @@ def causal_conv_silu(x, weight, bias):
     assert x.stride(2) == 1 and weight.shape == (x.shape[2], weight.shape[1]) and bias.shape == (x.shape[2],)
     assert x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1", \
         "CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported); on a CPU use MAMBA_SCAN=torch"
-    return _conv_fwd(x, weight.contiguous(), bias)
+    return _conv_fwd(x, weight.contiguous(), bias.contiguous())

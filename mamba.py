@@ -343,6 +343,7 @@ class MambaMixer(nn.Module):
         """silu(depthwise causal conv over time), x (b, l, d_inner) -> (b, l, d_inner):
         out_t = silu(bias + Σ_k w_k ⊙ x_{t-d_conv+1+k}). The Triton kernel reads x inside in_proj's output."""
         if _backend(x) == "triton":
+            assert conv_triton is not None, "the triton conv needs the triton package"
             return conv_triton.causal_conv_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
         return F.silu(self.conv1d(x.mT)[..., :x.shape[1]]).mT     # padded on both sides: keep the first l
 

@@ -146,15 +146,17 @@ def test_gradient_through_last_state_only(chunked, monkeypatch):
         assert grads[0][name].grad.abs().max() == 0
 
 
+@pytest.mark.parametrize("L", [37, 40], ids=["L padded", "L a multiple of 8"])
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "one chunk"])
 @pytest.mark.parametrize("layout", ["tokens of channels", "rows"])
-def test_the_layouts_a_mamba_layer_passes(layout, chunked, monkeypatch):
+def test_the_layouts_a_mamba_layer_passes(layout, chunked, L, monkeypatch):
     """As MambaMixer calls it: u the conv's (batch, L, d_inner) output seen as (batch, d_inner, L), z a slice of
-    in_proj's output, B, C x_proj's (batch, L, N) transposed (the wrapper copies u, delta, z to rows of tokens);
-    or every input in rows, z a slice along channels of a larger tensor (read in place with its own strides)."""
+    in_proj's output, B, C x_proj's (batch, L, N) transposed; or every input in rows, z a slice along channels of
+    a larger tensor. The operator copies what is not contiguous rows of a multiple of 8 tokens (with L = 40 only
+    the layout decides)."""
     use_chunks(monkeypatch, chunked)
     seed = torch.seed() % 2**31
-    batch, d_inner, L = 2, 36, 37                                              # 36 channels: 2 blocks
+    batch, d_inner = 2, 36                                                     # 36 channels: 2 blocks
     x = {k: v.detach() for k, v in make_inputs(seed, batch, d_inner, 16, L).items()}
     tokens = (lambda t: t.mT.contiguous().mT)                                  # same values, (b, L, ·) storage
     x["B"], x["C"] = tokens(x["B"]), tokens(x["C"])
@@ -168,6 +170,19 @@ def test_the_layouts_a_mamba_layer_passes(layout, chunked, monkeypatch):
     for name in GRAD_NAMES:
         err = rel_err(grads[name], ref_grads[name])
         assert err <= 1e-4, f"d{name} rel err {err:.2e} (seed {seed})"
+
+
+def test_rows_not_16_byte_aligned_are_copied():
+    """delta contiguous with L = 24 (no padding needed) but starting 4 bytes into its storage: only the alignment
+    sends it to a copy."""
+    seed = torch.seed() % 2**31
+    x = {k: v.detach() for k, v in make_inputs(seed, 2, 4, 16, 24).items()}
+    x["delta"] = torch.cat([x["delta"].new_zeros(1), x["delta"].flatten()])[1:].view(2, 4, 24)
+    assert x["delta"].is_contiguous() and x["delta"].data_ptr() % 16 != 0
+    with torch.no_grad():
+        out = scan_triton.selective_scan(**x, delta_softplus=True)
+        ref = mamba.selective_scan_ref(**x, delta_softplus=True)
+    assert rel_err(out, ref) <= 1e-5, f"seed {seed}"
 
 
 @pytest.mark.parametrize("change", [dict(A=torch.zeros(5, 16)), dict(A=torch.zeros(4, 65)),
