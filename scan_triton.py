@@ -415,11 +415,7 @@ def _scan_bwd_kernel(
     ddelta_bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     rows = (b * d_inner + d) * stride
     bc_rows = (b * n_groups + g) * stride
-    # the program's scratch: SEG/T states of (BLOCK_D, BLOCK_N), each stored transposed with rows of BLOCK_D + 1:
-    # the compiler then gives every thread all N states of its channel (as in the loops) and does not shuffle
-    # states between threads at each tile, as it would for a plain (BLOCK_D, BLOCK_N) layout it could vectorise
-    scratch = scratch_ptr + (chunk // d_inner * tl.num_programs(0) + tl.program_id(0)) * (SEG // T) * \
-        (BLOCK_N * (BLOCK_D + 1))
+    first_state = (chunk // d_inner * tl.num_programs(0) + tl.program_id(0)) * (SEG // T)   # its scratch's first
     t_start = c * chunk_len
     n_segs = tl.cdiv(tl.minimum(chunk_len, L - t_start), SEG)
     for i in range(n_segs):
@@ -427,10 +423,10 @@ def _scan_bwd_kernel(
         n_tiles = tl.cdiv(tl.minimum(SEG, L - s0), T)
         h = tl.load(seg_state_ptr + (b * tl.cdiv(L, SEG) + s0 // SEG) * d_inner * BLOCK_N + state_offs,
                     mask=state_mask, other=0.0)
-        _segment_tile_starts(h, scratch, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias, rows, bc_rows,
-                             stride, d_mask, L, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
+        _segment_tile_starts(h, scratch_ptr, first_state, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias, rows,
+                             bc_rows, stride, d_mask, L, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
         carried, dA, dD, ddelta_bias = _segment_backward(
-            carried, dA, dD, ddelta_bias, scratch, s0, n_tiles,
+            carried, dA, dD, ddelta_bias, scratch_ptr, first_state, s0, n_tiles,
             u_ptr, delta_ptr, z_ptr, dout_ptr, Bt_ptr, Ct_ptr, du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr,
             A2, D, bias, rows, bc_rows, stride, d_mask, L,
             HAS_D, HAS_Z, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
@@ -442,17 +438,26 @@ def _scan_bwd_kernel(
 
 
 @triton.jit
-def _segment_tile_starts(h, scratch, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias, rows, bc_rows,
-                         stride, d_mask, L, DELTA_SOFTPLUS: tl.constexpr, T: tl.constexpr,
+def _scratch_state(scratch_ptr, k, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pointers (BLOCK_D, BLOCK_N) to state k of the backward's scratch, where each program owns SEG/T states.
+    Each state is stored transposed with rows of BLOCK_D + 1: the compiler then gives every thread all N states
+    of its channel (as in the loops) and does not shuffle states between threads at each tile, as it would for a
+    plain layout it could vectorise."""
+    return (scratch_ptr + k * (BLOCK_N * (BLOCK_D + 1)) + tl.arange(0, BLOCK_D)[:, None]
+            + tl.arange(0, BLOCK_N)[None, :] * (BLOCK_D + 1))
+
+
+@triton.jit
+def _segment_tile_starts(h, scratch_ptr, first_state, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias, rows,
+                         bc_rows, stride, d_mask, L, DELTA_SOFTPLUS: tl.constexpr, T: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """The segment forwards from its saved state h: the state at the start of each of its tiles to the scratch."""
     n = tl.arange(0, BLOCK_N)
-    scratch_offs = tl.arange(0, BLOCK_D)[:, None] + n[None, :] * (BLOCK_D + 1)
     t = s0 + tl.arange(0, T)
     delta_next = _load_tile(delta_ptr, rows, t, d_mask, stride)
     u_next = _load_tile(u_ptr, rows, t, d_mask, stride)
     for k in range(n_tiles):
-        tl.store(scratch + k * (BLOCK_N * (BLOCK_D + 1)) + scratch_offs, h)
+        tl.store(_scratch_state(scratch_ptr, first_state + k, BLOCK_D, BLOCK_N), h)
         t = s0 + k * T + tl.arange(0, T)
         delta_raw, u_raw = delta_next, u_next
         delta_next = _load_tile(delta_ptr, rows, t + T, d_mask, stride)            # the next tile
@@ -465,7 +470,7 @@ def _segment_tile_starts(h, scratch, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, 
 
 
 @triton.jit
-def _segment_backward(carried, dA, dD, ddelta_bias, scratch, s0, n_tiles,
+def _segment_backward(carried, dA, dD, ddelta_bias, scratch_ptr, first_state, s0, n_tiles,
                       u_ptr, delta_ptr, z_ptr, dout_ptr, Bt_ptr, Ct_ptr, du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr,
                       A2, D, bias, rows, bc_rows, stride, d_mask, L,
                       HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, T: tl.constexpr,
@@ -474,7 +479,6 @@ def _segment_backward(carried, dA, dD, ddelta_bias, scratch, s0, n_tiles,
     keep its T states in registers, then backwards through its tokens carrying the adjoint. Returns the adjoint
     carried into the segment before, and the running sums of ∂A, ∂D, ∂delta_bias."""
     n = tl.arange(0, BLOCK_N)
-    scratch_offs = tl.arange(0, BLOCK_D)[:, None] + n[None, :] * (BLOCK_D + 1)
     t = s0 + (n_tiles - 1) * T + tl.arange(0, T)
     delta_next = _load_tile(delta_ptr, rows, t, d_mask, stride)
     u_next = _load_tile(u_ptr, rows, t, d_mask, stride)
@@ -502,7 +506,7 @@ def _segment_backward(carried, dA, dD, ddelta_bias, scratch, s0, n_tiles,
             dy = dout * silu_z
         # the tile forwards from its start state: states[j] is h before token j. On the way, ∂C_t = Σ_d dy_t h_t
         # and y_t (for ∂z).
-        h = tl.load(scratch + k * (BLOCK_N * (BLOCK_D + 1)) + scratch_offs)
+        h = tl.load(_scratch_state(scratch_ptr, first_state + k, BLOCK_D, BLOCK_N))
         states = ()
         y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
         bc_tile = (bc_rows + t0) * BLOCK_N + n                     # B_t, C_t of the tile's first token
