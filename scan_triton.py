@@ -101,6 +101,7 @@ FWD_WARPS_PER_SM = 64   # chunks are cut until there is this much work per SM (m
 BWD_WARPS_PER_SM = 64   # chunks even out the programs' finishing times)
 CARRY_BLOCK = 128       # pass 2: (channel, state) elements per program, one per thread
 CARRY_GROUP = 16        # pass 2: chunk summaries loaded together
+ROWS_BLOCK = 64         # tokens and channels per program of the transposing copy into rows
 INTERPRETER_SMS = 4     # stands in for the SM count when the kernels run in Triton's CPU interpreter
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -555,6 +556,19 @@ def _segment_backward(carried, dA, dD, ddelta_bias, scratch_ptr, first_state, s0
 # The operators (forward, backward) and the public entry point
 
 
+@triton.jit
+def _rows_kernel(x_ptr, rows_ptr, L, stride, d_inner, x_stride_b, x_stride_t, BLOCK: tl.constexpr):
+    """rows[b, d, t] = x[b, t, d] (0 for L <= t < stride), x with channels contiguous: a (token, channel) tile is
+    read along channels and written along tokens (the compiler exchanges it through shared memory)."""
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    b = tl.program_id(2).to(tl.int64)
+    x = tl.load(x_ptr + b * x_stride_b + t[:, None].to(tl.int64) * x_stride_t + d[None, :],
+                mask=(t[:, None] < L) & (d[None, :] < d_inner), other=0.0)
+    tl.store(rows_ptr + (b * d_inner + d[None, :]) * stride + t[:, None], x,
+             mask=(t[:, None] < stride) & (d[None, :] < d_inner))
+
+
 def _alloc(*shape, dtype, device):
     """Every buffer a kernel writes in full is allocated here, uninitialised. The tests fill them with NaN
     instead, so an element a kernel forgets to write shows up as a failure."""
@@ -584,8 +598,14 @@ def _rows(x, stride):
         return None
     if x.is_contiguous() and x.shape[-1] == stride and x.data_ptr() % 16 == 0:
         return x
-    rows = torch.zeros(*x.shape[:-1], stride, dtype=x.dtype, device=x.device)
-    rows[..., :x.shape[-1]] = x
+    batch, d_inner, L = x.shape
+    rows = _alloc(batch, d_inner, stride, dtype=x.dtype, device=x.device)
+    if x.stride(1) == 1:  # channels contiguous: a tiled transpose, both sides read and written in whole lines
+        grid = (triton.cdiv(stride, ROWS_BLOCK), triton.cdiv(d_inner, ROWS_BLOCK), batch)
+        _rows_kernel[grid](x, rows, L, stride, d_inner, x.stride(0), x.stride(2), BLOCK=ROWS_BLOCK)
+    else:
+        rows[..., :L] = x
+        rows[..., L:] = 0
     return rows
 
 

@@ -19,7 +19,7 @@ import scan_triton  # noqa: E402
 
 HALF = "*bf16"  # the sequences as a bf16 training step passes them; states, parameters and sums are float32
 SEQUENCES = {"u_ptr", "delta_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr", "x_ptr",
-             "g_ptr", "dx_ptr"}
+             "g_ptr", "dx_ptr", "rows_ptr"}
 FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, DELTA_SOFTPLUS=True, SEG=64, BLOCK_N=16)
 KERNELS = {  # name: (kernel, constexpr arguments, num_warps)
     "scan forward (pass 3)": (scan_triton._scan_fwd_kernel, dict(
@@ -34,6 +34,7 @@ KERNELS = {  # name: (kernel, constexpr arguments, num_warps)
         T=scan_triton.BWD_T, BLOCK_D=32 * scan_triton.BWD_WARPS, **FLAGS), scan_triton.BWD_WARPS),
     "scan backward": (scan_triton._scan_bwd_kernel, dict(T=scan_triton.BWD_T, BLOCK_D=32 * scan_triton.BWD_WARPS,
                                                          **FLAGS), scan_triton.BWD_WARPS),
+    "transposing copy into rows": (scan_triton._rows_kernel, dict(BLOCK=scan_triton.ROWS_BLOCK), 4),
     "conv forward": (conv_triton._conv_fwd_kernel, dict(K=4, BLOCK_L=conv_triton.BLOCK_L,
                                                         BLOCK_D=conv_triton.BLOCK_D), 4),
     "conv backward": (conv_triton._conv_bwd_kernel, dict(K=4, BLOCK_L=conv_triton.BLOCK_L,
