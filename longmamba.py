@@ -18,7 +18,9 @@ The fix: a global channel takes in only its critical tokens, those with a large 
 Δ_t := 0 (exp(0·A) = 1 keeps the state, 0·B_t x_t adds nothing; the hook sets dt = -inf: softplus(-inf) = 0). It
 keeps as many as make its total Δ over the long prompt equal to its total over a training window, found offline
 by stretching the window's sorted Δ curve to the prompt length (`_thresholds`). Which tokens a channel skips is
-decided in `LongMamba.__call__`, the hook. Local channels and decoding steps are untouched.
+decided in `LongMamba.__call__`, the hook: it hands the scan each channel's bound on dt + dt_bias
+(`mamba.SkipBelow`), and the scan skips the tokens below it where it forms Δ. Local channels and decoding steps
+are untouched.
 
     calibration = longmamba.calibrate(model, windows)        # windows (S, L_train) token ids, once per model
     with model.hooked(longmamba.LongMamba(calibration)):     # the method is a hook (mamba.py)
@@ -162,7 +164,7 @@ class LongMamba:
         self.any_global = self.is_global.any(-1).tolist()                    # per layer, known without the GPU
         self.decay = calibration["decay"]
         # Δ = softplus(dt + dt_bias) > b·threshold  <=>  dt + dt_bias > softplus⁻¹(b·threshold), as softplus
-        # increases: the test runs on dt, so Δ is never formed. Local channels keep every token (bound -inf).
+        # increases: the scan tests dt + dt_bias, before its softplus. Local channels keep every token (-inf).
         self.dt_bound = {L: torch.where(self.is_global, inverse_softplus(b * t), -math.inf)
                          for L, t in calibration["threshold"].items()}      # (n_layer, C) per length
         self._copies = {}
@@ -173,28 +175,20 @@ class LongMamba:
             return dt                                                         # short prompts
         if self.variant == "dt_thre":
             nearest = min(self.lengths, key=lambda L: abs(L - seqlen))       # the calibrated length nearest seqlen
-            bound = self._on(dt.device, self.dt_bound[nearest])[layer_idx] - dt_bias     # (C,)
-            return (_skip_fused if dt.is_cuda else _skip)(dt, bound)
+            return mamba.SkipBelow(dt, self._on(dt.device, self.dt_bound[nearest])[layer_idx])
         ranked, order = mamba.delta_of(dt, dt_bias).sort(-1, descending=True)
-        kept_ranked = ranked.cumsum(-1) <= self._on(dt.device, self.decay)[layer_idx, :, None]
-        skip = self._on(dt.device, self.is_global)[layer_idx, :, None] & ~torch.empty_like(kept_ranked).scatter_(
+        kept_ranked = ranked.cumsum(-1) <= self._on(dt.device, self.decay)[layer_idx][:, None]
+        skip = self._on(dt.device, self.is_global)[layer_idx][:, None] & ~torch.empty_like(kept_ranked).scatter_(
             -1, order, kept_ranked)
         return dt.masked_fill(skip, -math.inf)
 
     def _on(self, device, x):
-        """x on `device`, copied there once per hook (a copy per call would make the CPU wait for the GPU)."""
+        """x (n_layer, ...) on `device` as a list of its layers, copied there once per hook (a copy per call would
+        make the CPU wait for the GPU)."""
         key = (id(x), device)
         if key not in self._copies:
-            self._copies[key] = x.to(device)
+            self._copies[key] = list(x.to(device))
         return self._copies[key]
-
-
-def _skip(dt, bound):
-    """dt (b, C, l) where dt > bound (C,), else -inf: Δ = softplus(-inf) = 0, the token is skipped."""
-    return torch.where(dt > bound[:, None], dt, -math.inf)
-
-
-_skip_fused = torch.compile(_skip, dynamic=True)  # on a GPU: one kernel, dt read and written once
 
 
 def inverse_softplus(y):

@@ -38,6 +38,9 @@ mixer per parallel forward (training, a prompt's prefill) after the selection is
         # dt       (b, d_inner, l): dt_proj.weight @ dt_low_rank; the scan makes Δ = softplus(dt + dt_bias)
         # dt_bias  (d_inner,) float32; delta_of(dt, dt_bias) is that Δ, for a method that needs to see it
         return dt                      # the dt to scan with (same shape; -inf gives Δ = 0: the token is skipped)
+        return SkipBelow(dt, bound)    # bound (d_inner,) float32: channel c skips (Δ := 0) every token whose
+                                       # dt + dt_bias <= bound[c]; the scan applies this test where it forms Δ,
+                                       # so skipping costs no pass over dt
         return dt, keep                # keep (b, k): sorted positions. The mixer gathers x, dt, B, C and z at them
                                        # before its scan, so this layer's SSM, the residual stream and every later
                                        # layer see only these k tokens
@@ -60,6 +63,7 @@ import os
 import struct
 import tempfile
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -162,15 +166,20 @@ class MambaConfig:
 #
 #   u, delta, z (b, d_inner, l);  A (d_inner, n) float32;  B, C (b, n, l) or grouped (b, groups, n, l);
 #   D, delta_bias (d_inner,) float32.   Returns out (b, d_inner, l) in u's dtype [, last state (b, d_inner, n) fp32].
+#   Ours also take skip_below (d_inner,) float32 (with delta_softplus): channel c skips token t, Δ_t := 0, where
+#   delta_t + delta_bias <= skip_below[c] (a method's hook asks for this: see the module docstring).
 
 
-def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus):
-    """Upcast to float32 (float64 stays float64: the tests' reference), apply the Δ bias/softplus, expand grouped
-    B/C to (b, d_inner, n, l)."""
+def _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus, skip_below):
+    """Upcast to float32 (float64 stays float64: the tests' reference), apply the Δ bias/softplus (and the skips),
+    expand grouped B/C to (b, d_inner, n, l)."""
     d_inner = u.shape[1]
     delta = _up(delta)
     if delta_bias is not None:
         delta = delta + _up(delta_bias)[:, None]
+    if skip_below is not None:
+        assert delta_softplus, "skip_below needs delta_softplus (a skipped token gets softplus(-inf) = 0)"
+        delta = torch.where(delta > _up(skip_below)[:, None], delta, -math.inf)
     if delta_softplus:
         delta = F.softplus(delta)
 
@@ -195,10 +204,10 @@ def _scan_output(y, u, D, z, out_dtype):
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False):
+                       return_last_state=False, skip_below=None):
     """The definition: a sequential loop over time. Slow; everything else is tested against it."""
     out_dtype = u.dtype
-    u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
+    u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus, skip_below)
     batch, d_inner, L = u.shape
     h = u.new_zeros(batch, d_inner, A.shape[1])                              # (b, d_inner, n)
     ys = []
@@ -212,7 +221,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                           return_last_state=False, chunk_len=None):
+                           return_last_state=False, skip_below=None, chunk_len=None):
     """Same result as the reference, fast on a CPU: O(sqrt(l)) Python steps instead of O(l). The Triton kernel
     (scan_triton.py) runs the same three passes, one GPU program per chunk.
 
@@ -224,7 +233,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     Only products of decays ≤ 1 appear, so it is as stable as the loop.
     """
     out_dtype = u.dtype
-    u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus)
+    u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus, skip_below)
     batch, d_inner, L = u.shape
     T = chunk_len or max(1, math.isqrt(L - 1) + 1)
     n_chunks = -(-L // T)
@@ -307,9 +316,18 @@ class LayerCache:
     ssm_state: torch.Tensor   # (b, d_inner, n) float32: h_t
 
 
-def delta_of(dt, dt_bias):
-    """Δ = softplus(dt + dt_bias) in float32: dt (b, d_inner, l), dt_bias (d_inner,) -> (b, d_inner, l)."""
-    return F.softplus(dt.float() + dt_bias.float()[:, None])
+class SkipBelow(NamedTuple):
+    """A hook's answer (module docstring): scan dt, channel c skipping every token whose dt + dt_bias <= bound[c]."""
+    dt: torch.Tensor      # (b, d_inner, l)
+    bound: torch.Tensor   # (d_inner,) float32; -inf: the channel keeps every token
+
+
+def delta_of(dt, dt_bias, skip_below=None):
+    """Δ = softplus(dt + dt_bias) in float32, 0 where dt + dt_bias <= skip_below: dt (b, d_inner, l), dt_bias and
+    skip_below (d_inner,) -> (b, d_inner, l). What the scan forms."""
+    pre = dt.float() + dt_bias.float()[:, None]
+    delta = F.softplus(pre)
+    return delta if skip_below is None else torch.where(pre > skip_below.float()[:, None], delta, 0.0)
 
 
 def _gather(x, keep):
@@ -356,14 +374,16 @@ class MambaMixer(nn.Module):
         dt, B, C = self._selection(x)
         x, z = x.mT, z.mT                                                        # (b, d_inner, l) views
         A = -torch.exp(self.A_log.float())                                       # (d_inner, n)
-        dt_bias, keep = self.dt_proj.bias.float(), None
+        dt_bias, keep, skip_below = self.dt_proj.bias.float(), None, None
         if hook is not None:
             dt = hook(self.layer_idx, dt, dt_bias)
-            if isinstance(dt, tuple):  # a method drops tokens: this layer's scan reads only the kept ones
+            if isinstance(dt, SkipBelow):  # a method skips tokens per channel, tested inside the scan
+                dt, skip_below = dt
+            elif isinstance(dt, tuple):  # a method drops tokens: this layer's scan reads only the kept ones
                 dt, keep = dt
                 x, z, dt, B, C = (_gather(t, keep) for t in (x, z, dt, B, C))
         y = selective_scan(x, dt, A, B, C, self.D.float(), z, delta_bias=dt_bias, delta_softplus=True,
-                           return_last_state=return_cache)                     # Δ = softplus(dt + dt_bias) inside
+                           return_last_state=return_cache, skip_below=skip_below)  # Δ = softplus(dt + dt_bias)
         y, ssm_state = y if return_cache else (y, None)
         out = self.out_proj(y.mT)                                                # (b, l or k, d_model)
         return out, keep, (LayerCache(conv_state, ssm_state) if return_cache else None)

@@ -137,11 +137,14 @@ def _softplus(x):
 
 
 @triton.jit
-def _delta(raw, bias, in_sequence, DELTA_SOFTPLUS: tl.constexpr):
+def _delta(raw, bias, skip, in_sequence, HAS_SKIP: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr):
     """Δ for a (BLOCK_D, T) tile of delta as loaded, in float32, and its value before the softplus (for the
     softplus' derivative). Tokens past L (the padding of the last tile) get Δ = 0: a = exp(0·A) = 1 and
-    b = 0·B·u = 0 leave the state unchanged."""
+    b = 0·B·u = 0 leave the state unchanged. HAS_SKIP: a token whose delta + delta_bias is not above its
+    channel's skip_below gets pre = -inf, so Δ = softplus(-inf) = 0 and its gradient sigmoid(-inf) = 0."""
     pre = raw.to(tl.float32) + bias[:, None]
+    if HAS_SKIP:
+        pre = tl.where(pre > skip[:, None], pre, float("-inf"))
     delta = _softplus(pre) if DELTA_SOFTPLUS else pre
     return tl.where(in_sequence, delta, 0.0), pre
 
@@ -203,13 +206,14 @@ def _store_tile(ptr, rows, t, d_mask, stride, tile):
 @triton.jit
 def _scan_fwd_kernel(
         # pointers: the (batch, d_inner, L) sequences, the parameters, the states kept between passes
-        u_ptr, delta_ptr, z_ptr, out_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, delta_bias_ptr,
+        u_ptr, delta_ptr, z_ptr, out_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, delta_bias_ptr, skip_ptr,
         chunk_state_ptr, delta_sum_ptr, seg_state_ptr, last_state_ptr,
         # sizes: L tokens, stored as rows of `stride` (a multiple of 8) tokens
         L, stride, d_inner, group_size, n_groups, chunk_len,
         # meta-parameters
         STATES_ONLY: tl.constexpr, FROM_CHUNK_STATE: tl.constexpr, SAVE_SEGMENTS: tl.constexpr,
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
+        DELTA_SOFTPLUS: tl.constexpr,
         SEG: tl.constexpr, T: tl.constexpr, STAGES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (channel block, chunk c, batch b). STATES_ONLY (pass 1): from a zero state, write the chunk's
     end state and ΣΔ. Otherwise (pass 3): from the chunk's start state (zero for a single chunk), write out,
@@ -229,6 +233,7 @@ def _scan_fwd_kernel(
     else:
         h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
+    skip = _load(skip_ptr, d, d_mask) if HAS_SKIP else bias
     D = _load(D_ptr, d, d_mask) if HAS_D else tl.zeros((BLOCK_D,), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     rows = (b * d_inner + d) * stride                                  # (BLOCK_D,) each channel's token 0
@@ -252,7 +257,7 @@ def _scan_fwd_kernel(
         if HAS_Z and not STATES_ONLY:
             z_next = _load_tile(z_ptr, rows, t + T, d_mask, stride)
 
-        delta, _ = _delta(delta_raw, bias, (t < L)[None, :], DELTA_SOFTPLUS)
+        delta, _ = _delta(delta_raw, bias, skip, (t < L)[None, :], HAS_SKIP, DELTA_SOFTPLUS)
         u = u_raw.to(tl.float32)
         du = delta * u
         y = tl.zeros((BLOCK_D, T), dtype=tl.float32)
@@ -329,9 +334,10 @@ def _chunk_carry_kernel(states_ptr, delta_sum_ptr, A2_ptr, initial_ptr, d_inner,
 
 @triton.jit
 def _adjoint_summary_kernel(
-        dout_ptr, delta_ptr, z_ptr, A2_ptr, Ct_ptr, delta_bias_ptr, adjoint_ptr, delta_sum_ptr,
+        dout_ptr, delta_ptr, z_ptr, A2_ptr, Ct_ptr, delta_bias_ptr, skip_ptr, adjoint_ptr, delta_sum_ptr,
         L, stride, d_inner, group_size, n_groups, chunk_len,
-        HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+        HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
+        DELTA_SOFTPLUS: tl.constexpr,
         T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (channel block, chunk c, batch b): walk the chunk backwards from a zero adjoint,
         g_t = C_t dy_t + carried,  carried <- a_t g_t,
@@ -345,6 +351,7 @@ def _adjoint_summary_kernel(
     state_offs = d[:, None] * BLOCK_N + n[None, :]
     A2 = tl.load(A2_ptr + state_offs, mask=d_mask[:, None], other=0.0)
     bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
+    skip = _load(skip_ptr, d, d_mask) if HAS_SKIP else bias
     carried = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
     rows = (b * d_inner + d) * stride
@@ -364,7 +371,7 @@ def _adjoint_summary_kernel(
         if HAS_Z:
             z_next = _load_tile(z_ptr, rows, t - T, d_mask, stride)
 
-        delta, _ = _delta(delta_raw, bias, (t < L)[None, :], DELTA_SOFTPLUS)
+        delta, _ = _delta(delta_raw, bias, skip, (t < L)[None, :], HAS_SKIP, DELTA_SOFTPLUS)
         dy = dout_raw.to(tl.float32)                                                     # ∂y_t
         if HAS_Z:
             dy *= _silu_and_derivative(z_raw.to(tl.float32))[0]
@@ -385,13 +392,14 @@ def _adjoint_summary_kernel(
 @triton.jit
 def _scan_bwd_kernel(
         # pointers: inputs, the states kept by the forward and pass 2, outputs
-        u_ptr, delta_ptr, z_ptr, dout_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, delta_bias_ptr,
+        u_ptr, delta_ptr, z_ptr, dout_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, delta_bias_ptr, skip_ptr,
         seg_state_ptr, adjoint_ptr, scratch_ptr,
         du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr, dA_part_ptr, dD_part_ptr, ddelta_bias_part_ptr,
         # sizes: L tokens, stored as rows of `stride` (a multiple of 8) tokens
         L, stride, d_inner, group_size, n_groups, chunk_len,
         # meta-parameters
-        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
+        DELTA_SOFTPLUS: tl.constexpr,
         SEG: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (channel block, chunk c, batch b): starting from the adjoint G_c that enters the chunk's last
     token from the right (pass 2), walk the chunk's segments from the last to the first: recompute the states
@@ -408,6 +416,7 @@ def _scan_bwd_kernel(
     state_mask = d_mask[:, None]
     A2 = tl.load(A2_ptr + state_offs, mask=state_mask, other=0.0)
     bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
+    skip = _load(skip_ptr, d, d_mask) if HAS_SKIP else bias
     D = _load(D_ptr, d, d_mask) if HAS_D else tl.zeros((BLOCK_D,), dtype=tl.float32)
     chunk = (b * n_chunks + c) * d_inner
     carried = tl.load(adjoint_ptr + chunk * BLOCK_N + state_offs, mask=state_mask, other=0.0)  # a_{t+1} g_{t+1}
@@ -424,13 +433,13 @@ def _scan_bwd_kernel(
         n_tiles = tl.cdiv(tl.minimum(SEG, L - s0), T)
         h = tl.load(seg_state_ptr + (b * tl.cdiv(L, SEG) + s0 // SEG) * d_inner * BLOCK_N + state_offs,
                     mask=state_mask, other=0.0)
-        _segment_tile_starts(h, scratch_ptr, first_state, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias, rows,
-                             bc_rows, stride, d_mask, L, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
+        _segment_tile_starts(h, scratch_ptr, first_state, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias, skip,
+                             rows, bc_rows, stride, d_mask, L, HAS_SKIP, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
         carried, dA, dD, ddelta_bias = _segment_backward(
             carried, dA, dD, ddelta_bias, scratch_ptr, first_state, s0, n_tiles,
             u_ptr, delta_ptr, z_ptr, dout_ptr, Bt_ptr, Ct_ptr, du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr,
-            A2, D, bias, rows, bc_rows, stride, d_mask, L,
-            HAS_D, HAS_Z, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
+            A2, D, bias, skip, rows, bc_rows, stride, d_mask, L,
+            HAS_D, HAS_Z, HAS_SKIP, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
     tl.store(dA_part_ptr + chunk * BLOCK_N + state_offs, dA, mask=state_mask)
     if HAS_D:
         tl.store(dD_part_ptr + chunk + d, dD, mask=d_mask)
@@ -449,9 +458,9 @@ def _scratch_state(scratch_ptr, k, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
-def _segment_tile_starts(h, scratch_ptr, first_state, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias, rows,
-                         bc_rows, stride, d_mask, L, DELTA_SOFTPLUS: tl.constexpr, T: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _segment_tile_starts(h, scratch_ptr, first_state, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias, skip,
+                         rows, bc_rows, stride, d_mask, L, HAS_SKIP: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr,
+                         T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """The segment forwards from its saved state h: the state at the start of each of its tiles to the scratch."""
     n = tl.arange(0, BLOCK_N)
     t = s0 + tl.arange(0, T)
@@ -463,7 +472,7 @@ def _segment_tile_starts(h, scratch_ptr, first_state, s0, n_tiles, delta_ptr, u_
         delta_raw, u_raw = delta_next, u_next
         delta_next = _load_tile(delta_ptr, rows, t + T, d_mask, stride)            # the next tile
         u_next = _load_tile(u_ptr, rows, t + T, d_mask, stride)
-        delta, _ = _delta(delta_raw, bias, (t < L)[None, :], DELTA_SOFTPLUS)
+        delta, _ = _delta(delta_raw, bias, skip, (t < L)[None, :], HAS_SKIP, DELTA_SOFTPLUS)
         du = delta * u_raw.to(tl.float32)
         bc_tile = (bc_rows + s0 + k * T) * BLOCK_N + n
         for j in tl.static_range(T):
@@ -473,8 +482,9 @@ def _segment_tile_starts(h, scratch_ptr, first_state, s0, n_tiles, delta_ptr, u_
 @triton.jit
 def _segment_backward(carried, dA, dD, ddelta_bias, scratch_ptr, first_state, s0, n_tiles,
                       u_ptr, delta_ptr, z_ptr, dout_ptr, Bt_ptr, Ct_ptr, du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr,
-                      A2, D, bias, rows, bc_rows, stride, d_mask, L,
-                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, DELTA_SOFTPLUS: tl.constexpr, T: tl.constexpr,
+                      A2, D, bias, skip, rows, bc_rows, stride, d_mask, L,
+                      HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_SKIP: tl.constexpr,
+                      DELTA_SOFTPLUS: tl.constexpr, T: tl.constexpr,
                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """The segment's tiles from the last to the first. Each tile runs forwards from its start state (scratch) to
     keep its T states in registers, then backwards through its tokens carrying the adjoint. Returns the adjoint
@@ -497,7 +507,7 @@ def _segment_backward(carried, dA, dD, ddelta_bias, scratch_ptr, first_state, s0
         if HAS_Z:
             z_next = _load_tile(z_ptr, rows, t - T, d_mask, stride)
 
-        delta, delta_pre = _delta(delta_raw, bias, in_sequence, DELTA_SOFTPLUS)
+        delta, delta_pre = _delta(delta_raw, bias, skip, in_sequence, HAS_SKIP, DELTA_SOFTPLUS)
         u = u_raw.to(tl.float32)
         du = delta * u
         dout = dout_raw.to(tl.float32)
@@ -652,7 +662,8 @@ def _nothing(like):
 @torch.library.custom_op("mamba_triton::scan_fwd", mutates_args=())
 def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-              delta_softplus: bool, save_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              skip_below: torch.Tensor | None, delta_softplus: bool,
+              save_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """u, delta, z (batch, d_inner, L); B, C (batch, G, N, L). Returns out (batch, d_inner, stride) (the first L
     tokens are the output), last_state (batch, d_inner, BLOCK_N), and the states every SEG tokens the backward
     starts from (empty unless save_states)."""
@@ -662,28 +673,29 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     u, delta, A2, Bt, Ct, z = _prepare(u, delta, A, B, C, z)
     stride, block_n = u.shape[-1], Bt.shape[-1]
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
-                 DELTA_SOFTPLUS=delta_softplus, SEG=SEG, T=FWD_T, STAGES=FWD_STAGES,
+                 HAS_SKIP=skip_below is not None, DELTA_SOFTPLUS=delta_softplus, SEG=SEG, T=FWD_T, STAGES=FWD_STAGES,
                  BLOCK_D=block_d, BLOCK_N=block_n, num_warps=FWD_WARPS)
 
     chunk_states = None
     if n_chunks > 1:  # passes 1 and 2
         chunk_states = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
         delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
-        _scan_fwd_kernel[grid](u, delta, z, None, A2, Bt, Ct, D, delta_bias, chunk_states, delta_sums, None, None,
+        _scan_fwd_kernel[grid](u, delta, z, None, A2, Bt, Ct, D, delta_bias, skip_below, chunk_states, delta_sums,
+                               None, None,
                                *sizes, STATES_ONLY=True, FROM_CHUNK_STATE=False, SAVE_SEGMENTS=False, **flags)
         _carry(chunk_states, delta_sums, A2, None, False)
     out = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
     last_state = _alloc(batch, d_inner, block_n, dtype=torch.float32, device=u.device)
     seg_states = (_alloc(batch, triton.cdiv(L, SEG), d_inner, block_n, dtype=torch.float32, device=u.device)
                   if save_states else _nothing(last_state))
-    _scan_fwd_kernel[grid](u, delta, z, out, A2, Bt, Ct, D, delta_bias, chunk_states, None,
+    _scan_fwd_kernel[grid](u, delta, z, out, A2, Bt, Ct, D, delta_bias, skip_below, chunk_states, None,
                            seg_states if save_states else None, last_state, *sizes, STATES_ONLY=False,
                            FROM_CHUNK_STATE=n_chunks > 1, SAVE_SEGMENTS=save_states, **flags)
     return out, last_state, seg_states
 
 
 @_scan_fwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states):
+def _(u, delta, A, B, C, D, z, delta_bias, skip_below, delta_softplus, save_states):
     batch, d_inner, L = u.shape
     block_n, stride = triton.next_power_of_2(A.shape[1]), _row_len(L)
     f32 = dict(dtype=torch.float32)
@@ -695,7 +707,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, save_states):
 @torch.library.custom_op("mamba_triton::scan_bwd", mutates_args=())
 def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
-              seg_states: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor | None,
+              skip_below: torch.Tensor | None, seg_states: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor | None,
               delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each of its input's shape (du, ddelta, dz
@@ -705,13 +717,15 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     grid, sizes, n_chunks, block_d = _launch(u, n_groups, BWD_WARPS, BWD_WARPS_PER_SM)
     u, delta, A2, Bt, Ct, z = _prepare(u, delta, A, B, C, z)
     stride, block_n = u.shape[-1], Bt.shape[-1]
-    flags = dict(HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None, DELTA_SOFTPLUS=delta_softplus,
+    flags = dict(HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None, HAS_SKIP=skip_below is not None,
+                 DELTA_SOFTPLUS=delta_softplus,
                  T=BWD_T, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BWD_WARPS)
     dout = _rows(dout, stride)
     adjoints = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
     if n_chunks > 1:  # passes 1 and 2 of the adjoint
         delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
-        _adjoint_summary_kernel[grid](dout, delta, z, A2, Ct, delta_bias, adjoints, delta_sums, *sizes, **flags)
+        _adjoint_summary_kernel[grid](dout, delta, z, A2, Ct, delta_bias, skip_below, adjoints, delta_sums, *sizes,
+                                      **flags)
         _carry(adjoints, delta_sums, A2, dlast, True)
     elif dlast is None:
         adjoints.zero_()
@@ -729,7 +743,7 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
                         _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device))
     scratch = _alloc(batch * n_chunks * grid[0], SEG // BWD_T, block_n, block_d + 1, dtype=torch.float32,
                      device=u.device)
-    _scan_bwd_kernel[grid](u, delta, z, dout, A2, Bt, Ct, D, delta_bias, seg_states, adjoints, scratch,
+    _scan_bwd_kernel[grid](u, delta, z, dout, A2, Bt, Ct, D, delta_bias, skip_below, seg_states, adjoints, scratch,
                            du, ddelta, None if z is None else dz, dBt, dCt, dA_part, dD_part, ddelta_bias_part,
                            *sizes, HAS_D=D is not None, SEG=SEG, **flags)
     dA = dA_part.sum((0, 1))[:, :d_state].contiguous()
@@ -741,7 +755,7 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 
 
 @_scan_bwd.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, seg_states, dout, dlast, delta_softplus):
+def _(u, delta, A, B, C, D, z, delta_bias, skip_below, seg_states, dout, dlast, delta_softplus):
     batch, d_inner, L = u.shape
     rows = (batch, d_inner, _row_len(L))
     nothing = A.new_empty(0)
@@ -752,22 +766,22 @@ def _(u, delta, A, B, C, D, z, delta_bias, seg_states, dout, dlast, delta_softpl
 
 
 def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, _ = inputs
-    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    u, delta, A, B, C, D, z, delta_bias, skip_below, delta_softplus, _ = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, skip_below, output[2])
     ctx.delta_softplus = delta_softplus
 
 
 def _backward(ctx, dout, dlast, _):
-    u, delta, A, B, C, D, z, delta_bias, seg_states = ctx.saved_tensors
+    u, delta, A, B, C, D, z, delta_bias, skip_below, seg_states = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(u)
     if dlast is not None:
         dlast = dlast.contiguous()
-    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, seg_states,
-                                                            dout, dlast, ctx.delta_softplus)
+    du, ddelta, dA, dB, dC, dD, dz, ddelta_bias = _scan_bwd(u, delta, A, B, C, D, z, delta_bias, skip_below,
+                                                            seg_states, dout, dlast, ctx.delta_softplus)
     L = u.shape[-1]
     return (du[..., :L], ddelta[..., :L], dA, dB, dC, None if D is None else dD,
-            None if z is None else dz[..., :L], None if delta_bias is None else ddelta_bias, None, None)
+            None if z is None else dz[..., :L], None if delta_bias is None else ddelta_bias, None, None, None)
 
 
 torch.library.register_autograd("mamba_triton::scan_fwd", _backward, setup_context=_setup_context)
@@ -781,31 +795,35 @@ def _carry(states, delta_sums, A2, initial, reverse):
         BLOCK=CARRY_BLOCK, BLOCK_N=block_n, GROUP=CARRY_GROUP, num_warps=CARRY_BLOCK // 32)
 
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, skip_below, delta_softplus):
     """What the kernels cannot take; returns the number of B/C groups."""
     batch, d_inner, L = u.shape
     assert delta.shape == u.shape and (z is None or z.shape == u.shape), "u, delta, z: (batch, d_inner, L)"
     assert A.shape[0] == d_inner and 1 <= A.shape[1] <= 64, "A: (d_inner, d_state), d_state 1 to 64"
     assert B.shape == C.shape and B.shape[0] == batch and B.shape[-2:] == (A.shape[1], L) \
         and (B.dim() == 3 or d_inner % B.shape[1] == 0), "B, C: (batch, d_state, L) or (batch, G, d_state, L)"
-    assert all(x is None or x.shape == (d_inner,) for x in (D, delta_bias)), "D, delta_bias: (d_inner,)"
+    assert all(x is None or x.shape == (d_inner,) for x in (D, delta_bias, skip_below)), \
+        "D, delta_bias, skip_below: (d_inner,)"
+    assert skip_below is None or delta_softplus, "skip_below needs delta_softplus (skipped: Δ = softplus(-inf))"
     assert u.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1", \
         "CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported); on a CPU use mamba.selective_scan"
     return 1 if B.dim() == 3 else B.shape[1]
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False):
+                   return_last_state=False, skip_below=None):
     """The selective scan (see the module docstring), differentiable. Shapes: u, delta, z (B, d_inner, L);
-    A (d_inner, N) float32; B, C (B, N, L) or (B, G, N, L); D, delta_bias (d_inner,) float32.
-    Returns out (B, d_inner, L) in u's dtype, and with return_last_state also h_L (B, d_inner, N) float32."""
-    n_groups = _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    A (d_inner, N) float32; B, C (B, N, L) or (B, G, N, L); D, delta_bias, skip_below (d_inner,) float32.
+    Returns out (B, d_inner, L) in u's dtype, and with return_last_state also h_L (B, d_inner, N) float32.
+    skip_below (with delta_softplus): channel c skips token t (Δ := 0) where delta_t + delta_bias ≤ skip_below[c]."""
+    n_groups = _check_inputs(u, delta, A, B, C, D, z, delta_bias, skip_below, delta_softplus)
     batch, _, L = u.shape
     grouped = (lambda M: M.reshape(batch, n_groups, M.shape[-2], L).contiguous())    # (B, G, N, L), small
     contiguous = (lambda x: None if x is None else x.contiguous())
     # u, delta and z go to the operator as they are and it makes its rows inside (again in the backward): autograd
     # then keeps views of what the layer keeps anyway (the conv's output, in_proj's), not copies
-    inputs = (u, delta, A.float(), grouped(B), grouped(C), contiguous(D), z, contiguous(delta_bias))
+    inputs = (u, delta, A.float(), grouped(B), grouped(C), contiguous(D), z, contiguous(delta_bias),
+              contiguous(skip_below))
     save_states = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
     out, last_state, _ = _scan_fwd(*inputs, delta_softplus, save_states)
     out, last_state = out[..., :L], last_state[..., :A.shape[1]]

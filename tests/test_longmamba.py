@@ -133,6 +133,13 @@ def test_no_global_channel_or_short_prompt_gives_vanilla_bit_for_bit(model, cali
         assert not torch.allclose(model(long_ids), vanilla_long)                    # and long prompts change
 
 
+def scanned_delta(answer, dt_bias):
+    """The Δ a scan forms from a hook's answer: a dt, or mamba.SkipBelow(dt, bound)."""
+    if isinstance(answer, mamba.SkipBelow):
+        return mamba.delta_of(answer.dt, dt_bias, answer.bound)
+    return mamba.delta_of(answer, dt_bias)
+
+
 def test_filtered_delta_is_where_delta_above_b_threshold_in_global_channels_only(model, calibration):
     b, c = 1.3, float(calibration["tA_prod"].median())                             # some global, some local
     method, seen = LongMamba(calibration, c=c, b=b), []
@@ -144,11 +151,11 @@ def test_filtered_delta_is_where_delta_above_b_threshold_in_global_channels_only
     with model.hooked(watch):
         model(torch.randint(0, VOCAB, (1, 100)))                                    # nearest calibrated length 96
     zeroed_somewhere = False
-    for layer, delta_in, dt_out, dt_bias in seen:
+    for layer, delta_in, answer, dt_bias in seen:
         is_global = calibration["tA_prod"][layer] > c
         floor = b * calibration["threshold"][96][layer]
         expected = torch.where(is_global[:, None] & (delta_in <= floor[:, None]), 0.0, delta_in)
-        delta_out = mamba.delta_of(dt_out, dt_bias)
+        delta_out = scanned_delta(answer, dt_bias)
         assert torch.equal(delta_out == 0, expected == 0) and torch.equal(delta_out, expected)
         zeroed_somewhere |= bool((delta_out[:, is_global] == 0).any())
         assert 0 < int(is_global.sum()) < is_global.numel()
@@ -169,8 +176,8 @@ def test_dt_thre_and_bound_on_a_hand_made_delta():
     def kept(*values):  # which tokens keep their Δ: channel 0 (global) these values, channel 1 (local) all
         return torch.tensor([[[x in values for x in row], [True] * len(row)]])
 
-    def filtered(b, variant, dt):  # the tokens the hook leaves a finite dt (-inf: skipped, Δ = 0)
-        return torch.isfinite(LongMamba(hand_made_calibration(), c=0.05, b=b, variant=variant)(0, dt, bias))
+    def filtered(b, variant, dt):  # the tokens that keep a Δ > 0
+        return scanned_delta(LongMamba(hand_made_calibration(), c=0.05, b=b, variant=variant)(0, dt, bias), bias) > 0
 
     assert torch.equal(filtered(1.0, "dt_thre", dt), kept(0.6, 0.3, 0.25))         # Δ > .22
     assert torch.equal(filtered(2.0, "dt_thre", dt), kept(0.6))                     # Δ > .44
@@ -179,7 +186,7 @@ def test_dt_thre_and_bound_on_a_hand_made_delta():
     filt = LongMamba(hand_made_calibration(), c=0.05)
     assert torch.equal(filt(0, dt[..., :5], bias), dt[..., :5])                     # 5 < 1.5 · 4: untouched
     seven = raw_dt(torch.tensor([[row + [0.7], row + [0.7]]]))                      # 7 tokens: a tie between
-    assert torch.equal(torch.isfinite(filt(0, seven, bias))[0, 0, :6], kept(0.6, 0.3, 0.25)[0, 0])   # 6 and 8: 6
+    assert torch.equal((scanned_delta(filt(0, seven, bias), bias) > 0)[0, 0, :6], kept(0.6, 0.3, 0.25)[0, 0])  # 6
 
 
 @pytest.mark.parametrize("variant", ["dt_thre", "bound"])
@@ -214,13 +221,3 @@ def test_describe_counts_global_channels_and_kept_tokens(calibration):
         assert f"{int(g.sum()):>5} / 64" in text
         assert f"{calibration['alpha'][480][layer][g].mean():6.2%}" in text
     assert "kept" not in longmamba.describe(calibration).splitlines()[-1]
-
-
-def test_the_fused_filter_used_on_a_gpu_equals_the_plain_one():
-    """On a GPU the filter runs as one compiled kernel (`_skip_fused`); it is the same function, compiled."""
-    dt = torch.randn(2, 6, 50)
-    bound = torch.tensor([-math.inf, 0.0, 0.5, -0.5, math.inf, 1.0])      # local, global ..., a channel keeping none
-    plain = longmamba._skip(dt, bound)
-    assert torch.equal(longmamba._skip_fused(dt, bound), plain)
-    assert torch.equal(plain[:, 0], dt[:, 0]) and torch.isinf(plain[:, 4]).all()
-    assert torch.equal(torch.isfinite(plain), dt > bound[:, None])

@@ -213,6 +213,30 @@ def test_dt_of_minus_infinity_skips_the_token_in_every_scan(chunked, monkeypatch
                 assert torch.isfinite(o).all() and rel_err(o, e) <= 1e-5
 
 
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "one chunk"])
+def test_skip_below_is_dt_of_minus_infinity_below_the_bound(chunked, monkeypatch):
+    """skip_below[c]: channel c skips the tokens with delta + delta_bias <= skip_below[c], as if their delta were
+    -inf. Every scan, forward and every gradient (the skipped tokens' ∂delta is 0)."""
+    use_chunks(monkeypatch, chunked)
+    seed = torch.seed() % 2**31
+    x = make_inputs(seed, 2, 36, 16, 37)
+    bound = torch.tensor([-float("inf"), float("inf")] + [-1.0, -0.5] * 17)       # keep all, skip all, some
+    pre = x["delta"].detach() + x["delta_bias"].detach()[:, None]
+    masked = dict(x, delta=torch.where(pre > bound[:, None], x["delta"].detach(), -float("inf")).requires_grad_())
+    (outs, grads), (ref_outs, ref_grads) = run_both(masked, True, True, seed)       # Triton and ref, dt = -inf
+    for scan in (scan_triton.selective_scan, mamba.selective_scan_chunked, mamba.selective_scan_ref):
+        inputs = {k: v.detach().clone().requires_grad_() for k, v in x.items()}
+        got = scan(**inputs, delta_softplus=True, return_last_state=True, skip_below=bound)
+        g = torch.Generator().manual_seed(seed + 1)                                  # run_both's cotangents
+        torch.autograd.backward(got, [torch.randn(o.shape, generator=g) for o in got])
+        for o, ref in zip(got, ref_outs):
+            assert rel_err(o, ref) <= 1e-5, f"{scan.__name__}: forward (seed {seed})"
+        for name in GRAD_NAMES:
+            expected = ref_grads[name] if name != "delta" else torch.where(pre > bound[:, None], ref_grads[name], 0)
+            err = rel_err(inputs[name].grad, expected)
+            assert err <= 1e-4, f"{scan.__name__}: d{name} rel err {err:.2e} (seed {seed})"
+
+
 def test_compiled_model_around_the_triton_operator_matches_the_pytorch_path(monkeypatch):
     """torch.compile traces the model with the scan as one opaque operator (mamba_triton::scan_fwd/bwd): logits
     and every gradient agree with the eager PyTorch path (float32)."""
