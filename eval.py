@@ -223,8 +223,7 @@ def generate(method, prompt, max_new_tokens, stops, min_new_tokens=0):
 
 
 class Cells:
-    """A method's finished cells, in a jsonl named after every setting that shapes them: an interrupted run
-    continues from it, a run with other settings gets another file."""
+    """A method's finished cells, appended to a jsonl whose name hashes every setting that shapes them."""
 
     def __init__(self, out_dir, task, method, meta, args, **settings):
         key = dict(task=task, label=method["label"], settings=method["settings"], model=meta["model"],

@@ -9,12 +9,8 @@ The protocol, as LongBench's own scripts run it (and LongMamba and ReMamba repor
      round(100 * mean, 2), and LongBench-E also per bucket of `length` (the sample's word count).
 There is no model code here: eval.py hands `predict` a `generate_fn` and a tokenizer's encode/decode.
 
-The metrics are reimplemented without the `rouge` and `fuzzywuzzy` packages (tests compare them). Differences:
-  - rouge-L: the `rouge` package rebuilds each LCS recursively and raises RecursionError once a reference
-    and a prediction sentence reach about 1,000 words together, which the official scorer scores 0; here
-    such a sample gets its real score. Sentences split on "." only, so Chinese text (vcsum, dureader) can.
-  - code_sim: difflib's ratio, as fuzzywuzzy without python-Levenshtein (with it, fuzzywuzzy uses its own).
-  - Chinese metrics need jieba itself: without it, their datasets are skipped (`skip_reason`).
+The metrics are reimplemented without the `rouge` and `fuzzywuzzy` packages (tests compare them; rouge_score
+and fuzz_ratio say where they can differ). The Chinese metrics need jieba: without it, their datasets are skipped.
 """
 
 import datetime
@@ -109,20 +105,16 @@ def load_samples(data_dir, dataset, e=False):
 
 def build_prompt(dataset, sample, dataset2prompt):
     """The official prompt: the dataset's template filled with the sample's fields."""
-    if dataset not in dataset2prompt:
-        raise ValueError(f"dataset2prompt.json has no template for {dataset!r}")
     return dataset2prompt[dataset].format(**sample)
 
 
-def truncate_middle(ids, max_length, encode=None, decode=None):
-    """Keep the first and last max_length//2 tokens of a prompt longer than max_length. With encode and decode,
-    as the official pred.py, the halves are decoded, joined and encoded again (a few tokens more or fewer)."""
+def truncate_middle(ids, max_length, encode, decode):
+    """Keep the first and last max_length//2 tokens of a prompt longer than max_length. As the official pred.py,
+    the halves are decoded, joined and encoded again (which can give a few tokens more or fewer)."""
     assert max_length >= 2, max_length
     if len(ids) <= max_length:
         return ids
     half = max_length // 2
-    if decode is None:
-        return ids[:half] + ids[len(ids) - half:]
     return encode(decode(ids[:half]) + decode(ids[len(ids) - half:]))
 
 
@@ -137,10 +129,10 @@ def _prediction_paths(out_path):
     return [out_path] + ranks
 
 
-def _read_predictions(path, sample_ids=None, repair=False):
-    """Records of the complete lines of a prediction file (none when it does not exist), each with an `_id`
-    among sample_ids unless that is None. A last line without its newline was cut by a kill (maybe inside a
-    UTF-8 character, hence bytes): it is dropped, with repair=True also from the file, so appending goes on."""
+def _read_predictions(path, sample_ids=None, repair=False, fields=("pred",)):
+    """Records of the complete lines of a prediction file (none when it does not exist), each with `fields`
+    and an `_id` among sample_ids unless that is None. A last line without its newline was cut by a kill (maybe
+    inside a UTF-8 character, hence bytes): it is dropped, with repair=True also from the file, so appending goes on."""
     if not os.path.exists(path):
         return []
     with open(path, "rb") as f:
@@ -155,8 +147,10 @@ def _read_predictions(path, sample_ids=None, repair=False):
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}:{line_number}: malformed prediction line ({err}); "
                              "fix or delete that line, the sample is then predicted again") from None
-        if not isinstance(record, dict) or "pred" not in record:
-            raise ValueError(f"{path}:{line_number}: a prediction line is a JSON object with 'pred'")
+        missing = [field for field in fields if not isinstance(record, dict) or field not in record]
+        if missing:
+            raise ValueError(f"{path}:{line_number}: a prediction line is a JSON object with {', '.join(fields)}; "
+                             f"missing {', '.join(missing)}")
         if sample_ids is not None and record.get("_id") not in sample_ids:
             raise ValueError(f"{path}:{line_number}: _id {record.get('_id')!r} is not among these samples (another "
                              "dataset or data directory?): move the file away or choose another output path")
@@ -178,8 +172,8 @@ def predict(samples, dataset, generate_fn, encode, decode, out_path, max_length,
     more than one rank it writes {out_path}.rank{r}, and after a barrier rank 0 calls merge_rank_files.
     """
     assert 0 <= rank < world_size, (rank, world_size)
-    if dataset not in dataset2maxlen:
-        raise ValueError(f"dataset2maxlen.json has no generation length for {dataset!r}")
+    if dataset not in dataset2prompt or dataset not in dataset2maxlen:
+        raise ValueError(f"the LongBench config has no prompt template or no generation length for {dataset!r}")
     stops = [eos_token_id] + ([encode("\n")[-1]] if dataset == "samsum" else [])
     own_path = out_path if world_size == 1 else f"{out_path}.rank{rank}"
 
@@ -311,6 +305,8 @@ def rouge_score(prediction, ground_truth):
     Summary-level with set semantics: hits are the distinct words of the LCS of every (reference sentence,
     prediction sentence) pair; R = hits / distinct reference words, P = hits / distinct prediction words,
     F = 2PR / (P + R + 1e-8). Case is kept. An empty side raises in the package, which the official scorer scores 0.
+    The package also raises (RecursionError: it rebuilds each LCS recursively) once a reference and a prediction
+    sentence reach about 1,000 words together, which Chinese text (split on "." only) can; here they are scored.
     """
     prediction_sentences, reference_sentences = _rouge_sentences(prediction), _rouge_sentences(ground_truth)
     if not prediction_sentences or not reference_sentences:
@@ -363,8 +359,8 @@ def retrieval_zh_score(prediction, ground_truth):
 
 
 def fuzz_ratio(a, b):
-    """fuzzywuzzy's fuzz.ratio without python-Levenshtein: round(100 * difflib ratio), 100 when equal,
-    0 when either is empty (round() is Python's, half to even, as fuzzywuzzy's)."""
+    """fuzzywuzzy's fuzz.ratio without python-Levenshtein (with it, fuzzywuzzy uses that package's ratio):
+    round(100 * difflib ratio), 100 when equal, 0 when either is empty (round() is Python's, half to even)."""
     if a == b:
         return 100
     if not a or not b:
@@ -434,13 +430,9 @@ def score_e(dataset, predictions, answers, lengths, all_classes):
 def score_file(pred_path, dataset, e=False):
     """Score a prediction jsonl: `score` (or `score_e` with e=True) of its lines. Like the official
     eval.py, all_classes comes from the last line (it is the same on every line of a dataset)."""
-    records = _read_predictions(pred_path)
+    records = _read_predictions(pred_path, fields=("pred", "answers", "all_classes") + (("length",) if e else ()))
     if not records:
         raise ValueError(f"{pred_path} holds no predictions")
-    for line_number, record in enumerate(records, start=1):
-        missing = [k for k in ("answers", "all_classes") + (("length",) if e else ()) if k not in record]
-        if missing:
-            raise ValueError(f"{pred_path}:{line_number}: missing {', '.join(missing)}")
     predictions = [r["pred"] for r in records]
     answers = [r["answers"] for r in records]
     all_classes = records[-1]["all_classes"]

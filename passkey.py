@@ -10,9 +10,9 @@ The format of Landmark Attention (Mohtashami & Jaggi 2023), used by LongLoRA, De
     What is the pass key? The pass key is                                     <- the model continues " 68452"
 
 The key is a random 5-digit number. Lengths are counted in tokens of the model's tokenizer, any object with
-`encode(str) -> list[int]` and `decode(list[int]) -> str` (a tiktoken.Encoding). A prompt of `length` tokens
-has exactly `length` tokens. The depth d in [0, 1] places the needle in the filler: 0 right after the intro,
-1 right before the question, in between at the sentence boundary nearest to d of the filler.
+`encode(str) -> list[int]` and `decode(list[int]) -> str` (a tiktoken.Encoding). The depth d in [0, 1] places
+the needle in the filler: 0 right after the intro, 1 right before the question, in between at the sentence
+boundary nearest to d of the filler.
 
 The filler is natural prose by default (a `Haystack` of a book's sentences, e.g. data/war_and_peace.txt, whose
 "eval" split is text the model never trained on), or the classic repeated "The grass is green. The sky is
@@ -20,19 +20,18 @@ blue. ..." sentences with filler="repeat". At small scale the classic filler is 
 to barely decay its state on it and then does not fail beyond its training length. Prose makes that failure
 visible.
 
-    import tiktoken, passkey
-    book = open("data/war_and_peace.txt", encoding="utf-8").read()
-    haystack = passkey.Haystack(book, "eval")
+    import passkey, tokenizer
+    encoding = tokenizer.load_tokenizer("checkpoints/mamba-testbed")
+    haystack = passkey.Haystack(open("data/war_and_peace.txt", encoding="utf-8").read(), "eval")
     sample = passkey.make_sample(encoding, haystack, length=4096, depth=0.5, seed=0)
     sample.prompt_ids          # 4096 token ids, to prefill
     sample.answer              # "68452", to compare with passkey.score(generated_text, sample.answer)
 
-Building a sample costs no quadratic work, so 1M-token prompts are cheap: the haystack's sentences are
-tokenized once per encoding, and a sample is consecutive sentences of that token stream (wrapping around at
-the end of the text) cut at exact offsets found with prefix sums, with the fixed pieces (intro, needle,
-question) tokenized on their own and concatenated. Every piece after the intro starts with its own whitespace
-(" It was ...", "\\nThe pass key ..."), so for GPT-2 style tokenizers the concatenation is the tokenization of
-the prompt's text (except where the filler's first sentence was cut).
+A sample costs no quadratic work, so 1M-token prompts are cheap: the haystack is tokenized once per encoding
+and the filler is cut from that token stream (_assemble); the fixed pieces (intro, needle, question) are
+tokenized on their own. Every piece after the intro starts with its own whitespace (" It was ...",
+"\\nThe pass key ..."), so for GPT-2 style tokenizers the concatenation is the tokenization of the prompt's
+text (except where the filler's first sentence was cut).
 """
 
 import functools
@@ -49,7 +48,6 @@ ANSWER = " {key}"        # what the model should generate after QUESTION
 ANSWER_END = "."         # follows the answer in training examples, so the model learns where the number ends
 REPEAT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 FILLERS = ("prose", "repeat")
-SPLITS = ("train", "eval", "all")
 TRAIN_FRACTION = 0.9     # the "train" split's share of a haystack's sentences (Haystack)
 KEY_LOW, KEY_HIGH = 10000, 100000   # keys are drawn uniformly from [KEY_LOW, KEY_HIGH): 5 digits
 
@@ -72,7 +70,6 @@ class Haystack:
     """
 
     def __init__(self, text, split):
-        assert split in SPLITS, split
         # Every sentence, the first one included, must begin with whitespace so that sentences concatenate
         # cleanly, also where the filler wraps from the end of the text to its start.
         text = text.replace("\r\n", "\n").rstrip()

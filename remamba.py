@@ -100,14 +100,13 @@ class ReMamba(nn.Module):
             for proj in (self.Q_proj, self.K_proj, self.V_proj):
                 proj[0].bias.zero_()
                 proj[2].bias.zero_()
-            d, mixer = c.d_model, base.backbone.layers[0].mixer
-            if init == "official":   # layer 0's slices; d_inner = 2·d_model, so each block splits into two d × d
-                w_in, w_out = mixer.in_proj.weight, mixer.out_proj.weight     # (2·d_inner, d), (d, d_inner)
-                for proj, rows in ((self.K_proj, w_in[:2 * d]), (self.Q_proj, w_in[2 * d:4 * d])):  # x, gate rows
-                    proj[0].weight.copy_(rows[:d])
-                    proj[2].weight.copy_(rows[d:2 * d])
-                self.V_proj[0].weight.copy_(w_out[:, :d])
-                self.V_proj[2].weight.copy_(w_out[:, d:2 * d])
+            if init == "official":   # layer 0's weights; d_inner = 2·d_model, so each block splits into two d × d
+                mixer, d = base.backbone.layers[0].mixer, c.d_model
+                x1, x2, g1, g2 = mixer.in_proj.weight.split(d)     # in_proj (2·d_inner, d): the x rows, the gate rows
+                o1, o2 = mixer.out_proj.weight.split(d, dim=1)     # out_proj (d, d_inner)
+                for proj, first, second in ((self.K_proj, x1, x2), (self.Q_proj, g1, g2), (self.V_proj, o1, o2)):
+                    proj[0].weight.copy_(first)
+                    proj[2].weight.copy_(second)
             else:
                 self.V_proj[2].weight.zero_()
         self.to(base.lm_head.weight.device)
@@ -198,7 +197,7 @@ class ReMamba(nn.Module):
     def save(self, path):
         """Write the new parameters and the ratios to `path` (a file)."""
         payload = {"settings": {k: getattr(self, k) for k in ("ratio", "compress_ratio", "start_ratio")},
-                   "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()
+                   "state_dict": {k: v.cpu() for k, v in self.state_dict().items()
                                   if not k.startswith("base.")}}
         mamba.atomic_write(path, lambda f: torch.save(payload, f))
 

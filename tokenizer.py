@@ -13,8 +13,6 @@ first. The name, regex and special tokens go to a companion `name.tiktoken.json`
 A token's id is its rank; trained special tokens come after the ranks; a converted tokenizer.json keeps its ids.
 """
 
-from __future__ import annotations
-
 import base64
 import functools
 import heapq
@@ -196,17 +194,8 @@ def load_tiktoken(path: str | os.PathLike) -> tiktoken.Encoding:
                              special_tokens=specials)
 
 
-def get_encoding(name: str) -> tiktoken.Encoding:
-    """A tiktoken registry encoding ("gpt2", "r50k_base", "cl100k_base", ...); tiktoken fetches its ranks once."""
-    known = tiktoken.list_encoding_names()
-    if name not in known:
-        raise ValueError(f"unknown tiktoken encoding {name!r}; tiktoken knows {known}")
-    try:
-        return tiktoken.get_encoding(name)
-    except Exception as err:  # tiktoken fetches over HTTP: connection, DNS, proxy and hash errors all land here
-        raise RuntimeError(f"could not fetch the tiktoken encoding {name!r} ({err!r}); offline? Use a file on disk: "
-                           "load_tiktoken(path) or from_hf_tokenizer_json(path)") from err
-
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json (byte-level BPE)
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> character table, with which Hugging Face ByteLevel writes bytes as text: the 188 printable

@@ -160,17 +160,17 @@ def test_build_prompt_on_fixture():
     repo = lb.load_samples(DATA, "repobench-p")[0]
     assert lb.build_prompt("repobench-p", repo, prompts) == (
         "Please complete the code given below. \n# path: utils.py\ndef join(a, b):\nimport os\nNext line of code:\n")
-    with pytest.raises(ValueError, match="no template"):
-        lb.build_prompt("qasper", repo, {})
 
 
 def test_truncate_middle():
     ids = list(range(10))
-    assert lb.truncate_middle(ids, 10) == ids
-    assert lb.truncate_middle(ids, 20) == ids
-    assert lb.truncate_middle(ids, 4) == [0, 1, 8, 9]
-    assert lb.truncate_middle(ids, 5) == [0, 1, 8, 9]  # odd: 2 * (5 // 2) tokens, as the official int(5/2)
-    assert lb.truncate_middle(ids, 2) == [0, 9]
+    chars = lambda ids: "".join(map(str, ids))  # noqa: E731  (one character per id: the re-encoding keeps them)
+    digits = lambda text: [int(c) for c in text]  # noqa: E731
+    assert lb.truncate_middle(ids, 10, digits, chars) == ids
+    assert lb.truncate_middle(ids, 20, digits, chars) == ids
+    assert lb.truncate_middle(ids, 4, digits, chars) == [0, 1, 8, 9]
+    assert lb.truncate_middle(ids, 5, digits, chars) == [0, 1, 8, 9]  # odd: 2 * (5 // 2), as the official int(5/2)
+    assert lb.truncate_middle(ids, 2, digits, chars) == [0, 9]
     # the official form: both halves decoded, joined and encoded again (here the join merges "ab" + "cd")
     words = {0: "ab", 1: "cd", 2: "abcd", 9: "x"}
     enc = lambda text: [2] if text == "abcd" else [k for k, v in words.items() if v == text]  # noqa: E731
@@ -293,6 +293,13 @@ def test_predict_refuses_a_file_of_other_samples(tmp_path):
         run(lb.load_samples(DATA, "qasper"), out, FakeModel())
 
 
+def test_predict_refuses_a_dataset_missing_from_the_config(tmp_path):
+    _, maxlen = lb.load_config(DATA)
+    with pytest.raises(ValueError, match="no prompt template or no generation length for 'qasper'"):
+        lb.predict(lb.load_samples(DATA, "qasper"), "qasper", FakeModel(), encode, decode, str(tmp_path / "p.jsonl"),
+                   120, {}, maxlen, EOS)
+
+
 def test_score_file_matches_score(tmp_path):
     for dataset, e in [("qasper", False), ("trec", False), ("lcc", False), ("gov_report", False),
                        ("passage_count", False), ("passage_retrieval_en", False), ("qasper", True)]:
@@ -313,6 +320,10 @@ def test_score_file_matches_score(tmp_path):
     exact.write_text("".join(json.dumps({"pred": s["answers"][0], "answers": s["answers"], "all_classes": None,
                                          "length": s["length"]}) + "\n" for s in lb.load_samples(DATA, "qasper")))
     assert lb.score_file(str(exact), "qasper") == 100.0
+    lacking = tmp_path / "lacking.jsonl"
+    lacking.write_text('{"pred": "x", "answers": ["x"]}\n')
+    with pytest.raises(ValueError, match=r"lacking\.jsonl:1: .*; missing all_classes, length"):
+        lb.score_file(str(lacking), "qasper", e=True)
     exact.write_text(exact.read_text() + '{"pred": "x", "answers": ["x"], "all_classes": nul}\n')
     with pytest.raises(ValueError, match=r"exact\.jsonl:4: malformed prediction line"):
         lb.score_file(str(exact), "qasper")
