@@ -15,7 +15,6 @@ Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between 
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -162,8 +161,9 @@ def mamba_ssm_model(d_model, n_layer, vocab_size, device="cuda"):
 
 
 def time_training(forward, params, ids, steps, profile_to=None):
-    """Median seconds of a training step and the peak memory (MiB) over `steps` timed steps after 3 warm-ups;
-    profile_to: a file that gets the GPU-time profile of one more step, kernel by kernel."""
+    """Median seconds of a training step over `steps` timed steps after 3 warm-ups, and the peak memory (MiB)
+    warm-ups included (CUDA graphs allocate their memory while they are recorded); profile_to: a file that gets
+    the GPU-time profile of one more step, kernel by kernel."""
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
     def step():
@@ -174,10 +174,10 @@ def time_training(forward, params, ids, steps, profile_to=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(3):
-        step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        step()
     times = []
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -197,9 +197,10 @@ def time_training(forward, params, ids, steps, profile_to=None):
 
 
 def bench_train(args):
-    rows = ["| config (d_model × layers, vocab, batch × L) | ours eager tok/s | ours compiled tok/s "
-            "| mamba_ssm tok/s | compiled ÷ mamba_ssm | peak MiB: eager / compiled / mamba_ssm |",
-            "|---|---|---|---|---|---|"]
+    models = ("eager", "compiled", "graphs", "mamba_ssm")
+    rows = ["| config (d_model × layers, vocab, batch × L) | ours eager tok/s | ours compiled tok/s | ours compiled "
+            "+ CUDA graphs tok/s | mamba_ssm tok/s | graphs ÷ mamba_ssm | peak MiB: " + " / ".join(models) + " |",
+            "|---|---|---|---|---|---|---|"]
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     for d_model, n_layer, vocab, batch, L in [TRAIN_CONFIGS[i] for i in args.configs or range(len(TRAIN_CONFIGS))]:
@@ -207,6 +208,7 @@ def bench_train(args):
         seconds, peak = {}, {}
 
         def run(name, forward, model):  # one model at a time on the GPU, so that each peak is its own
+            print(f"{name}: {torch.cuda.memory_allocated() / 2**20:,.0f} MiB allocated before", flush=True)
             profile_to = args.profile and os.path.join(args.profile, f"train_{d_model}x{n_layer}_b{batch}_{name}.txt")
             seconds[name], peak[name] = time_training(forward, model.parameters(), ids, args.steps, profile_to)
             torch.cuda.empty_cache()
@@ -215,23 +217,26 @@ def bench_train(args):
         ours = mamba.Mamba(mamba.MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab)).cuda()
         run("eager", ours, ours)
         run("compiled", torch.compile(ours), ours)
+        torch._dynamo.reset()  # the compiled code holds the model: free it before the next peak is measured
+        run("graphs", torch.compile(ours, mode="reduce-overhead"), ours)
         del ours
-        torch._dynamo.reset()  # the compiled code holds the model: free it before mamba_ssm's peak is measured
+        torch._dynamo.reset()
         theirs = mamba_ssm_model(d_model, n_layer, vocab)
         if theirs is not None:
             run("mamba_ssm", lambda x: theirs(x).logits, theirs)
         del theirs
         speed = {name: batch * L / s for name, s in seconds.items()}
-        theirs_cells = (f"{speed['mamba_ssm'] / 1e3:,.0f}k | {speed['compiled'] / speed['mamba_ssm']:.2f}"
+        theirs_cells = (f"{speed['mamba_ssm'] / 1e3:,.0f}k | {speed['graphs'] / speed['mamba_ssm']:.2f}"
                         if "mamba_ssm" in speed else "- | -")
-        memory = " / ".join(f"{peak[k]:,.0f}" if k in peak else "-" for k in ("eager", "compiled", "mamba_ssm"))
+        memory = " / ".join(f"{peak[k]:,.0f}" if k in peak else "-" for k in models)
         rows.append(f"| {d_model} × {n_layer}, {vocab}, {batch} × {L} | {speed['eager'] / 1e3:,.0f}k | "
-                    f"{speed['compiled'] / 1e3:,.0f}k | {theirs_cells} | {memory} |")
+                    f"{speed['compiled'] / 1e3:,.0f}k | {speed['graphs'] / 1e3:,.0f}k | {theirs_cells} | {memory} |")
         print(rows[-1], flush=True)
     notes = [f"A training step: forward under bf16 autocast (float32 weights), cross-entropy on float32 logits, "
              f"backward, fused AdamW; tokens/s from the median of {args.steps} steps after 3 warm-up steps (CUDA "
-             "events); peak memory over the timed steps. Ours compiled: `torch.compile(model)` as train.py does on "
-             "a GPU; mamba_ssm: MambaLMHeadModel (Mamba-1, fused add + RMSNorm, causal-conv1d), as it runs."]
+             "events); peak memory from the first warm-up step on. Ours compiled: `torch.compile(model)` (train.py "
+             "under torchrun or with --grad-accum); + CUDA graphs: mode=\"reduce-overhead\" (train.py's default "
+             "on one GPU); mamba_ssm: MambaLMHeadModel (Mamba-1, fused add + RMSNorm, causal-conv1d), as it runs."]
     write_result(args.out, "Training step: ours against mamba_ssm", rows, notes)
 
 
@@ -337,15 +342,9 @@ def bench_methods(args):
 # Shared: provenance and writing results
 
 
-def git_commit():
-    """This checkout's commit ($MAMBA_COMMIT where the tree was copied without .git)."""
-    return os.environ.get("MAMBA_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
-        capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-
-
 def provenance():
     return (f"Command: `python bench.py {' '.join(sys.argv[1:])}`  \n"
-            f"Commit: {git_commit()}  \n"
+            f"Commit: {mamba.git_commit()}  \n"
             f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}  \n"
             f"CPU load when written (1-minute average): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 

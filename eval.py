@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -39,7 +38,7 @@ import longmamba
 import passkey
 import remamba
 import tokenizer
-from mamba import Mamba, atomic_write, training_length
+from mamba import Mamba, atomic_write, git_commit, training_length
 
 METHODS = ("vanilla", "longmamba", "decimamba", "remamba")
 DEFAULT_MODEL = "checkpoints/mamba-testbed"
@@ -139,12 +138,6 @@ def read_text(flag, path):
         fail(f"{flag} {path}: not a readable UTF-8 text file ({type(e).__name__})")
     except ValueError as e:
         fail(f"{flag} {path}: {e}")
-
-
-def git_commit():
-    """This checkout's commit ($MAMBA_COMMIT where the tree was copied without .git)."""
-    return os.environ.get("MAMBA_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
-        capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
 
 
 def build_methods(args, model, encoding, L_train, text):

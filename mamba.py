@@ -61,6 +61,7 @@ import json
 import math
 import os
 import struct
+import subprocess
 import tempfile
 from dataclasses import dataclass, fields
 from typing import NamedTuple
@@ -642,6 +643,12 @@ def training_length(directory):
             return int(json.load(f)["L_train"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def git_commit():
+    """This checkout's commit ($MAMBA_COMMIT where the tree was copied without .git)."""
+    return os.environ.get("MAMBA_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
+        capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
 
 
 def atomic_write(path, write_fn):

@@ -26,7 +26,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -38,7 +37,7 @@ import torch.nn.functional as F
 import passkey
 import remamba
 import tokenizer
-from mamba import Mamba, MambaConfig, atomic_write, training_length
+from mamba import Mamba, MambaConfig, atomic_write, git_commit, training_length
 
 STATE_FILE = "train_state.pt"   # everything --resume needs
 # --resume takes the saved run's settings, except those typed again (MAY_CHANGE) and per invocation ones
@@ -93,8 +92,10 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its own settings")
     p.add_argument("--overwrite", action="store_true", help="allow --out to replace a model already there")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the model for training (auto: on a GPU, for --method lm and sft)")
+    p.add_argument("--compile", choices=["auto", "graphs", "on", "off"], default="auto",
+                   help="torch.compile the model for training (--method lm and sft); graphs: also replay each "
+                        "step as CUDA graphs (mode reduce-overhead). auto: graphs for one GPU process without "
+                        "--grad-accum, on under torchrun or with --grad-accum, off on a CPU")
     args = p.parse_args(argv)
     given = {action.dest for action in p._actions   # the flags typed on the command line
              if any(a == s or a.startswith(s + "=") for s in action.option_strings for a in argv)}
@@ -274,12 +275,6 @@ def lr_at(step, args):
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def git_commit():
-    """This checkout's commit ($MAMBA_COMMIT where the tree was copied without .git)."""
-    return os.environ.get("MAMBA_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], text=True,
-        capture_output=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-
-
 def setup_device(args):
     """Device and, under torchrun, the process group: (device, rank, world size). Checked before any work."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ           # started by torchrun
@@ -331,9 +326,18 @@ class Run:
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=cuda)
         model = torch.nn.parallel.DistributedDataParallel(self.trained) if self.world > 1 else self.trained
-        # ReMamba trains uncompiled: its stage-2 hook is made anew every step
-        compile_ = args.compile == "on" or (args.compile == "auto" and cuda)
-        self.forward_model = torch.compile(model) if compile_ and args.method != "remamba" else model
+        # ReMamba trains uncompiled: its stage-2 hook is made anew every step. CUDA graphs replay a whole step
+        # with one launch (small models are bound by launching kernels); their outputs are overwritten by the
+        # next step, so gradients kept across micro-batches or handed to DDP's buckets rule them out.
+        mode = args.compile
+        if mode == "graphs" and (not cuda or self.world > 1 or args.grad_accum > 1):
+            fail("--compile graphs needs one GPU process and --grad-accum 1: use --compile on")
+        if mode == "auto":
+            mode = "off" if not cuda else "graphs" if self.world == 1 and args.grad_accum == 1 else "on"
+        if mode == "off" or args.method == "remamba":
+            self.forward_model = model
+        else:
+            self.forward_model = torch.compile(model, mode="reduce-overhead" if mode == "graphs" else None)
         self.step, self.elapsed_before = 0, 0.0
         if state is not None:
             self.trained.load_state_dict(state["model"])

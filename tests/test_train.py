@@ -123,6 +123,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     (["--L-train", "0"], "--L-train 0 leaves no room for filler"),
     (["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),
     (["--device", "foo"], "--device foo: not a device"),
+    (["--compile", "graphs"], "--compile graphs needs one GPU process and --grad-accum 1"),
     (["--prompt-lengths", "4,1"], "--prompt-lengths takes two multiples"),
     (["--eval-lengths", "1,x"], "--eval-lengths positive multiples (got '1,x')"),
     (["--method", "lora"], "argument --method: invalid choice"),
