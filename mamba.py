@@ -69,6 +69,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 try:                    # the Triton kernels, used for CUDA tensors: the scan, and the conv with its SiLU
     import conv_triton
@@ -331,6 +332,12 @@ def delta_of(dt, dt_bias, skip_below=None):
     return delta if skip_below is None else torch.where(pre > skip_below.float()[:, None], delta, 0.0)
 
 
+def _recompute_all_but_the_scan():
+    """Selective activation checkpointing: inside the checkpointed region only the scan operator's outputs are
+    saved for the backward, everything else there is recomputed (cheap next to the memory it would keep)."""
+    return create_selective_checkpoint_contexts([torch.ops.mamba_triton.scan_fwd.default])
+
+
 def _gather(x, keep):
     """x (b, c, l) at positions keep (b, k) -> (b, c, k)."""
     return x.gather(2, keep[:, None, :].expand(-1, x.shape[1], -1))
@@ -370,7 +377,19 @@ class MambaMixer(nn.Module):
         """hidden_states (b, l, d_model) -> out (b, l or k, d_model), keep (b, k) or None, LayerCache or None."""
         L = hidden_states.shape[1]
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)                     # (b, l, d_inner) each
+        if hook is None and not return_cache and torch.is_grad_enabled() and _backend(x) == "triton":
+            # Training on the fast path: the backward redoes the conv, the small projections and the copies
+            # around the scan instead of keeping their outputs (u, dt, out_proj's input); kept are in_proj's
+            # output and what the scan returns.
+            out = checkpoint(self._mix, x, z, use_reentrant=False, context_fn=_recompute_all_but_the_scan)[0]
+            return out, None, None
         conv_state = F.pad(x.mT, (self.d_conv - L, 0)) if return_cache else None # last d_conv inputs
+        out, keep, ssm_state = self._mix(x, z, hook, return_cache)
+        return out, keep, (LayerCache(conv_state, ssm_state) if return_cache else None)
+
+    def _mix(self, x, z, hook=None, return_cache=False):
+        """x, z (b, l, d_inner) from in_proj -> out (b, l or k, d_model), keep (b, k) or None, the last state or
+        None: conv, selection, the hook, the scan with its gate, out_proj."""
         x = self._conv_silu(x)                                                   # (b, l, d_inner)
         dt, B, C = self._selection(x)
         x, z = x.mT, z.mT                                                        # (b, d_inner, l) views
@@ -386,8 +405,7 @@ class MambaMixer(nn.Module):
         y = selective_scan(x, dt, A, B, C, self.D.float(), z, delta_bias=dt_bias, delta_softplus=True,
                            return_last_state=return_cache, skip_below=skip_below)  # Δ = softplus(dt + dt_bias)
         y, ssm_state = y if return_cache else (y, None)
-        out = self.out_proj(y.mT)                                                # (b, l or k, d_model)
-        return out, keep, (LayerCache(conv_state, ssm_state) if return_cache else None)
+        return self.out_proj(y.mT), keep, ssm_state                             # (b, l or k, d_model)
 
     def step(self, hidden_states, cache: LayerCache):
         """One token: hidden_states (b, 1, d_model) -> (b, 1, d_model); updates `cache` in place. O(1) in l."""

@@ -254,3 +254,33 @@ def test_compiled_model_around_the_triton_operator_matches_the_pytorch_path(monk
     assert rel_err(compiled, eager) <= 1e-5
     for name in g_eager:
         assert rel_err(g_compiled[name], g_eager[name]) <= 1e-4, name
+
+
+def test_training_on_the_triton_path_recomputes_around_the_scan(monkeypatch):
+    """A training forward on the Triton path keeps in_proj's output and the scan's results; the backward redoes
+    the conv, the projections and the copies around the scan. Gradients equal those of the layer run whole
+    (an identity hook turns the recomputation off) bit for bit, and at least 2 (b, l, d_inner) tensors per layer
+    fewer are kept."""
+    monkeypatch.setenv("MAMBA_SCAN", "triton")
+    model = small_model()
+    ids = torch.randint(0, 101, (2, 40))
+    results = []
+    for hook in (None, lambda layer_idx, dt, dt_bias: dt):
+        model.zero_grad()
+        kept = {}
+
+        def pack(t):  # each storage counted once (views of one tensor are saved as several)
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with model.hooked(hook), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(ids)
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
+                        sum(v for k, v in kept.items() if k not in params)))
+    (logits, grads, kept), (plain_logits, plain_grads, plain_kept) = results
+    assert torch.equal(logits, plain_logits)
+    assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+    unit = ids.numel() * model.config.d_inner * 4                                          # float32
+    assert kept <= plain_kept - 2 * unit * model.config.n_layer, f"{kept / unit:.2f} vs {plain_kept / unit:.2f}"
