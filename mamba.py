@@ -377,10 +377,12 @@ class MambaMixer(nn.Module):
         """hidden_states (b, l, d_model) -> out (b, l or k, d_model), keep (b, k) or None, LayerCache or None."""
         L = hidden_states.shape[1]
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)                     # (b, l, d_inner) each
-        if hook is None and not return_cache and torch.is_grad_enabled() and _backend(x) == "triton":
-            # Training on the fast path: the backward redoes the conv, the small projections and the copies
-            # around the scan instead of keeping their outputs (u, dt, out_proj's input); kept are in_proj's
-            # output and what the scan returns.
+        if hook is None and not return_cache and torch.is_grad_enabled() and torch.compiler.is_compiling() \
+                and _backend(x) == "triton":
+            # Compiled training on the fast path: the backward redoes the conv, the small projections and the
+            # copies around the scan instead of keeping their outputs (u, dt, out_proj's input); kept are
+            # in_proj's output and what the scan returns. Compiled, the recomputation is part of the backward
+            # graph; eager, every op of the region would pass through a Python dispatch mode twice.
             out = checkpoint(self._mix, x, z, use_reentrant=False, context_fn=_recompute_all_but_the_scan)[0]
             return out, None, None
         conv_state = F.pad(x.mT, (self.d_conv - L, 0)) if return_cache else None # last d_conv inputs

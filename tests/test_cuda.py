@@ -53,7 +53,9 @@ def test_decoding_from_cuda_graphs_gives_the_tokens_of_plain_steps(batch):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_graphed_steps_under_bf16_autocast_give_the_logits_of_plain_steps(batch):
     """In bf16 the compiled step rounds differently from the eager one, so greedy decoding may take another
-    token where two are nearly tied: both step paths are fed the same tokens and their logits compared."""
+    token where two are nearly tied: both step paths are fed the same tokens and their logits compared, within
+    bf16's precision (2^-8 per rounding, in different places on the two paths, carried by the state over 40
+    steps); a wrong step would be off by order 1."""
     model = mamba.Mamba.from_pretrained(TESTBED, device="cuda").eval()
     prompt = torch.randint(0, 256, (batch, 700), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     tokens = torch.randint(0, 256, (batch, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
@@ -63,7 +65,7 @@ def test_graphed_steps_under_bf16_autocast_give_the_logits_of_plain_steps(batch)
         graphed = model._graphed_step(caches)
         for token in tokens.unbind(1):
             plain = model.step(token, plain_caches)
-            assert rel_err(graphed.step(token).float(), plain.float()) <= 1e-2
+            assert rel_err(graphed.step(token).float(), plain.float()) <= 2e-2
 
 
 def test_longmamba_on_the_triton_path_matches_the_pytorch_path(monkeypatch):

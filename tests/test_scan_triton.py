@@ -256,16 +256,18 @@ def test_compiled_model_around_the_triton_operator_matches_the_pytorch_path(monk
         assert rel_err(g_compiled[name], g_eager[name]) <= 1e-4, name
 
 
-def test_training_on_the_triton_path_recomputes_around_the_scan(monkeypatch):
-    """A training forward on the Triton path keeps in_proj's output and the scan's results; the backward redoes
-    the conv, the projections and the copies around the scan. Gradients equal those of the layer run whole
-    (an identity hook turns the recomputation off) bit for bit, and at least 2 (b, l, d_inner) tensors per layer
-    fewer are kept."""
+def test_compiled_training_on_the_triton_path_recomputes_around_the_scan(monkeypatch):
+    """A compiled training forward on the Triton path keeps in_proj's output and the scan's results; the backward
+    redoes the conv, the projections and the copies around the scan. Gradients equal those of the layer run
+    whole (an identity hook turns the recomputation off) bit for bit, and at least 2 (b, l, d_inner) tensors per
+    layer fewer are kept."""
     monkeypatch.setenv("MAMBA_SCAN", "triton")
+    monkeypatch.setattr(scan_triton, "SEG", 64)   # the default: compiled graphs are cached on disk, keyed without it
     model = small_model()
     ids = torch.randint(0, 101, (2, 40))
     results = []
     for hook in (None, lambda layer_idx, dt, dt_bias: dt):
+        torch._dynamo.reset()
         model.zero_grad()
         kept = {}
 
@@ -274,7 +276,7 @@ def test_training_on_the_triton_path_recomputes_around_the_scan(monkeypatch):
             return t
 
         with model.hooked(hook), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            logits = model(ids)
+            logits = torch.compile(model)(ids)
         (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()},
