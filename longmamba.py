@@ -15,7 +15,7 @@ global channel's Σ_t Δ is about 16× larger, the early tokens decay away, and 
 model was trained on.
 
 The fix: a global channel takes in only its critical tokens, those with a large Δ_t, and skips the others with
-Δ_t := 0 (exp(0·A) = 1 keeps the state, 0·B_t x_t adds nothing; the hook sets dt = -inf: softplus(-inf) = 0). It
+Δ_t := 0 (exp(0·A) = 1 keeps the state, 0·B_t x_t adds nothing; the scan sets dt = -inf: softplus(-inf) = 0). It
 keeps as many as make its total Δ over the long prompt equal to its total over a training window, found offline
 by stretching the window's sorted Δ curve to the prompt length (`_thresholds`). Which tokens a channel skips is
 decided in `LongMamba.__call__`, the hook: it hands the scan each channel's bound on dt + dt_bias

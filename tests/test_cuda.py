@@ -69,7 +69,7 @@ def test_graphed_steps_under_bf16_autocast_give_the_logits_of_plain_steps(batch)
 
 
 def test_longmamba_on_the_triton_path_matches_the_pytorch_path(monkeypatch):
-    """The hook sets dt = -inf for skipped tokens: both scans turn that into Δ = 0."""
+    """LongMamba answers mamba.SkipBelow: both scans skip the same tokens (Δ = 0) where they form Δ."""
     model = mamba.Mamba.from_pretrained(TESTBED, device="cuda").eval()
     calibration = torch.load(f"{TESTBED}/longmamba_calibration.pt", weights_only=True)
     ids = torch.randint(0, 256, (1, 8192), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
