@@ -69,7 +69,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+import torch.utils.checkpoint
 
 try:                    # the Triton kernels, used for CUDA tensors: the scan, and the conv with its SiLU
     import conv_triton
@@ -335,6 +335,7 @@ def delta_of(dt, dt_bias, skip_below=None):
 def _recompute_all_but_the_scan():
     """Selective activation checkpointing: inside the checkpointed region only the scan operator's outputs are
     saved for the backward, everything else there is recomputed (cheap next to the memory it would keep)."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts   # torch >= 2.4, as the Triton path
     return create_selective_checkpoint_contexts([torch.ops.mamba_triton.scan_fwd.default])
 
 
@@ -383,7 +384,8 @@ class MambaMixer(nn.Module):
             # copies around the scan instead of keeping their outputs (u, dt, out_proj's input); kept are
             # in_proj's output and what the scan returns. Compiled, the recomputation is part of the backward
             # graph; eager, every op of the region would pass through a Python dispatch mode twice.
-            out = checkpoint(self._mix, x, z, use_reentrant=False, context_fn=_recompute_all_but_the_scan)[0]
+            out = torch.utils.checkpoint.checkpoint(self._mix, x, z, use_reentrant=False,
+                                                    context_fn=_recompute_all_but_the_scan)[0]
             return out, None, None
         conv_state = F.pad(x.mT, (self.d_conv - L, 0)) if return_cache else None # last d_conv inputs
         out, keep, ssm_state = self._mix(x, z, hook, return_cache)

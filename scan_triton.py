@@ -2,10 +2,11 @@
 Selective scan in Triton: forward and backward kernels, parallel over batch, channels and sequence chunks.
 
     selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False)
+                   return_last_state=False, skip_below=None)
 
-Same signature and result as `mamba.selective_scan_ref` (and mamba_ssm's `selective_scan_fn`), differentiable
-with respect to u, delta, A, B, C, D, z and delta_bias. It is the algorithm of `mamba.selective_scan_chunked`,
+Same signature and result as `mamba.selective_scan_ref` (mamba_ssm's `selective_scan_fn` plus skip_below, a
+per-channel bound below which a token is skipped), differentiable with respect to u, delta, A, B, C, D, z and
+delta_bias. It is the algorithm of `mamba.selective_scan_chunked`,
 the PyTorch twin to read first, with one GPU thread per channel:
 
     for every chunk c, in parallel:              # pass 1 (only when batch × channels cannot fill the GPU)

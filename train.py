@@ -94,8 +94,9 @@ def parse_args(argv):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--compile", choices=["auto", "graphs", "on", "off"], default="auto",
                    help="torch.compile the model for training (--method lm and sft); graphs: also replay each "
-                        "step as CUDA graphs (mode reduce-overhead). auto: graphs for one GPU process without "
-                        "--grad-accum, on under torchrun or with --grad-accum, off on a CPU")
+                        "step as CUDA graphs (mode reduce-overhead; one recorded per sequence length). auto: graphs "
+                        "for one GPU process without --grad-accum on sequences of one length, on otherwise, off on "
+                        "a CPU")
     args = p.parse_args(argv)
     given = {action.dest for action in p._actions   # the flags typed on the command line
              if any(a == s or a.startswith(s + "=") for s in action.option_strings for a in argv)}
@@ -290,6 +291,8 @@ def setup_device(args):
         torch.device(device)
     except RuntimeError:
         fail(f"--device {args.device}: not a device (use auto, cpu, cuda or cuda:N)")
+    if args.compile == "graphs" and (not device.startswith("cuda") or world > 1 or args.grad_accum > 1):
+        fail("--compile graphs needs one GPU process and --grad-accum 1: use --compile on")
     if distributed:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
@@ -329,11 +332,12 @@ class Run:
         # ReMamba trains uncompiled: its stage-2 hook is made anew every step. CUDA graphs replay a whole step
         # with one launch (small models are bound by launching kernels); their outputs are overwritten by the
         # next step, so gradients kept across micro-batches or handed to DDP's buckets rule them out.
+        # A graph is recorded per sequence length: sft's prompts of a range of lengths would record one per step.
         mode = args.compile
-        if mode == "graphs" and (not cuda or self.world > 1 or args.grad_accum > 1):
-            fail("--compile graphs needs one GPU process and --grad-accum 1: use --compile on")
         if mode == "auto":
-            mode = "off" if not cuda else "graphs" if self.world == 1 and args.grad_accum == 1 else "on"
+            fixed_length = args.method == "lm" or args.lengths_x[0] == args.lengths_x[1]
+            mode = "off" if not cuda else "graphs" if self.world == 1 and args.grad_accum == 1 and fixed_length \
+                else "on"
         if mode == "off" or args.method == "remamba":
             self.forward_model = model
         else:
