@@ -682,8 +682,8 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
         chunk_states = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
         delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
         _scan_fwd_kernel[grid](u, delta, z, None, A2, Bt, Ct, D, delta_bias, skip_below, chunk_states, delta_sums,
-                               None, None,
-                               *sizes, STATES_ONLY=True, FROM_CHUNK_STATE=False, SAVE_SEGMENTS=False, **flags)
+                               None, None, *sizes, STATES_ONLY=True, FROM_CHUNK_STATE=False, SAVE_SEGMENTS=False,
+                               **flags)
         _carry(chunk_states, delta_sums, A2, None, False)
     out = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
     last_state = _alloc(batch, d_inner, block_n, dtype=torch.float32, device=u.device)
@@ -719,8 +719,7 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     u, delta, A2, Bt, Ct, z = _prepare(u, delta, A, B, C, z)
     stride, block_n = u.shape[-1], Bt.shape[-1]
     flags = dict(HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None, HAS_SKIP=skip_below is not None,
-                 DELTA_SOFTPLUS=delta_softplus,
-                 T=BWD_T, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BWD_WARPS)
+                 DELTA_SOFTPLUS=delta_softplus, T=BWD_T, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BWD_WARPS)
     dout = _rows(dout, stride)
     adjoints = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
     if n_chunks > 1:  # passes 1 and 2 of the adjoint

@@ -335,9 +335,9 @@ class Run:
         # A graph is recorded per sequence length: sft's prompts of a range of lengths would record one per step.
         mode = args.compile
         if mode == "auto":
-            fixed_length = args.method == "lm" or args.lengths_x[0] == args.lengths_x[1]
-            mode = "off" if not cuda else "graphs" if self.world == 1 and args.grad_accum == 1 and fixed_length \
-                else "on"
+            one_graph = self.world == 1 and args.grad_accum == 1 and (
+                args.method == "lm" or args.lengths_x[0] == args.lengths_x[1])
+            mode = "off" if not cuda else "graphs" if one_graph else "on"
         if mode == "off" or args.method == "remamba":
             self.forward_model = model
         else:
