@@ -100,10 +100,13 @@ BWD_WARPS = 1           # the backward's threads hold 255 registers: one warp pe
 BWD_T = 4               # tokens per tile in the backward, whose tiles keep T states per thread
 FWD_WARPS_PER_SM = 64   # chunks are cut until there is this much work per SM (more than fits at once: shorter
 BWD_WARPS_PER_SM = 64   # chunks even out the programs' finishing times)
+BWD_PROGRAMS_PER_SM = 8 # what an SM runs at once of the backward (65536 registers / (32 threads · 255)): the
+                        # backward launches that many programs per SM, which share out its work items
 CARRY_BLOCK = 128       # pass 2: (channel, state) elements per program, one per thread
 CARRY_GROUP = 16        # pass 2: chunk summaries loaded together
 ROWS_BLOCK = 64         # tokens and channels per program of the transposing copy into rows
 INTERPRETER_SMS = 4     # stands in for the SM count when the kernels run in Triton's CPU interpreter
+INTERPRETER_BWD_PROGRAMS = 3  # so that, in the tests, backward programs take several work items
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -114,12 +117,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _program_channels(d_inner, group_size, BLOCK_D: tl.constexpr):
-    """The program's channels d (BLOCK_D,), which of them exist, and their B/C group g. Program axis 0 runs
-    over channel blocks group by group, so that a block never straddles two groups."""
+def _program_channels(block, d_inner, group_size, BLOCK_D: tl.constexpr):
+    """Channel block `block`'s channels d (BLOCK_D,), which of them exist, and their B/C group g. Blocks are
+    numbered group by group, so that a block never straddles two groups."""
     blocks_per_group = tl.cdiv(group_size, BLOCK_D)
-    g = tl.program_id(0) // blocks_per_group
-    in_group = (tl.program_id(0) % blocks_per_group) * BLOCK_D + tl.arange(0, BLOCK_D)
+    g = block // blocks_per_group
+    in_group = (block % blocks_per_group) * BLOCK_D + tl.arange(0, BLOCK_D)
     return g * group_size + in_group, in_group < group_size, g
 
 
@@ -219,7 +222,7 @@ def _scan_fwd_kernel(
     """Program (channel block, chunk c, batch b). STATES_ONLY (pass 1): from a zero state, write the chunk's
     end state and ΣΔ. Otherwise (pass 3): from the chunk's start state (zero for a single chunk), write out,
     the state every SEG tokens for the backward (SAVE_SEGMENTS) and, in the last chunk, the last state."""
-    d, d_mask, g = _program_channels(d_inner, group_size, BLOCK_D)
+    d, d_mask, g = _program_channels(tl.program_id(0), d_inner, group_size, BLOCK_D)
     c = tl.program_id(1)
     n_chunks = tl.num_programs(1)
     b = tl.program_id(2).to(tl.int64)  # b·d_inner·L can exceed 2^31
@@ -343,7 +346,7 @@ def _adjoint_summary_kernel(
     """Program (channel block, chunk c, batch b): walk the chunk backwards from a zero adjoint,
         g_t = C_t dy_t + carried,  carried <- a_t g_t,
     and write what reaches the previous chunk's last token (carried at the chunk's first token) and ΣΔ_c."""
-    d, d_mask, g = _program_channels(d_inner, group_size, BLOCK_D)
+    d, d_mask, g = _program_channels(tl.program_id(0), d_inner, group_size, BLOCK_D)
     c = tl.program_id(1)
     n_chunks = tl.num_programs(1)
     b = tl.program_id(2).to(tl.int64)
@@ -394,58 +397,64 @@ def _adjoint_summary_kernel(
 def _scan_bwd_kernel(
         # pointers: inputs, the states kept by the forward and pass 2, outputs
         u_ptr, delta_ptr, z_ptr, dout_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, delta_bias_ptr, skip_ptr,
-        seg_state_ptr, adjoint_ptr, scratch_ptr,
+        seg_state_ptr, adjoint_ptr, scratch_ptr, next_item_ptr,
         du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr, dA_part_ptr, dD_part_ptr, ddelta_bias_part_ptr,
-        # sizes: L tokens, stored as rows of `stride` (a multiple of 8) tokens
-        L, stride, d_inner, group_size, n_groups, chunk_len,
+        # sizes: L tokens, stored as rows of `stride` (a multiple of 8) tokens; the work items
+        L, stride, d_inner, group_size, n_groups, chunk_len, n_chunks, batch,
         # meta-parameters
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
         DELTA_SOFTPLUS: tl.constexpr,
         SEG: tl.constexpr, T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Program (channel block, chunk c, batch b): starting from the adjoint G_c that enters the chunk's last
-    token from the right (pass 2), walk the chunk's segments from the last to the first: recompute the states
-    at the segment's tile starts (`_segment_tile_starts`), then go back through its tiles (`_segment_backward`),
-    writing ∂u, ∂delta, ∂z, adding ∂B, ∂C. At the end, write this program's partial sums of ∂A, ∂D and
-    ∂delta_bias."""
-    d, d_mask, g = _program_channels(d_inner, group_size, BLOCK_D)
-    c = tl.program_id(1)
-    n_chunks = tl.num_programs(1)
-    b = tl.program_id(2).to(tl.int64)
+    """The work items are (channel block, chunk c, batch b), as the forward's programs. Only as many programs
+    are launched as the GPU runs at once, so that the scratch, one per program, stays small; each takes the next
+    item from a shared counter until none is left, as the GPU would hand out programs. For an item: starting
+    from the adjoint G_c that enters the chunk's last token from the right (pass 2), walk the chunk's segments
+    from the last to the first: recompute the states at the segment's tile starts (`_segment_tile_starts`), then
+    go back through its tiles (`_segment_backward`), writing ∂u, ∂delta, ∂z, adding ∂B, ∂C. At the end, write
+    the item's partial sums of ∂A, ∂D and ∂delta_bias."""
     stride = tl.multiple_of(stride, 8)
     n = tl.arange(0, BLOCK_N)
-    state_offs = d[:, None] * BLOCK_N + n[None, :]
-    state_mask = d_mask[:, None]
-    A2 = tl.load(A2_ptr + state_offs, mask=state_mask, other=0.0)
-    bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
-    skip = _load(skip_ptr, d, d_mask) if HAS_SKIP else bias
-    D = _load(D_ptr, d, d_mask) if HAS_D else tl.zeros((BLOCK_D,), dtype=tl.float32)
-    chunk = (b * n_chunks + c) * d_inner
-    carried = tl.load(adjoint_ptr + chunk * BLOCK_N + state_offs, mask=state_mask, other=0.0)  # a_{t+1} g_{t+1}
-    dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    ddelta_bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    rows = (b * d_inner + d) * stride
-    bc_rows = (b * n_groups + g) * stride
-    first_state = (chunk // d_inner * tl.num_programs(0) + tl.program_id(0)) * (SEG // T)   # its scratch's first
-    t_start = c * chunk_len
-    n_segs = tl.cdiv(tl.minimum(chunk_len, L - t_start), SEG)
-    for i in range(n_segs):
-        s0 = t_start + (n_segs - 1 - i) * SEG
-        n_tiles = tl.cdiv(tl.minimum(SEG, L - s0), T)
-        h = tl.load(seg_state_ptr + (b * tl.cdiv(L, SEG) + s0 // SEG) * d_inner * BLOCK_N + state_offs,
-                    mask=state_mask, other=0.0)
-        _segment_tile_starts(h, scratch_ptr, first_state, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias, skip,
-                             rows, bc_rows, stride, d_mask, L, HAS_SKIP, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
-        carried, dA, dD, ddelta_bias = _segment_backward(
-            carried, dA, dD, ddelta_bias, scratch_ptr, first_state, s0, n_tiles,
-            u_ptr, delta_ptr, z_ptr, dout_ptr, Bt_ptr, Ct_ptr, du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr,
-            A2, D, bias, skip, rows, bc_rows, stride, d_mask, L,
-            HAS_D, HAS_Z, HAS_SKIP, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
-    tl.store(dA_part_ptr + chunk * BLOCK_N + state_offs, dA, mask=state_mask)
-    if HAS_D:
-        tl.store(dD_part_ptr + chunk + d, dD, mask=d_mask)
-    if HAS_DELTA_BIAS:
-        tl.store(ddelta_bias_part_ptr + chunk + d, ddelta_bias, mask=d_mask)
+    n_blocks = n_groups * tl.cdiv(group_size, BLOCK_D)
+    first_state = tl.program_id(0) * (SEG // T)                                # the program's scratch
+    item = tl.atomic_add(next_item_ptr, 1)
+    while item < n_blocks * n_chunks * batch:
+        d, d_mask, g = _program_channels(item % n_blocks, d_inner, group_size, BLOCK_D)
+        c = item // n_blocks % n_chunks
+        b = (item // (n_blocks * n_chunks)).to(tl.int64)
+        state_offs = d[:, None] * BLOCK_N + n[None, :]
+        state_mask = d_mask[:, None]
+        A2 = tl.load(A2_ptr + state_offs, mask=state_mask, other=0.0)
+        bias = _load(delta_bias_ptr, d, d_mask) if HAS_DELTA_BIAS else tl.zeros((BLOCK_D,), dtype=tl.float32)
+        skip = _load(skip_ptr, d, d_mask) if HAS_SKIP else bias
+        D = _load(D_ptr, d, d_mask) if HAS_D else tl.zeros((BLOCK_D,), dtype=tl.float32)
+        chunk = (b * n_chunks + c) * d_inner
+        carried = tl.load(adjoint_ptr + chunk * BLOCK_N + state_offs, mask=state_mask, other=0.0)  # a_{t+1} g_{t+1}
+        dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+        dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        ddelta_bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        rows = (b * d_inner + d) * stride
+        bc_rows = (b * n_groups + g) * stride
+        t_start = c * chunk_len
+        n_segs = tl.cdiv(tl.minimum(chunk_len, L - t_start), SEG)
+        for i in range(n_segs):
+            s0 = t_start + (n_segs - 1 - i) * SEG
+            n_tiles = tl.cdiv(tl.minimum(SEG, L - s0), T)
+            h = tl.load(seg_state_ptr + (b * tl.cdiv(L, SEG) + s0 // SEG) * d_inner * BLOCK_N + state_offs,
+                        mask=state_mask, other=0.0)
+            _segment_tile_starts(h, scratch_ptr, first_state, s0, n_tiles, delta_ptr, u_ptr, Bt_ptr, A2, bias,
+                                 skip, rows, bc_rows, stride, d_mask, L, HAS_SKIP, DELTA_SOFTPLUS, T, BLOCK_D,
+                                 BLOCK_N)
+            carried, dA, dD, ddelta_bias = _segment_backward(
+                carried, dA, dD, ddelta_bias, scratch_ptr, first_state, s0, n_tiles,
+                u_ptr, delta_ptr, z_ptr, dout_ptr, Bt_ptr, Ct_ptr, du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr,
+                A2, D, bias, skip, rows, bc_rows, stride, d_mask, L,
+                HAS_D, HAS_Z, HAS_SKIP, DELTA_SOFTPLUS, T, BLOCK_D, BLOCK_N)
+        tl.store(dA_part_ptr + chunk * BLOCK_N + state_offs, dA, mask=state_mask)
+        if HAS_D:
+            tl.store(dD_part_ptr + chunk + d, dD, mask=d_mask)
+        if HAS_DELTA_BIAS:
+            tl.store(ddelta_bias_part_ptr + chunk + d, ddelta_bias, mask=d_mask)
+        item = tl.atomic_add(next_item_ptr, 1)
 
 
 @triton.jit
@@ -586,11 +595,14 @@ def _alloc(*shape, dtype, device):
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _sms(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else INTERPRETER_SMS
+
+
 def _chunk_len(batch, d_inner, L, device, num_warps, warps_per_sm):
     """Tokens per chunk, a multiple of SEG: as few chunks as give every SM `warps_per_sm` warps' worth of
     programs (one chunk when batch and channels alone already do)."""
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
-           else INTERPRETER_SMS)
+    sms = _sms(device)
     programs = batch * triton.cdiv(d_inner, 32 * num_warps)
     n_chunks = max(1, min(triton.cdiv(sms * warps_per_sm, programs * num_warps), triton.cdiv(L, SEG)))
     return SEG * triton.cdiv(triton.cdiv(L, n_chunks), SEG)
@@ -741,11 +753,13 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     dD_part = None if D is None else _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
     ddelta_bias_part = (None if delta_bias is None else
                         _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device))
-    scratch = _alloc(batch * n_chunks * grid[0], SEG // BWD_T, block_n, block_d + 1, dtype=torch.float32,
-                     device=u.device)
-    _scan_bwd_kernel[grid](u, delta, z, dout, A2, Bt, Ct, D, delta_bias, skip_below, seg_states, adjoints, scratch,
-                           du, ddelta, None if z is None else dz, dBt, dCt, dA_part, dD_part, ddelta_bias_part,
-                           *sizes, HAS_D=D is not None, SEG=SEG, **flags)
+    programs = min(grid[0] * n_chunks * batch, _sms(u.device) * BWD_PROGRAMS_PER_SM if u.device.type == "cuda"
+                   else INTERPRETER_BWD_PROGRAMS)
+    scratch = _alloc(programs, SEG // BWD_T, block_n, block_d + 1, dtype=torch.float32, device=u.device)
+    next_item = torch.zeros(1, dtype=torch.int32, device=u.device)
+    _scan_bwd_kernel[(programs,)](u, delta, z, dout, A2, Bt, Ct, D, delta_bias, skip_below, seg_states, adjoints,
+                                  scratch, next_item, du, ddelta, None if z is None else dz, dBt, dCt, dA_part, dD_part,
+                                  ddelta_bias_part, *sizes, n_chunks, batch, HAS_D=D is not None, SEG=SEG, **flags)
     dA = dA_part.sum((0, 1))[:, :d_state].contiguous()
     dD = _nothing(A) if D is None else dD_part.sum((0, 1)).to(D.dtype)
     ddelta_bias = _nothing(A) if delta_bias is None else ddelta_bias_part.sum((0, 1)).to(delta_bias.dtype)

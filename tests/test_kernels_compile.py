@@ -20,6 +20,7 @@ import scan_triton  # noqa: E402
 HALF = "*bf16"  # the sequences as a bf16 training step passes them; states, parameters and sums are float32
 SEQUENCES = {"u_ptr", "delta_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr", "x_ptr",
              "g_ptr", "dx_ptr", "rows_ptr"}
+COUNTERS = {"next_item_ptr"}  # int32
 FLAGS = dict(HAS_D=True, HAS_Z=True, HAS_DELTA_BIAS=True, DELTA_SOFTPLUS=True, SEG=64, BLOCK_N=16)
 KERNELS = {  # name: (kernel, constexpr arguments, num_warps)
     "scan forward (pass 3)": (scan_triton._scan_fwd_kernel, dict(
@@ -46,8 +47,9 @@ KERNELS = {  # name: (kernel, constexpr arguments, num_warps)
 
 def compile_for_sm90(name):
     kernel, constants, num_warps = KERNELS[name]
-    signature = {arg: "constexpr" if arg in constants else (HALF if arg in SEQUENCES else "*fp32")
-                 if arg.endswith("_ptr") else "i32" for arg in kernel.arg_names}
+    signature = {arg: "constexpr" if arg in constants else (HALF if arg in SEQUENCES else "*i32" if arg in COUNTERS
+                                                            else "*fp32") if arg.endswith("_ptr") else "i32"
+                 for arg in kernel.arg_names}
     constants = {arg: value for arg, value in constants.items() if arg in signature}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
