@@ -28,8 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_L = 32            # tokens per program of the forward
-BWD_BLOCK_L = 64        # tokens per program of the backward (its ∂w, ∂bias partial sums: one row per program)
+BLOCK_L = 32            # tokens per program
 BLOCK_D = 128           # channels per program (contiguous in memory)
 
 
@@ -114,9 +113,9 @@ def _unit_channel_stride(x):
     return x if x.stride(2) == 1 else x.contiguous()                # tokens and batch may have any stride
 
 
-def _grid(x, block_l):
+def _grid(x):
     batch, L, d = x.shape
-    return (triton.cdiv(L, block_l), triton.cdiv(d, BLOCK_D), batch)
+    return (triton.cdiv(L, BLOCK_L), triton.cdiv(d, BLOCK_D), batch)
 
 
 @torch.library.custom_op("mamba_triton::conv_fwd", mutates_args=())
@@ -124,7 +123,7 @@ def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torc
     x = _unit_channel_stride(x)
     batch, L, d = x.shape
     u = torch.empty(batch, L, d, dtype=x.dtype, device=x.device)
-    _conv_fwd_kernel[_grid(x, BLOCK_L)](x, weight, bias, u, L, d, x.stride(0), x.stride(1),
+    _conv_fwd_kernel[_grid(x)](x, weight, bias, u, L, d, x.stride(0), x.stride(1),
                                K=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
     return u
 
@@ -139,14 +138,14 @@ def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
               du: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = _unit_channel_stride(x)
     batch, L, d = x.shape
-    grid = _grid(x, BWD_BLOCK_L)
+    grid = _grid(x)
     g = torch.empty(batch, L, d, dtype=torch.float32, device=x.device)   # ∂x is then rounded once, at the end
     dw_part = torch.empty(batch * grid[0], d, weight.shape[1], dtype=torch.float32, device=x.device)
     dbias_part = torch.empty(batch * grid[0], d, dtype=torch.float32, device=x.device)
     _conv_bwd_kernel[grid](x, weight, bias, du, g, dw_part, dbias_part, L, d, x.stride(0), x.stride(1),
-                           *du.stride(), K=weight.shape[1], BLOCK_L=BWD_BLOCK_L, BLOCK_D=BLOCK_D)
+                           *du.stride(), K=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
     dx = torch.empty(batch, L, d, dtype=x.dtype, device=x.device)
-    _conv_transpose_kernel[grid](g, weight, dx, L, d, K=weight.shape[1], BLOCK_L=BWD_BLOCK_L, BLOCK_D=BLOCK_D)
+    _conv_transpose_kernel[grid](g, weight, dx, L, d, K=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
     return dx, dw_part.sum(0).to(weight.dtype), dbias_part.sum(0).to(bias.dtype)
 
 

@@ -38,9 +38,9 @@ KERNELS = {  # name: (kernel, constexpr arguments, num_warps)
     "transposing copy into rows": (scan_triton._rows_kernel, dict(BLOCK=scan_triton.ROWS_BLOCK), 4),
     "conv forward": (conv_triton._conv_fwd_kernel, dict(K=4, BLOCK_L=conv_triton.BLOCK_L,
                                                         BLOCK_D=conv_triton.BLOCK_D), 4),
-    "conv backward": (conv_triton._conv_bwd_kernel, dict(K=4, BLOCK_L=conv_triton.BWD_BLOCK_L,
+    "conv backward": (conv_triton._conv_bwd_kernel, dict(K=4, BLOCK_L=conv_triton.BLOCK_L,
                                                          BLOCK_D=conv_triton.BLOCK_D), 4),
-    "conv transposed": (conv_triton._conv_transpose_kernel, dict(K=4, BLOCK_L=conv_triton.BWD_BLOCK_L,
+    "conv transposed": (conv_triton._conv_transpose_kernel, dict(K=4, BLOCK_L=conv_triton.BLOCK_L,
                                                                  BLOCK_D=conv_triton.BLOCK_D), 4),
 }
 
