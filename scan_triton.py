@@ -753,13 +753,14 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     dD_part = None if D is None else _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
     ddelta_bias_part = (None if delta_bias is None else
                         _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device))
-    programs = min(grid[0] * n_chunks * batch, _sms(u.device) * BWD_PROGRAMS_PER_SM if u.device.type == "cuda"
-                   else INTERPRETER_BWD_PROGRAMS)
+    resident = _sms(u.device) * BWD_PROGRAMS_PER_SM if u.device.type == "cuda" else INTERPRETER_BWD_PROGRAMS
+    programs = min(grid[0] * n_chunks * batch, resident)          # no more programs than work items
     scratch = _alloc(programs, SEG // BWD_T, block_n, block_d + 1, dtype=torch.float32, device=u.device)
     next_item = torch.zeros(1, dtype=torch.int32, device=u.device)
-    _scan_bwd_kernel[(programs,)](u, delta, z, dout, A2, Bt, Ct, D, delta_bias, skip_below, seg_states, adjoints,
-                                  scratch, next_item, du, ddelta, None if z is None else dz, dBt, dCt, dA_part, dD_part,
-                                  ddelta_bias_part, *sizes, n_chunks, batch, HAS_D=D is not None, SEG=SEG, **flags)
+    _scan_bwd_kernel[(programs,)](
+        u, delta, z, dout, A2, Bt, Ct, D, delta_bias, skip_below, seg_states, adjoints, scratch, next_item,
+        du, ddelta, None if z is None else dz, dBt, dCt, dA_part, dD_part, ddelta_bias_part,
+        *sizes, n_chunks, batch, HAS_D=D is not None, SEG=SEG, **flags)
     dA = dA_part.sum((0, 1))[:, :d_state].contiguous()
     dD = _nothing(A) if D is None else dD_part.sum((0, 1)).to(D.dtype)
     ddelta_bias = _nothing(A) if delta_bias is None else ddelta_bias_part.sum((0, 1)).to(delta_bias.dtype)
