@@ -146,6 +146,22 @@ def test_gradient_through_last_state_only(chunked, monkeypatch):
         assert grads[0][name].grad.abs().max() == 0
 
 
+def test_the_backward_scratch_is_one_per_launched_program_not_one_per_work_item(monkeypatch):
+    """27 work items (3 batch elements × 3 channel blocks × 3 chunks) share the interpreter's 3 programs: the
+    scratch holds 3 programs' states however many items there are, and a program's states are overwritten from
+    one item to the next without changing a gradient."""
+    use_chunks(monkeypatch, True)
+    allocated, poisoned = [], scan_triton._alloc
+    monkeypatch.setattr(scan_triton, "_alloc", lambda *shape, **kw: allocated.append(shape) or poisoned(*shape, **kw))
+    seed = torch.seed() % 2**31
+    x = make_inputs(seed, 3, 70, 4, 37)
+    (_, grads), (_, ref_grads) = run_both(x, True, False, seed)
+    scratch = [s for s in allocated if len(s) == 4 and s[1:] == (8 // scan_triton.BWD_T, 4, 33)]
+    assert scratch == [(scan_triton.INTERPRETER_BWD_PROGRAMS, 8 // scan_triton.BWD_T, 4, 33)]
+    for name in grads:
+        assert rel_err(grads[name], ref_grads[name]) <= 1e-4, f"d{name} (seed {seed})"
+
+
 @pytest.mark.parametrize("L", [37, 40], ids=["L padded", "L a multiple of 8"])
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "one chunk"])
 @pytest.mark.parametrize("layout", ["tokens of channels", "rows"])
