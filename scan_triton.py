@@ -75,14 +75,16 @@ each chunk from a zero adjoint at its end, then a right-to-left carry). Walking 
 at every token in reverse order, and h cannot be run backwards (h_{t-1} = (h_t - b_t) / a_t divides by decays
 that underflow). So states are checkpointed at three levels, each recomputed from the one above:
   - the forward saves h every SEG = 64 tokens (memory B·d_inner·N·L/64 floats, never one state per token);
-  - the backward program, for each segment of SEG tokens from the last to the first, recomputes the segment
+  - the backward, for each segment of SEG tokens of a chunk from the last to the first, recomputes the segment
     forward from its saved state and writes the state at the start of each tile of T = 4 tokens (BWD_T; the
-    forward's tiles are 8) to a small scratch buffer of its own (SEG/T states): `_segment_tile_starts`;
+    forward's tiles are 8) to a small scratch buffer of its program (SEG/T states): `_segment_tile_starts`;
   - for each tile, from the last to the first, it recomputes the T states of the tile into registers, then
     steps backwards through the T tokens, carrying g and producing every gradient: `_segment_backward`.
-∂B and ∂C sum over channels, which live in different threads: a sum across the program's threads, then one
-atomic add per program into float32 buffers. ∂A, ∂D, ∂delta_bias sum over batch and time: each program
-writes its partial sum and PyTorch adds them up.
+The backward launches only as many programs as the GPU runs at once, and they take the (channel block, chunk,
+batch) work items from a counter, so that the scratch buffers, one per program, stay few. ∂B and ∂C sum over
+channels, which live in different threads: a sum across the program's threads, then an atomic add per token
+into float32 buffers. ∂A, ∂D, ∂delta_bias sum over batch and time: each work item writes its partial sum and
+PyTorch adds them up.
 """
 import math
 import os
@@ -99,14 +101,14 @@ FWD_STAGES = 2          # the forward's tile loop is software-pipelined: B, C ro
 BWD_WARPS = 1           # the backward's threads hold 255 registers: one warp per program
 BWD_T = 4               # tokens per tile in the backward, whose tiles keep T states per thread
 FWD_WARPS_PER_SM = 64   # chunks are cut until there is this much work per SM (more than fits at once: shorter
-BWD_WARPS_PER_SM = 64   # chunks even out the programs' finishing times)
+BWD_WARPS_PER_SM = 64   # chunks even out the finishing times), in programs or, in the backward, work items
 BWD_PROGRAMS_PER_SM = 8 # what an SM runs at once of the backward (65536 registers / (32 threads · 255)): the
                         # backward launches that many programs per SM, which share out its work items
 CARRY_BLOCK = 128       # pass 2: (channel, state) elements per program, one per thread
 CARRY_GROUP = 16        # pass 2: chunk summaries loaded together
 ROWS_BLOCK = 64         # tokens and channels per program of the transposing copy into rows
 INTERPRETER_SMS = 4     # stands in for the SM count when the kernels run in Triton's CPU interpreter
-INTERPRETER_BWD_PROGRAMS = 3  # so that, in the tests, backward programs take several work items
+INTERPRETER_BWD_PROGRAMS = 3  # the interpreter runs programs one after another: the first takes every item
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -596,12 +598,13 @@ def _alloc(*shape, dtype, device):
 
 
 def _sms(device):
+    """The GPU's SM count, or its stand-in in the interpreter."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else INTERPRETER_SMS
 
 
 def _chunk_len(batch, d_inner, L, device, num_warps, warps_per_sm):
     """Tokens per chunk, a multiple of SEG: as few chunks as give every SM `warps_per_sm` warps' worth of
-    programs (one chunk when batch and channels alone already do)."""
+    work items (one chunk when batch and channels alone already do)."""
     sms = _sms(device)
     programs = batch * triton.cdiv(d_inner, 32 * num_warps)
     n_chunks = max(1, min(triton.cdiv(sms * warps_per_sm, programs * num_warps), triton.cdiv(L, SEG)))
@@ -753,7 +756,7 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     dD_part = None if D is None else _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
     ddelta_bias_part = (None if delta_bias is None else
                         _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device))
-    resident = _sms(u.device) * BWD_PROGRAMS_PER_SM if u.device.type == "cuda" else INTERPRETER_BWD_PROGRAMS
+    resident = INTERPRETER_BWD_PROGRAMS if u.device.type == "cpu" else _sms(u.device) * BWD_PROGRAMS_PER_SM
     programs = min(grid[0] * n_chunks * batch, resident)          # no more programs than work items
     scratch = _alloc(programs, SEG // BWD_T, block_n, block_d + 1, dtype=torch.float32, device=u.device)
     next_item = torch.zeros(1, dtype=torch.int32, device=u.device)

@@ -80,3 +80,23 @@ def test_longmamba_on_the_triton_path_matches_the_pytorch_path(monkeypatch):
             logits[backend] = model.hidden_states(ids)[:, -64:]
             torch.cuda.synchronize()
     assert rel_err(logits["triton"], logits["torch"]) <= 1e-5
+
+
+def test_scan_backward_with_two_programs_taking_many_work_items(monkeypatch):
+    """Two backward programs, each on its own SM, share 128 work items through the counter: a scratch buffer
+    used by both at once, or a work item taken twice or never, would show in the gradients."""
+    import scan_triton
+    monkeypatch.setattr(scan_triton, "BWD_PROGRAMS_PER_SM", 1)
+    monkeypatch.setattr(scan_triton, "_sms", lambda device: 2)  # also chunks: 4 per sequence
+    g = torch.Generator("cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, device="cuda", generator=g)
+    x = dict(u=r(4, 256, 1000), delta=r(4, 256, 1000) * 0.5 - 1, A=-torch.rand(256, 16, device="cuda", generator=g) * 8,
+             B=r(4, 16, 1000), C=r(4, 16, 1000), D=r(256), z=r(4, 256, 1000), delta_bias=r(256) * 0.5)
+    dout = r(4, 256, 1000)
+    grads = []
+    for scan in (scan_triton.selective_scan, mamba.selective_scan_ref):
+        inputs = {k: v.clone().requires_grad_() for k, v in x.items()}
+        torch.autograd.backward(scan(**inputs, delta_softplus=True), dout)
+        grads.append({k: v.grad for k, v in inputs.items()})
+    for name in x:
+        assert rel_err(grads[0][name], grads[1][name]) <= 1e-4, name

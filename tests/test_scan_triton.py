@@ -147,9 +147,10 @@ def test_gradient_through_last_state_only(chunked, monkeypatch):
 
 
 def test_the_backward_scratch_is_one_per_launched_program_not_one_per_work_item(monkeypatch):
-    """27 work items (3 batch elements × 3 channel blocks × 3 chunks) share the interpreter's 3 programs: the
-    scratch holds 3 programs' states however many items there are, and a program's states are overwritten from
-    one item to the next without changing a gradient."""
+    """27 work items (3 batch elements × 3 channel blocks × 3 chunks), 3 programs: the scratch is allocated for
+    the 3 programs, not the 27 items. The interpreter runs programs one after another, so the first takes every
+    item and reuses its scratch from one item to the next, which must not change a gradient; programs running
+    at once, each with its own scratch, are tested on a GPU (test_cuda.py)."""
     use_chunks(monkeypatch, True)
     allocated, poisoned = [], scan_triton._alloc
     monkeypatch.setattr(scan_triton, "_alloc", lambda *shape, **kw: allocated.append(shape) or poisoned(*shape, **kw))
