@@ -109,32 +109,38 @@ def fail(message):
 
 
 def settle(args, given):
-    """Resolve --resume (the saved run's settings) or the method defaults, check every flag; the saved state or None."""
+    """Fill in the method's defaults, or under --resume the saved run's settings; the saved state or None."""
     state_path = os.path.join(args.out, STATE_FILE)
-    if args.resume:
-        if not os.path.isfile(state_path):
-            fail(f"--resume: {state_path} does not exist (nothing to resume; drop --resume to start a run)")
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-            saved = state["args"]
-        except Exception as e:
-            fail(f"--resume: {state_path} is not a readable training state ({type(e).__name__}); use a new --out")
-        clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {saved.get(k)})" for k in sorted(given)
-                 if k not in MAY_CHANGE + PER_INVOCATION and getattr(args, k) != saved.get(k)]
-        if clash:
-            fail(f"--resume continues the run in {args.out} with its own settings; these differ: {'; '.join(clash)}")
-        for k, v in saved.items():
-            if k not in PER_INVOCATION and not (k in MAY_CHANGE and k in given):
+    if not args.resume:
+        for k, v in METHOD_DEFAULTS[args.method].items():
+            if getattr(args, k) is None:
                 setattr(args, k, v)
-        return state
-    for k, v in METHOD_DEFAULTS[args.method].items():
-        if getattr(args, k) is None:
+        if os.path.isfile(state_path):
+            fail(f"{args.out} holds a training run: add --resume to continue it, or choose another --out")
+        if not args.overwrite and any(os.path.exists(os.path.join(args.out, f))
+                                      for f in ("config.json", "pytorch_model.bin", "model.safetensors")):
+            fail(f"{args.out} already holds a model: choose another --out, or add --overwrite to replace it")
+        return None
+    if not os.path.isfile(state_path):
+        fail(f"--resume: {state_path} does not exist (nothing to resume; drop --resume to start a run)")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        saved = state["args"]
+    except Exception as e:
+        fail(f"--resume: {state_path} is not a readable training state ({type(e).__name__}); use a new --out")
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {saved.get(k)})" for k in sorted(given)
+             if k not in MAY_CHANGE + PER_INVOCATION and getattr(args, k) != saved.get(k)]
+    if clash:
+        fail(f"--resume continues the run in {args.out} with its own settings; these differ: {'; '.join(clash)}")
+    for k, v in saved.items():
+        if k not in PER_INVOCATION and not (k in MAY_CHANGE and k in given):
             setattr(args, k, v)
-    if os.path.isfile(state_path):
-        fail(f"{args.out} holds a training run: add --resume to continue it, or choose another --out")
-    if not args.overwrite and any(os.path.exists(os.path.join(args.out, f))
-                                  for f in ("config.json", "pytorch_model.bin", "model.safetensors")):
-        fail(f"{args.out} already holds a model: choose another --out, or add --overwrite to replace it")
+    return state
+
+
+def check(args):
+    """Stop on a setting out of range, before any work (a resumed run too: MAY_CHANGE flags may be typed again).
+    Parses --prompt-lengths and --eval-lengths into args.lengths_x and args.eval_x."""
     for flag, low in dict(batch_size=1, grad_accum=1, steps=1, save_every=1, log_every=1, warmup=0, eval_every=0,
                           eval_samples=0, curriculum=0, time_limit=0, n_layer=1, d_state=1).items():
         if getattr(args, flag) < low:
@@ -167,7 +173,7 @@ def settle(args, given):
         if args.method == "sft" and args.train == "new":
             fail("--method sft --train new trains nothing: the control fine-tunes base weights (official or all)")
         args.L_train = training_length(args.init) if args.L_train is None else args.L_train
-        if not args.L_train:
+        if args.L_train is None:
             fail(f"{args.init} has no train_info.json: pass --L-train, the length the base model was trained at")
 
 
@@ -471,7 +477,9 @@ class Run:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, given = parse_args(argv)
-    run = Run(args, argv, settle(args, given))
+    state = settle(args, given)
+    check(args)
+    run = Run(args, argv, state)
     try:
         run.train()
     except KeyboardInterrupt:
