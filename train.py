@@ -193,10 +193,9 @@ def load_encoding(spec, text):
 class Batches:
     """The training data: sample i of step s is a pure function of (seed, s, i)."""
 
-    def __init__(self, args, encoding, text):
-        self.args, self.encoding = args, encoding
-        self.haystack = passkey.Haystack(text, "train")
-        self.lm_tokens = self.haystack.tokens(encoding)[0]        # the train split as one token stream
+    def __init__(self, args, encoding, haystack):
+        self.args, self.encoding, self.haystack = args, encoding, haystack
+        self.lm_tokens = haystack.tokens(encoding)[0]             # the train split as one token stream
 
     def lm(self, step, indices):
         """ids (b, L+1), loss weights (b, L), answer mask (b, L): a mix of passkey samples and LM windows."""
@@ -318,7 +317,7 @@ class Run:
         try:
             with open(args.data, encoding="utf-8") as f:
                 text = f.read()
-            passkey.Haystack(text, "eval")
+            haystack = passkey.Haystack(text, "train")     # the first 90 %: eval.py hides needles in the rest
         except (OSError, UnicodeDecodeError) as e:
             fail(f"--data {args.data}: not a readable UTF-8 text file ({type(e).__name__})")
         except ValueError as e:
@@ -329,7 +328,7 @@ class Run:
         self.log_file = open(os.path.join(args.out, "train_log.txt"), "a") if self.rank == 0 else None
         torch.manual_seed(args.seed)
         self.encoding, self.trained, groups, self.base = build(args, self.device, text)
-        self.batches = Batches(args, self.encoding, text)
+        self.batches = Batches(args, self.encoding, haystack)
         if args.method == "lm" and len(self.batches.lm_tokens) <= args.L_train + 1:
             fail(f"--data has {len(self.batches.lm_tokens)} training tokens, fewer than one window of L_train + 1")
         self.params = [p for g in groups for p in g["params"]]
