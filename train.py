@@ -430,7 +430,7 @@ class Run:
     def train(self):
         args = self.args
         per_rank = args.batch_size // args.grad_accum // self.world
-        last_log, last_log_step, losses, tokens = time.time(), self.step, [], 0
+        last_log, last_log_step, losses, answers, tokens = time.time(), self.step, [], [], 0
         while self.step < args.steps:
             lr = lr_at(self.step, args)
             for group in self.optimizer.param_groups:
@@ -440,18 +440,18 @@ class Run:
                 with self.amp:
                     loss, answer, n = self.loss(range(first, first + per_rank))
                 (loss / args.grad_accum).backward()
-                losses.append((loss.detach().float(), answer))
+                losses.append(loss.detach().float())
+                if answer is not None:                              # None: no answer tokens in this micro-batch
+                    answers.append(answer.float())
                 tokens += n * self.world
             torch.nn.utils.clip_grad_norm_(self.params, args.clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             if self.step % args.log_every == 0 or self.step == args.steps:
-                # mean loss over ranks; the answer loss over the micro-batches that had answer tokens (on any rank)
-                answers = [a.float() for _, a in losses if a is not None]
-                zero = torch.zeros_like(losses[0][0])
-                sums = torch.stack([torch.stack([l for l, _ in losses]).mean(), sum(answers, zero),
-                                    zero + len(answers)])
+                # summed over ranks: the mean loss, and the answer loss and count of micro-batches that had one
+                zero = torch.zeros_like(losses[0])
+                sums = torch.stack([torch.stack(losses).mean(), sum(answers, zero), zero + len(answers)])
                 if self.world > 1:
                     dist.all_reduce(sums)
                 loss_mean, answer_sum, n_answers = sums.tolist()
@@ -461,7 +461,7 @@ class Run:
                 self.log(f"step {self.step:6d}/{args.steps} | loss {loss_mean / self.world:.4f} | answer loss "
                          f"{answer} | lr {lr:.2e} | {tokens / (now - last_log) / 1e3:7.1f}k tok/s | "
                          f"ETA {eta / 60:5.1f} min")
-                last_log, last_log_step, losses, tokens = now, self.step, [], 0
+                last_log, last_log_step, losses, answers, tokens = now, self.step, [], [], 0
             if args.eval_every and self.step % args.eval_every == 0 and self.step < args.steps:
                 self.evaluate()
             if self.step % args.save_every == 0 or self.step == args.steps:
@@ -482,10 +482,11 @@ def main(argv=None):
     try:
         run.train()
     except KeyboardInterrupt:
-        if run.step:
-            run.save()                                                  # rank 0 saves
-        sys.exit(f"\ntrain.py: interrupted at step {run.step}" + (f"; saved, continue with: python train.py --out "
-                                                                  f"{args.out} --resume" if run.step else ""))
+        if not run.step:
+            sys.exit("\ntrain.py: interrupted at step 0")
+        run.save()                                                      # rank 0 saves
+        sys.exit(f"\ntrain.py: interrupted at step {run.step}; saved, continue with: python train.py --out {args.out} "
+                 "--resume")
     if run.world > 1:
         dist.destroy_process_group()
 
