@@ -93,10 +93,9 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true", help="allow --out to replace a model already there")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--compile", choices=["auto", "graphs", "on", "off"], default="auto",
-                   help="torch.compile the model for training (--method lm and sft); graphs: also replay each "
-                        "step as CUDA graphs (mode reduce-overhead; one recorded per sequence length). auto: graphs "
-                        "for one GPU process without --grad-accum on sequences of one length, on otherwise, off on "
-                        "a CPU")
+                   help="torch.compile the model (--method lm and sft); graphs: also replay each step as CUDA "
+                        "graphs, one recorded per sequence length; auto: graphs for one GPU process without "
+                        "--grad-accum on sequences of one length, on for other GPU runs, off on a CPU")
     args = p.parse_args(argv)
     given = {action.dest for action in p._actions   # the flags typed on the command line
              if any(a == s or a.startswith(s + "=") for s in action.option_strings for a in argv)}
@@ -200,6 +199,7 @@ class Batches:
     def lm(self, step, indices):
         """ids (b, L+1), loss weights (b, L), answer mask (b, L): a mix of passkey samples and LM windows."""
         a, L = self.args, self.args.L_train
+        # --curriculum: the needle starts in the filler's last 10 % (near the question), anywhere after those steps
         min_depth = max(0.0, 0.9 * (1 - step / a.curriculum)) if a.curriculum else 0.0
         rows = []
         for i in indices:
@@ -224,7 +224,7 @@ class Batches:
         for i in indices:
             ids, w = passkey.training_example(self.encoding, self.haystack, T, np.random.default_rng([a.seed, step, i]),
                                               a.filler, other_weight=0.0)
-            rows.append((ids, w, int(np.argmax(w > 0)) + 1))
+            rows.append((ids, w, int(np.argmax(w > 0)) + 1))            # the answer's loss starts after the prompt
         return [torch.from_numpy(np.stack(col)) for col in zip(*rows)] + [rng]
 
 
@@ -334,10 +334,10 @@ class Run:
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=cuda)
         model = torch.nn.parallel.DistributedDataParallel(self.trained) if self.world > 1 else self.trained
-        # ReMamba trains uncompiled: its stage-2 hook is made anew every step. CUDA graphs replay a whole step
-        # with one launch (small models are bound by launching kernels); their outputs are overwritten by the
-        # next step, so gradients kept across micro-batches or handed to DDP's buckets rule them out.
-        # A graph is recorded per sequence length: sft's prompts of a range of lengths would record one per step.
+        # ReMamba trains uncompiled: its stage-2 hook is made anew every step. CUDA graphs replay a step in one
+        # launch (small models are bound by launching kernels), but each replay overwrites the last one's outputs,
+        # which rules out gradients kept across micro-batches or handed to DDP, and a graph is recorded per
+        # sequence length: sft's range of prompt lengths would record one per step.
         mode = args.compile
         if mode == "auto":
             one_graph = self.world == 1 and args.grad_accum == 1 and (
