@@ -138,8 +138,7 @@ def settle(args, given):
 
 
 def check(args):
-    """Stop on a setting out of range, before any work (a resumed run too: MAY_CHANGE flags may be typed again).
-    Parses --prompt-lengths and --eval-lengths into args.lengths_x and args.eval_x."""
+    """Stop on a bad setting (resumed runs too: MAY_CHANGE flags may be typed again); parse the two length lists."""
     for flag, low in dict(batch_size=1, grad_accum=1, steps=1, save_every=1, log_every=1, warmup=0, eval_every=0,
                           eval_samples=0, curriculum=0, time_limit=0, n_layer=1, d_state=1).items():
         if getattr(args, flag) < low:
