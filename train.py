@@ -93,10 +93,9 @@ def parse_args(argv):
     p.add_argument("--overwrite", action="store_true", help="allow --out to replace a model already there")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--compile", choices=["auto", "graphs", "on", "off"], default="auto",
-                   help="torch.compile the model for training (--method lm and sft); graphs: also replay each "
-                        "step as CUDA graphs (mode reduce-overhead; one recorded per sequence length). auto: graphs "
-                        "for one GPU process without --grad-accum on sequences of one length, on otherwise, off on "
-                        "a CPU")
+                   help="torch.compile the model (--method lm and sft); graphs: also replay each step as CUDA "
+                        "graphs, one recorded per sequence length; auto: graphs for one GPU process without "
+                        "--grad-accum on sequences of one length, on for other GPU runs, off on a CPU")
     args = p.parse_args(argv)
     given = {action.dest for action in p._actions   # the flags typed on the command line
              if any(a == s or a.startswith(s + "=") for s in action.option_strings for a in argv)}
@@ -109,32 +108,37 @@ def fail(message):
 
 
 def settle(args, given):
-    """Resolve --resume (the saved run's settings) or the method defaults, check every flag; the saved state or None."""
+    """Fill in the method's defaults, or under --resume the saved run's settings; the saved state or None."""
     state_path = os.path.join(args.out, STATE_FILE)
-    if args.resume:
-        if not os.path.isfile(state_path):
-            fail(f"--resume: {state_path} does not exist (nothing to resume; drop --resume to start a run)")
-        try:
-            state = torch.load(state_path, map_location="cpu", weights_only=False)
-            saved = state["args"]
-        except Exception as e:
-            fail(f"--resume: {state_path} is not a readable training state ({type(e).__name__}); use a new --out")
-        clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {saved.get(k)})" for k in sorted(given)
-                 if k not in MAY_CHANGE + PER_INVOCATION and getattr(args, k) != saved.get(k)]
-        if clash:
-            fail(f"--resume continues the run in {args.out} with its own settings; these differ: {'; '.join(clash)}")
-        for k, v in saved.items():
-            if k not in PER_INVOCATION and not (k in MAY_CHANGE and k in given):
+    if not args.resume:
+        for k, v in METHOD_DEFAULTS[args.method].items():
+            if getattr(args, k) is None:
                 setattr(args, k, v)
-        return state
-    for k, v in METHOD_DEFAULTS[args.method].items():
-        if getattr(args, k) is None:
+        if os.path.isfile(state_path):
+            fail(f"{args.out} holds a training run: add --resume to continue it, or choose another --out")
+        if not args.overwrite and any(os.path.exists(os.path.join(args.out, f))
+                                      for f in ("config.json", "pytorch_model.bin", "model.safetensors")):
+            fail(f"{args.out} already holds a model: choose another --out, or add --overwrite to replace it")
+        return None
+    if not os.path.isfile(state_path):
+        fail(f"--resume: {state_path} does not exist (nothing to resume; drop --resume to start a run)")
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        saved = state["args"]
+    except Exception as e:
+        fail(f"--resume: {state_path} is not a readable training state ({type(e).__name__}); use a new --out")
+    clash = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {saved.get(k)})" for k in sorted(given)
+             if k not in MAY_CHANGE + PER_INVOCATION and getattr(args, k) != saved.get(k)]
+    if clash:
+        fail(f"--resume continues the run in {args.out} with its own settings; these differ: {'; '.join(clash)}")
+    for k, v in saved.items():
+        if k not in PER_INVOCATION and not (k in MAY_CHANGE and k in given):
             setattr(args, k, v)
-    if os.path.isfile(state_path):
-        fail(f"{args.out} holds a training run: add --resume to continue it, or choose another --out")
-    if not args.overwrite and any(os.path.exists(os.path.join(args.out, f))
-                                  for f in ("config.json", "pytorch_model.bin", "model.safetensors")):
-        fail(f"{args.out} already holds a model: choose another --out, or add --overwrite to replace it")
+    return state
+
+
+def check(args):
+    """Stop on a bad setting (resumed runs too: MAY_CHANGE flags may be typed again); parse the two length lists."""
     for flag, low in dict(batch_size=1, grad_accum=1, steps=1, save_every=1, log_every=1, warmup=0, eval_every=0,
                           eval_samples=0, curriculum=0, time_limit=0, n_layer=1, d_state=1).items():
         if getattr(args, flag) < low:
@@ -167,7 +171,7 @@ def settle(args, given):
         if args.method == "sft" and args.train == "new":
             fail("--method sft --train new trains nothing: the control fine-tunes base weights (official or all)")
         args.L_train = training_length(args.init) if args.L_train is None else args.L_train
-        if not args.L_train:
+        if args.L_train is None:
             fail(f"{args.init} has no train_info.json: pass --L-train, the length the base model was trained at")
 
 
@@ -187,14 +191,14 @@ def load_encoding(spec, text):
 class Batches:
     """The training data: sample i of step s is a pure function of (seed, s, i)."""
 
-    def __init__(self, args, encoding, text):
-        self.args, self.encoding = args, encoding
-        self.haystack = passkey.Haystack(text, "train")
-        self.lm_tokens = self.haystack.tokens(encoding)[0]        # the train split as one token stream
+    def __init__(self, args, encoding, haystack):
+        self.args, self.encoding, self.haystack = args, encoding, haystack
+        self.lm_tokens = haystack.tokens(encoding)[0]             # the train split as one token stream
 
     def lm(self, step, indices):
         """ids (b, L+1), loss weights (b, L), answer mask (b, L): a mix of passkey samples and LM windows."""
         a, L = self.args, self.args.L_train
+        # --curriculum: the needle starts in the filler's last 10 % (near the question), anywhere after those steps
         min_depth = max(0.0, 0.9 * (1 - step / a.curriculum)) if a.curriculum else 0.0
         rows = []
         for i in indices:
@@ -219,7 +223,7 @@ class Batches:
         for i in indices:
             ids, w = passkey.training_example(self.encoding, self.haystack, T, np.random.default_rng([a.seed, step, i]),
                                               a.filler, other_weight=0.0)
-            rows.append((ids, w, int(np.argmax(w > 0)) + 1))
+            rows.append((ids, w, int(np.argmax(w > 0)) + 1))            # the answer's loss starts after the prompt
         return [torch.from_numpy(np.stack(col)) for col in zip(*rows)] + [rng]
 
 
@@ -312,7 +316,7 @@ class Run:
         try:
             with open(args.data, encoding="utf-8") as f:
                 text = f.read()
-            passkey.Haystack(text, "eval")
+            haystack = passkey.Haystack(text, "train")     # the first 90 %: eval.py hides needles in the rest
         except (OSError, UnicodeDecodeError) as e:
             fail(f"--data {args.data}: not a readable UTF-8 text file ({type(e).__name__})")
         except ValueError as e:
@@ -323,16 +327,16 @@ class Run:
         self.log_file = open(os.path.join(args.out, "train_log.txt"), "a") if self.rank == 0 else None
         torch.manual_seed(args.seed)
         self.encoding, self.trained, groups, self.base = build(args, self.device, text)
-        self.batches = Batches(args, self.encoding, text)
+        self.batches = Batches(args, self.encoding, haystack)
         if args.method == "lm" and len(self.batches.lm_tokens) <= args.L_train + 1:
             fail(f"--data has {len(self.batches.lm_tokens)} training tokens, fewer than one window of L_train + 1")
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=cuda)
         model = torch.nn.parallel.DistributedDataParallel(self.trained) if self.world > 1 else self.trained
-        # ReMamba trains uncompiled: its stage-2 hook is made anew every step. CUDA graphs replay a whole step
-        # with one launch (small models are bound by launching kernels); their outputs are overwritten by the
-        # next step, so gradients kept across micro-batches or handed to DDP's buckets rule them out.
-        # A graph is recorded per sequence length: sft's prompts of a range of lengths would record one per step.
+        # ReMamba trains uncompiled: its stage-2 hook is made anew every step. CUDA graphs replay a step in one
+        # launch (small models are bound by launching kernels), but each replay overwrites the last one's outputs,
+        # which rules out gradients kept across micro-batches or handed to DDP, and a graph is recorded per
+        # sequence length: sft's range of prompt lengths would record one per step.
         mode = args.compile
         if mode == "auto":
             one_graph = self.world == 1 and args.grad_accum == 1 and (
@@ -425,7 +429,7 @@ class Run:
     def train(self):
         args = self.args
         per_rank = args.batch_size // args.grad_accum // self.world
-        last_log, last_log_step, losses, tokens = time.time(), self.step, [], 0
+        last_log, last_log_step, losses, answers, tokens = time.time(), self.step, [], [], 0
         while self.step < args.steps:
             lr = lr_at(self.step, args)
             for group in self.optimizer.param_groups:
@@ -435,18 +439,18 @@ class Run:
                 with self.amp:
                     loss, answer, n = self.loss(range(first, first + per_rank))
                 (loss / args.grad_accum).backward()
-                losses.append((loss.detach().float(), answer))
+                losses.append(loss.detach().float())
+                if answer is not None:                              # None: no answer tokens in this micro-batch
+                    answers.append(answer.float())
                 tokens += n * self.world
             torch.nn.utils.clip_grad_norm_(self.params, args.clip)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             if self.step % args.log_every == 0 or self.step == args.steps:
-                # mean loss over ranks; the answer loss over the micro-batches that had answer tokens (on any rank)
-                answers = [a.float() for _, a in losses if a is not None]
-                zero = torch.zeros_like(losses[0][0])
-                sums = torch.stack([torch.stack([l for l, _ in losses]).mean(), sum(answers, zero),
-                                    zero + len(answers)])
+                # summed over ranks: the mean loss, and the answer loss and count of micro-batches that had one
+                zero = torch.zeros_like(losses[0])
+                sums = torch.stack([torch.stack(losses).mean(), sum(answers, zero), zero + len(answers)])
                 if self.world > 1:
                     dist.all_reduce(sums)
                 loss_mean, answer_sum, n_answers = sums.tolist()
@@ -456,7 +460,7 @@ class Run:
                 self.log(f"step {self.step:6d}/{args.steps} | loss {loss_mean / self.world:.4f} | answer loss "
                          f"{answer} | lr {lr:.2e} | {tokens / (now - last_log) / 1e3:7.1f}k tok/s | "
                          f"ETA {eta / 60:5.1f} min")
-                last_log, last_log_step, losses, tokens = now, self.step, [], 0
+                last_log, last_log_step, losses, answers, tokens = now, self.step, [], [], 0
             if args.eval_every and self.step % args.eval_every == 0 and self.step < args.steps:
                 self.evaluate()
             if self.step % args.save_every == 0 or self.step == args.steps:
@@ -471,14 +475,17 @@ class Run:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args, given = parse_args(argv)
-    run = Run(args, argv, settle(args, given))
+    state = settle(args, given)
+    check(args)
+    run = Run(args, argv, state)
     try:
         run.train()
     except KeyboardInterrupt:
-        if run.step:
-            run.save()                                                  # rank 0 saves
-        sys.exit(f"\ntrain.py: interrupted at step {run.step}" + (f"; saved, continue with: python train.py --out "
-                                                                  f"{args.out} --resume" if run.step else ""))
+        if not run.step:
+            sys.exit("\ntrain.py: interrupted at step 0")
+        run.save()                                                      # rank 0 saves
+        sys.exit(f"\ntrain.py: interrupted at step {run.step}; saved, continue with: python train.py --out {args.out} "
+                 "--resume")
     if run.world > 1:
         dist.destroy_process_group()
 

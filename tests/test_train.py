@@ -42,6 +42,8 @@ def test_resume_continues_bit_for_bit_from_out_alone(tmp_path, capsys):
         assert torch.equal(a[k], b[k]), k
     with pytest.raises(SystemExit, match=r"--seed 1 \(the run used 0\)"):
         run_main(["--out", str(tmp_path / "resumed"), "--resume", "--seed", "1"])
+    with pytest.raises(SystemExit, match="--log-every must be ≥ 1, got 0"):              # a setting typed again
+        run_main(["--out", str(tmp_path / "resumed"), "--resume", "--log-every", "0"])   # is checked again
     info = json.load(open(tmp_path / "resumed" / "train_info.json"))
     assert info["L_train"] == 300 and info["steps"] == 4 and info["finished"]
     assert info["settings"]["lr"] == 1e-3 and info["settings"]["d_model"] == 32     # every setting, defaults too
