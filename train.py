@@ -50,7 +50,9 @@ METHOD_DEFAULTS = {"lm": dict(lr=1e-3, min_lr=1e-4, warmup=500, steps=12000, eva
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviated flags: --resume tells the flags typed again from the saved ones by their full names
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.error = lambda message: fail(f"{message} (see --help)")   # one line, not the whole usage
     p.add_argument("--out", required=True, help="checkpoint directory to write (--resume: to continue)")
     p.add_argument("--method", choices=list(METHOD_DEFAULTS), default="lm")

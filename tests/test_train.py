@@ -129,6 +129,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     (["--prompt-lengths", "4,1"], "--prompt-lengths takes two multiples"),
     (["--eval-lengths", "1,x"], "--eval-lengths positive multiples (got '1,x')"),
     (["--method", "lora"], "argument --method: invalid choice"),
+    (["--ste", "6"], "unrecognized arguments: --ste 6"),
 ])
 def test_bad_configs_stop_with_a_clear_message(tmp_path, extra, message):
     with pytest.raises(SystemExit) as e:
