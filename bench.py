@@ -47,6 +47,10 @@ def scan_inputs(batch, d_inner, L, dtype, device="cuda"):
                 delta_bias=torch.full((d_inner,), -3.0, device=device))
 
 
+def median_ms(fn, **kwargs):
+    return triton.testing.do_bench(fn, return_mode="median", **kwargs)
+
+
 def time_scan(scan, x, limit_s=None):
     """(forward ms, backward ms, forward+backward ms) of `scan(**x, delta_softplus=True)`; None where one call
     would take longer than limit_s or does not fit in memory."""
@@ -62,11 +66,9 @@ def time_scan(scan, x, limit_s=None):
         if limit_s is not None and time.perf_counter() - start > limit_s:
             return None, None, None
         with torch.no_grad():
-            fwd = triton.testing.do_bench(lambda: scan(**inputs, delta_softplus=True), return_mode="median")
-        bwd = triton.testing.do_bench(lambda: torch.autograd.grad(out, grads, dout, retain_graph=True),
-                                      return_mode="median")
-        both = triton.testing.do_bench(
-            lambda: torch.autograd.grad(scan(**inputs, delta_softplus=True), grads, dout), return_mode="median")
+            fwd = median_ms(lambda: scan(**inputs, delta_softplus=True))
+        bwd = median_ms(lambda: torch.autograd.grad(out, grads, dout, retain_graph=True))
+        both = median_ms(lambda: torch.autograd.grad(scan(**inputs, delta_softplus=True), grads, dout))
         return fwd, bwd, both
     except torch.OutOfMemoryError:
         return None, None, None
@@ -79,13 +81,11 @@ def time_mamba_ssm(x):
     import selective_scan_cuda
     u, delta, A, D, z, delta_bias = x["u"], x["delta"], x["A"], x["D"], x["z"], x["delta_bias"]
     B, C = x["B"][:, None], x["C"][:, None]  # (batch, 1, N, L): mamba_ssm's "variable B" layout
-    fwd = triton.testing.do_bench(lambda: selective_scan_cuda.fwd(u, delta, A, B, C, D, z, delta_bias, True),
-                                  return_mode="median")
-    out, saved_x, *rest = selective_scan_cuda.fwd(u, delta, A, B, C, D, z, delta_bias, True)
+    args = (u, delta, A, B, C, D, z, delta_bias)
+    fwd = median_ms(lambda: selective_scan_cuda.fwd(*args, True))
+    out, saved_x, *rest = selective_scan_cuda.fwd(*args, True)
     dout = torch.randn_like(rest[0])
-    bwd = triton.testing.do_bench(lambda: selective_scan_cuda.bwd(u, delta, A, B, C, D, z, delta_bias, dout,
-                                                                  saved_x, out, None, True, False),
-                                  return_mode="median")
+    bwd = median_ms(lambda: selective_scan_cuda.bwd(*args, dout, saved_x, out, None, True, False))
     return fwd, bwd
 
 
@@ -320,15 +320,14 @@ def bench_methods(args):
                 torch.cuda.reset_peak_memory_stats()  # one prefill alone: do_bench's L2-flush buffer is not counted
                 runner.prefill(ids)
                 peak = torch.cuda.max_memory_allocated() / 2**20
-                times[name] = triton.testing.do_bench(lambda: runner.prefill(ids), warmup=25, rep=200,
-                                                      return_mode="median")
+                times[name] = median_ms(lambda: runner.prefill(ids), warmup=25, rep=200)
             rows.append(f"| {L} | {name} | {times[name]:.2f} | {times[name] / times['vanilla']:.2f} | "
                         f"{L / times[name]:.0f} | {peak:.0f} |")
             print(rows[-1], flush=True)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         _, caches = model.prefill(torch.randint(0, vocab, (1, 1024), device="cuda"))
         token = torch.zeros(1, dtype=torch.long, device="cuda")
-        step_ms = triton.testing.do_bench(lambda: model.step(token, caches), warmup=25, rep=200, return_mode="median")
+        step_ms = median_ms(lambda: model.step(token, caches), warmup=25, rep=200)
     notes = [f"Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, L_train "
              f"{L_train}; batch 1, bf16 autocast, random token ids; times are medians of triton.testing.do_bench.",
              "LongMamba: dt_thre, c = 0.05, b = 1.5 (its calibration is loaded, not timed). DeciMamba: the middle "
