@@ -93,8 +93,10 @@ def fmt_ms(ms):
     return "-" if ms is None else f"{ms:.2f}"
 
 
-def fmt_ratio(other_ms, ms):
-    return "-" if other_ms is None or ms is None else f"{other_ms / ms:.2f}×"
+def fmt_against(other_ms, ms):
+    """other_ms and, in brackets, other_ms ÷ ms."""
+    ratio = "-" if other_ms is None or ms is None else f"{other_ms / ms:.2f}×"
+    return f"{fmt_ms(other_ms)} ({ratio})"
 
 
 def bench_scan(args):
@@ -103,22 +105,17 @@ def bench_scan(args):
         have_cuda_kernel = True
     except ImportError:
         have_cuda_kernel = False
-    source = "mamba_ssm"
-    reference = "torch chunked (mamba.selective_scan_chunked)"
-    rows = [f"| (B, d_inner, L) | dtype | triton fwd | triton bwd | triton fwd+bwd | {reference} fwd | "
-            f"fwd+bwd | {source} fwd | bwd |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = table_head("(B, d_inner, L)", "dtype", "triton fwd", "triton bwd", "triton fwd+bwd",
+                      "torch chunked (mamba.selective_scan_chunked) fwd", "fwd+bwd", "mamba_ssm fwd", "bwd")
     for dtype_name in args.dtypes:
         for batch, d_inner, L in SCAN_SHAPES:
             x = scan_inputs(batch, d_inner, L, DTYPES[dtype_name])
             fwd, bwd, both = time_scan(scan_triton.selective_scan, x)
             ref_fwd, _, ref_both = time_scan(mamba.selective_scan_chunked, x, limit_s=REFERENCE_LIMIT_S)
             ssm_fwd, ssm_bwd = time_mamba_ssm(x) if have_cuda_kernel else (None, None)
-            rows.append(f"| ({batch}, {d_inner}, {L}) | {dtype_name} | {fmt_ms(fwd)} | {fmt_ms(bwd)} | "
-                        f"{fmt_ms(both)} | {fmt_ms(ref_fwd)} ({fmt_ratio(ref_fwd, fwd)}) | "
-                        f"{fmt_ms(ref_both)} ({fmt_ratio(ref_both, both)}) | "
-                        f"{fmt_ms(ssm_fwd)} ({fmt_ratio(ssm_fwd, fwd)}) | {fmt_ms(ssm_bwd)} ({fmt_ratio(ssm_bwd, bwd)}) |")
-            print(rows[-1], flush=True)
+            add_row(rows, f"({batch}, {d_inner}, {L})", dtype_name, fmt_ms(fwd), fmt_ms(bwd), fmt_ms(both),
+                    fmt_against(ref_fwd, fwd), fmt_against(ref_both, both),
+                    fmt_against(ssm_fwd, fwd), fmt_against(ssm_bwd, bwd))
             del x
     notes = [f"d_state {SCAN_D_STATE}; z, D, delta_bias and softplus on; B, C (batch, N, L). Times in ms (median of "
              "triton.testing.do_bench); in brackets the other implementation's time divided by scan_triton's "
@@ -198,9 +195,9 @@ def time_training(forward, params, ids, steps, profile_to=None):
 
 def bench_train(args):
     models = ("eager", "compiled", "graphs", "mamba_ssm")
-    rows = ["| config (d_model × layers, vocab, batch × L) | ours eager tok/s | ours compiled tok/s | ours compiled "
-            "+ CUDA graphs tok/s | mamba_ssm tok/s | graphs ÷ mamba_ssm | peak MiB: " + " / ".join(models) + " |",
-            "|---|---|---|---|---|---|---|"]
+    rows = table_head("config (d_model × layers, vocab, batch × L)", "ours eager tok/s", "ours compiled tok/s",
+                      "ours compiled + CUDA graphs tok/s", "mamba_ssm tok/s", "graphs ÷ mamba_ssm",
+                      "peak MiB: " + " / ".join(models))
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     for d_model, n_layer, vocab, batch, L in [TRAIN_CONFIGS[i] for i in args.configs or range(len(TRAIN_CONFIGS))]:
@@ -225,13 +222,11 @@ def bench_train(args):
         if theirs is not None:
             run("mamba_ssm", lambda x: theirs(x).logits, theirs)
         del theirs
-        speed = {name: batch * L / s for name, s in seconds.items()}
-        theirs_cells = (f"{speed['mamba_ssm'] / 1e3:,.0f}k | {speed['graphs'] / speed['mamba_ssm']:.2f}"
-                        if "mamba_ssm" in speed else "- | -")
+        speed = {name: batch * L / s for name, s in seconds.items()}  # tokens/s
+        kilo_tokens = [f"{speed[k] / 1e3:,.0f}k" if k in speed else "-" for k in models]
+        ratio = f"{speed['graphs'] / speed['mamba_ssm']:.2f}" if "mamba_ssm" in speed else "-"
         memory = " / ".join(f"{peak[k]:,.0f}" if k in peak else "-" for k in models)
-        rows.append(f"| {d_model} × {n_layer}, {vocab}, {batch} × {L} | {speed['eager'] / 1e3:,.0f}k | "
-                    f"{speed['compiled'] / 1e3:,.0f}k | {speed['graphs'] / 1e3:,.0f}k | {theirs_cells} | {memory} |")
-        print(rows[-1], flush=True)
+        add_row(rows, f"{d_model} × {n_layer}, {vocab}, {batch} × {L}", *kilo_tokens, ratio, memory)
     notes = [f"A training step: forward under bf16 autocast (float32 weights), cross-entropy on float32 logits, "
              f"backward, fused AdamW; tokens/s from the median of {args.steps} steps after 3 warm-up steps (CUDA "
              "events); peak memory from the first warm-up step on. Ours compiled: `torch.compile(model)` (train.py "
@@ -256,8 +251,8 @@ def time_decoding(generate, new_tokens):
 
 
 def bench_decode(args):
-    rows = ["| config (d_model × layers, vocab) | batch | ours eager ms | ours ms (CUDA graph) "
-            "| mamba_ssm ms (cg=True) | ours ÷ mamba_ssm |", "|---|---|---|---|---|---|"]
+    rows = table_head("config (d_model × layers, vocab)", "batch", "ours eager ms", "ours ms (CUDA graph)",
+                      "mamba_ssm ms (cg=True)", "ours ÷ mamba_ssm")
     for d_model, n_layer, vocab in DECODE_CONFIGS:
         torch.manual_seed(0)
         ours = mamba.Mamba(mamba.MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab)).cuda()
@@ -273,10 +268,9 @@ def bench_decode(args):
             if theirs is not None:
                 ms["mamba_ssm"] = 1e3 * time_decoding(
                     lambda n: theirs.generate(prompt, max_length=args.prompt + n, cg=True), args.new_tokens)
-            rows.append(f"| {d_model} × {n_layer}, {vocab} | {batch} | {ms['eager']:.3f} | {ms['graph']:.3f} | "
-                        + (f"{ms['mamba_ssm']:.3f} | {ms['graph'] / ms['mamba_ssm']:.2f} |" if theirs is not None
-                           else "- | - |"))
-            print(rows[-1], flush=True)
+            times = [f"{ms[k]:.3f}" if k in ms else "-" for k in ("eager", "graph", "mamba_ssm")]
+            ratio = f"{ms['graph'] / ms['mamba_ssm']:.2f}" if "mamba_ssm" in ms else "-"
+            add_row(rows, f"{d_model} × {n_layer}, {vocab}", batch, *times, ratio)
         del ours, theirs
         torch.cuda.empty_cache()
     notes = [f"Greedy decoding after a {args.prompt}-token prompt, bf16 weights, random initialisation and token ids; "
@@ -309,8 +303,7 @@ def bench_methods(args):
         "decimamba": (model, decimamba.DeciMamba([model.config.n_layer // 2], L_base=L_train)),
         "remamba": (remamba_model, None),  # stage 1 + stage 2
     }
-    rows = ["| prompt tokens | method | prefill ms | ÷ vanilla | prompt tokens/ms | peak MiB |",
-            "|---|---|---|---|---|---|"]
+    rows = table_head("prompt tokens", "method", "prefill ms", "÷ vanilla", "prompt tokens/ms", "peak MiB")
     vocab = model.config.vocab_size
     for L in args.lengths:
         ids = torch.randint(0, vocab, (1, L), device="cuda")
@@ -321,9 +314,8 @@ def bench_methods(args):
                 runner.prefill(ids)
                 peak = torch.cuda.max_memory_allocated() / 2**20
                 times[name] = median_ms(lambda: runner.prefill(ids), warmup=25, rep=200)
-            rows.append(f"| {L} | {name} | {times[name]:.2f} | {times[name] / times['vanilla']:.2f} | "
-                        f"{L / times[name]:.0f} | {peak:.0f} |")
-            print(rows[-1], flush=True)
+            add_row(rows, L, name, f"{times[name]:.2f}", f"{times[name] / times['vanilla']:.2f}",
+                    f"{L / times[name]:.0f}", f"{peak:.0f}")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         _, caches = model.prefill(torch.randint(0, vocab, (1, 1024), device="cuda"))
         token = torch.zeros(1, dtype=torch.long, device="cuda")
@@ -356,10 +348,20 @@ def check_idle_cpu():
         print(f"warning: CPU load {load:.1f} on {os.cpu_count()} cores: other work may slow the timings down")
 
 
+def table_head(*columns):
+    """The first two lines of a markdown table: its column names and the line under them."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
+def add_row(rows, *cells):
+    """Append a row to the table and print it at once: a long benchmark shows its progress."""
+    rows.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    print(rows[-1], flush=True)
+
+
 def write_result(path, title, rows, notes):
     text = "\n".join([f"# {title}", "", provenance(), "", *rows, "", *notes, ""])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    mamba.atomic_write(path, text)
+    mamba.atomic_write(path, text)  # it makes the folder
     print(f"wrote {path}")
 
 
