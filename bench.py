@@ -198,8 +198,6 @@ def bench_train(args):
     rows = table_head("config (d_model × layers, vocab, batch × L)", "ours eager tok/s", "ours compiled tok/s",
                       "ours compiled + CUDA graphs tok/s", "mamba_ssm tok/s", "graphs ÷ mamba_ssm",
                       "peak MiB: " + " / ".join(models))
-    if args.profile:
-        os.makedirs(args.profile, exist_ok=True)
     for d_model, n_layer, vocab, batch, L in [TRAIN_CONFIGS[i] for i in args.configs or range(len(TRAIN_CONFIGS))]:
         ids = torch.randint(0, vocab, (batch, L + 1), device="cuda")
         seconds, peak = {}, {}
@@ -365,6 +363,10 @@ def write_result(path, title, rows, notes):
     print(f"wrote {path}")
 
 
+def int_list(text):  # "1,16" -> [1, 16]
+    return [int(x) for x in text.split(",")]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sections = parser.add_subparsers(dest="section", required=True)
@@ -376,11 +378,10 @@ def main():
     train.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     train.add_argument("--out", default="results/train_bench.md", help="markdown table written here")
     train.add_argument("--profile", help="a folder: the GPU-time profile of one step of each model goes there")
-    train.add_argument("--configs", type=lambda s: [int(x) for x in s.split(",")], help="rows of the table to run "
-                       "(0-based; default all)")
+    train.add_argument("--configs", type=int_list, help="rows of the table to run (0-based; default all)")
     train.set_defaults(run=bench_train)
     decode = sections.add_parser("decode", help="greedy decoding per new token, ours and mamba_ssm's")
-    decode.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    decode.add_argument("--batches", type=int_list, default=[1, 16])
     decode.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     decode.add_argument("--new-tokens", type=int, default=129)
     decode.add_argument("--out", default="results/decode_bench.md", help="markdown table written here")
@@ -388,7 +389,7 @@ def main():
     methods = sections.add_parser("methods", help="prefill time of LongMamba, DeciMamba, ReMamba ÷ vanilla")
     methods.add_argument("--model", default="checkpoints/mamba-testbed", help="with its longmamba_calibration.pt")
     methods.add_argument("--remamba", default="checkpoints/mamba-testbed-remamba", help="a ReMamba checkpoint")
-    methods.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[16384, 65536])
+    methods.add_argument("--lengths", type=int_list, default=[16384, 65536])
     methods.add_argument("--out", default="results/methods_bench.md", help="markdown table written here")
     methods.set_defaults(run=bench_methods)
     args = parser.parse_args()
