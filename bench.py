@@ -79,9 +79,8 @@ def time_scan(scan, x, limit_s=None):
 def time_mamba_ssm(x):
     """(forward ms, backward ms) of mamba_ssm's CUDA kernel, called as mamba_ssm's selective_scan_fn calls it."""
     import selective_scan_cuda
-    u, delta, A, D, z, delta_bias = x["u"], x["delta"], x["A"], x["D"], x["z"], x["delta_bias"]
     B, C = x["B"][:, None], x["C"][:, None]  # (batch, 1, N, L): mamba_ssm's "variable B" layout
-    args = (u, delta, A, B, C, D, z, delta_bias)
+    args = (x["u"], x["delta"], x["A"], B, C, x["D"], x["z"], x["delta_bias"])
     fwd = median_ms(lambda: selective_scan_cuda.fwd(*args, True))
     out, saved_x, *rest = selective_scan_cuda.fwd(*args, True)
     dout = torch.randn_like(rest[0])
@@ -116,7 +115,7 @@ def bench_scan(args):
             add_row(rows, f"({batch}, {d_inner}, {L})", dtype_name, fmt_ms(fwd), fmt_ms(bwd), fmt_ms(both),
                     fmt_against(ref_fwd, fwd), fmt_against(ref_both, both),
                     fmt_against(ssm_fwd, fwd), fmt_against(ssm_bwd, bwd))
-            del x
+            del x  # freed before the next shape's inputs are made
     notes = [f"d_state {SCAN_D_STATE}; z, D, delta_bias and softplus on; B, C (batch, N, L). Times in ms (median of "
              "triton.testing.do_bench); in brackets the other implementation's time divided by scan_triton's "
              "(> 1: scan_triton is faster). bwd is the backward alone, from saved forward tensors.",
@@ -338,14 +337,6 @@ def provenance():
             f"CPU load when written (1-minute average): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
-def check_idle_cpu():
-    """Kernel launches run on the CPU: timings taken while other work holds it (a compiler left by an interrupted
-    build) are not comparable. Say so before timing."""
-    load = os.getloadavg()[0]
-    if load > 0.5 * os.cpu_count():
-        print(f"warning: CPU load {load:.1f} on {os.cpu_count()} cores: other work may slow the timings down")
-
-
 def table_head(*columns):
     """The first two lines of a markdown table: its column names and the line under them."""
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -395,7 +386,11 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU (torch.cuda.is_available() is False)")
-    check_idle_cpu()
+    # Kernel launches run on the CPU: timings taken while other work holds it (a compiler left by an interrupted
+    # build) are not comparable. Say so before timing.
+    load = os.getloadavg()[0]
+    if load > 0.5 * os.cpu_count():
+        print(f"warning: CPU load {load:.1f} on {os.cpu_count()} cores: other work may slow the timings down")
     args.run(args)
 
 
