@@ -10,7 +10,8 @@ results/ with the command, the commit and the GPU that made it.
 `train` and `decode` run mamba_ssm's MambaLMHeadModel of the same configuration beside ours, in the same process,
 when it imports (README: building mamba_ssm and causal-conv1d from their source distributions).
 
-Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between runs), in milliseconds.
+`scan` and `methods` times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between runs), in
+milliseconds; `train` and `decode` time whole steps, as their tables' notes say.
 """
 import argparse
 import os
@@ -327,14 +328,7 @@ def bench_methods(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shared: provenance and writing results
-
-
-def provenance():
-    return (f"Command: `python bench.py {' '.join(sys.argv[1:])}`  \n"
-            f"Commit: {mamba.git_commit()}  \n"
-            f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}  \n"
-            f"CPU load when written (1-minute average): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+# Shared: the tables and where they came from
 
 
 def table_head(*columns):
@@ -349,7 +343,12 @@ def add_row(rows, *cells):
 
 
 def write_result(path, title, rows, notes):
-    text = "\n".join([f"# {title}", "", provenance(), "", *rows, "", *notes, ""])
+    """The table under what made it: the command, the commit, the GPU and the load on the CPU that launched it."""
+    provenance = [f"Command: `python bench.py {' '.join(sys.argv[1:])}`  ",  # two spaces: a markdown line break
+                  f"Commit: {mamba.git_commit()}  ",
+                  f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}  ",
+                  f"CPU load when written (1-minute average): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"]
+    text = "\n".join([f"# {title}", "", *provenance, "", *rows, "", *notes, ""])
     mamba.atomic_write(path, text)  # it makes the folder
     print(f"wrote {path}")
 
