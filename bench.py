@@ -10,7 +10,8 @@ results/ with the command, the commit and the GPU that made it.
 `train` and `decode` run mamba_ssm's MambaLMHeadModel of the same configuration beside ours, in the same process,
 when it imports (README: building mamba_ssm and causal-conv1d from their source distributions).
 
-Times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between runs), in milliseconds.
+`scan` and `methods` times are medians of `triton.testing.do_bench` (CUDA events, L2 flushed between runs), in
+milliseconds; `train` and `decode` time whole steps, as their tables' notes say.
 """
 import argparse
 import os
@@ -47,6 +48,10 @@ def scan_inputs(batch, d_inner, L, dtype, device="cuda"):
                 delta_bias=torch.full((d_inner,), -3.0, device=device))
 
 
+def median_ms(fn, **kwargs):
+    return triton.testing.do_bench(fn, return_mode="median", **kwargs)
+
+
 def time_scan(scan, x, limit_s=None):
     """(forward ms, backward ms, forward+backward ms) of `scan(**x, delta_softplus=True)`; None where one call
     would take longer than limit_s or does not fit in memory."""
@@ -62,11 +67,9 @@ def time_scan(scan, x, limit_s=None):
         if limit_s is not None and time.perf_counter() - start > limit_s:
             return None, None, None
         with torch.no_grad():
-            fwd = triton.testing.do_bench(lambda: scan(**inputs, delta_softplus=True), return_mode="median")
-        bwd = triton.testing.do_bench(lambda: torch.autograd.grad(out, grads, dout, retain_graph=True),
-                                      return_mode="median")
-        both = triton.testing.do_bench(
-            lambda: torch.autograd.grad(scan(**inputs, delta_softplus=True), grads, dout), return_mode="median")
+            fwd = median_ms(lambda: scan(**inputs, delta_softplus=True))
+        bwd = median_ms(lambda: torch.autograd.grad(out, grads, dout, retain_graph=True))
+        both = median_ms(lambda: torch.autograd.grad(scan(**inputs, delta_softplus=True), grads, dout))
         return fwd, bwd, both
     except torch.OutOfMemoryError:
         return None, None, None
@@ -77,15 +80,12 @@ def time_scan(scan, x, limit_s=None):
 def time_mamba_ssm(x):
     """(forward ms, backward ms) of mamba_ssm's CUDA kernel, called as mamba_ssm's selective_scan_fn calls it."""
     import selective_scan_cuda
-    u, delta, A, D, z, delta_bias = x["u"], x["delta"], x["A"], x["D"], x["z"], x["delta_bias"]
     B, C = x["B"][:, None], x["C"][:, None]  # (batch, 1, N, L): mamba_ssm's "variable B" layout
-    fwd = triton.testing.do_bench(lambda: selective_scan_cuda.fwd(u, delta, A, B, C, D, z, delta_bias, True),
-                                  return_mode="median")
-    out, saved_x, *rest = selective_scan_cuda.fwd(u, delta, A, B, C, D, z, delta_bias, True)
+    args = (x["u"], x["delta"], x["A"], B, C, x["D"], x["z"], x["delta_bias"])
+    fwd = median_ms(lambda: selective_scan_cuda.fwd(*args, True))
+    out, saved_x, *rest = selective_scan_cuda.fwd(*args, True)
     dout = torch.randn_like(rest[0])
-    bwd = triton.testing.do_bench(lambda: selective_scan_cuda.bwd(u, delta, A, B, C, D, z, delta_bias, dout,
-                                                                  saved_x, out, None, True, False),
-                                  return_mode="median")
+    bwd = median_ms(lambda: selective_scan_cuda.bwd(*args, dout, saved_x, out, None, True, False))
     return fwd, bwd
 
 
@@ -93,8 +93,10 @@ def fmt_ms(ms):
     return "-" if ms is None else f"{ms:.2f}"
 
 
-def fmt_ratio(other_ms, ms):
-    return "-" if other_ms is None or ms is None else f"{other_ms / ms:.2f}×"
+def fmt_against(other_ms, ms):
+    """other_ms and, in brackets, other_ms ÷ ms."""
+    ratio = "-" if other_ms is None or ms is None else f"{other_ms / ms:.2f}×"
+    return f"{fmt_ms(other_ms)} ({ratio})"
 
 
 def bench_scan(args):
@@ -103,23 +105,18 @@ def bench_scan(args):
         have_cuda_kernel = True
     except ImportError:
         have_cuda_kernel = False
-    source = "mamba_ssm"
-    reference = "torch chunked (mamba.selective_scan_chunked)"
-    rows = [f"| (B, d_inner, L) | dtype | triton fwd | triton bwd | triton fwd+bwd | {reference} fwd | "
-            f"fwd+bwd | {source} fwd | bwd |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = table_head("(B, d_inner, L)", "dtype", "triton fwd", "triton bwd", "triton fwd+bwd",
+                      "torch chunked (mamba.selective_scan_chunked) fwd", "fwd+bwd", "mamba_ssm fwd", "bwd")
     for dtype_name in args.dtypes:
         for batch, d_inner, L in SCAN_SHAPES:
             x = scan_inputs(batch, d_inner, L, DTYPES[dtype_name])
             fwd, bwd, both = time_scan(scan_triton.selective_scan, x)
             ref_fwd, _, ref_both = time_scan(mamba.selective_scan_chunked, x, limit_s=REFERENCE_LIMIT_S)
             ssm_fwd, ssm_bwd = time_mamba_ssm(x) if have_cuda_kernel else (None, None)
-            rows.append(f"| ({batch}, {d_inner}, {L}) | {dtype_name} | {fmt_ms(fwd)} | {fmt_ms(bwd)} | "
-                        f"{fmt_ms(both)} | {fmt_ms(ref_fwd)} ({fmt_ratio(ref_fwd, fwd)}) | "
-                        f"{fmt_ms(ref_both)} ({fmt_ratio(ref_both, both)}) | "
-                        f"{fmt_ms(ssm_fwd)} ({fmt_ratio(ssm_fwd, fwd)}) | {fmt_ms(ssm_bwd)} ({fmt_ratio(ssm_bwd, bwd)}) |")
-            print(rows[-1], flush=True)
-            del x
+            add_row(rows, f"({batch}, {d_inner}, {L})", dtype_name, fmt_ms(fwd), fmt_ms(bwd), fmt_ms(both),
+                    fmt_against(ref_fwd, fwd), fmt_against(ref_both, both),
+                    fmt_against(ssm_fwd, fwd), fmt_against(ssm_bwd, bwd))
+            del x  # freed before the next shape's inputs are made
     notes = [f"d_state {SCAN_D_STATE}; z, D, delta_bias and softplus on; B, C (batch, N, L). Times in ms (median of "
              "triton.testing.do_bench); in brackets the other implementation's time divided by scan_triton's "
              "(> 1: scan_triton is faster). bwd is the backward alone, from saved forward tensors.",
@@ -198,11 +195,9 @@ def time_training(forward, params, ids, steps, profile_to=None):
 
 def bench_train(args):
     models = ("eager", "compiled", "graphs", "mamba_ssm")
-    rows = ["| config (d_model × layers, vocab, batch × L) | ours eager tok/s | ours compiled tok/s | ours compiled "
-            "+ CUDA graphs tok/s | mamba_ssm tok/s | graphs ÷ mamba_ssm | peak MiB: " + " / ".join(models) + " |",
-            "|---|---|---|---|---|---|---|"]
-    if args.profile:
-        os.makedirs(args.profile, exist_ok=True)
+    rows = table_head("config (d_model × layers, vocab, batch × L)", "ours eager tok/s", "ours compiled tok/s",
+                      "ours compiled + CUDA graphs tok/s", "mamba_ssm tok/s", "graphs ÷ mamba_ssm",
+                      "peak MiB: " + " / ".join(models))
     for d_model, n_layer, vocab, batch, L in [TRAIN_CONFIGS[i] for i in args.configs or range(len(TRAIN_CONFIGS))]:
         ids = torch.randint(0, vocab, (batch, L + 1), device="cuda")
         seconds, peak = {}, {}
@@ -225,13 +220,11 @@ def bench_train(args):
         if theirs is not None:
             run("mamba_ssm", lambda x: theirs(x).logits, theirs)
         del theirs
-        speed = {name: batch * L / s for name, s in seconds.items()}
-        theirs_cells = (f"{speed['mamba_ssm'] / 1e3:,.0f}k | {speed['graphs'] / speed['mamba_ssm']:.2f}"
-                        if "mamba_ssm" in speed else "- | -")
+        speed = {name: batch * L / s for name, s in seconds.items()}  # tokens/s
+        kilo_tokens = [f"{speed[k] / 1e3:,.0f}k" if k in speed else "-" for k in models]
+        ratio = f"{speed['graphs'] / speed['mamba_ssm']:.2f}" if "mamba_ssm" in speed else "-"
         memory = " / ".join(f"{peak[k]:,.0f}" if k in peak else "-" for k in models)
-        rows.append(f"| {d_model} × {n_layer}, {vocab}, {batch} × {L} | {speed['eager'] / 1e3:,.0f}k | "
-                    f"{speed['compiled'] / 1e3:,.0f}k | {speed['graphs'] / 1e3:,.0f}k | {theirs_cells} | {memory} |")
-        print(rows[-1], flush=True)
+        add_row(rows, f"{d_model} × {n_layer}, {vocab}, {batch} × {L}", *kilo_tokens, ratio, memory)
     notes = [f"A training step: forward under bf16 autocast (float32 weights), cross-entropy on float32 logits, "
              f"backward, fused AdamW; tokens/s from the median of {args.steps} steps after 3 warm-up steps (CUDA "
              "events); peak memory from the first warm-up step on. Ours compiled: `torch.compile(model)` (train.py "
@@ -256,8 +249,8 @@ def time_decoding(generate, new_tokens):
 
 
 def bench_decode(args):
-    rows = ["| config (d_model × layers, vocab) | batch | ours eager ms | ours ms (CUDA graph) "
-            "| mamba_ssm ms (cg=True) | ours ÷ mamba_ssm |", "|---|---|---|---|---|---|"]
+    rows = table_head("config (d_model × layers, vocab)", "batch", "ours eager ms", "ours ms (CUDA graph)",
+                      "mamba_ssm ms (cg=True)", "ours ÷ mamba_ssm")
     for d_model, n_layer, vocab in DECODE_CONFIGS:
         torch.manual_seed(0)
         ours = mamba.Mamba(mamba.MambaConfig(d_model=d_model, n_layer=n_layer, vocab_size=vocab)).cuda()
@@ -273,10 +266,9 @@ def bench_decode(args):
             if theirs is not None:
                 ms["mamba_ssm"] = 1e3 * time_decoding(
                     lambda n: theirs.generate(prompt, max_length=args.prompt + n, cg=True), args.new_tokens)
-            rows.append(f"| {d_model} × {n_layer}, {vocab} | {batch} | {ms['eager']:.3f} | {ms['graph']:.3f} | "
-                        + (f"{ms['mamba_ssm']:.3f} | {ms['graph'] / ms['mamba_ssm']:.2f} |" if theirs is not None
-                           else "- | - |"))
-            print(rows[-1], flush=True)
+            times = [f"{ms[k]:.3f}" if k in ms else "-" for k in ("eager", "graph", "mamba_ssm")]
+            ratio = f"{ms['graph'] / ms['mamba_ssm']:.2f}" if "mamba_ssm" in ms else "-"
+            add_row(rows, f"{d_model} × {n_layer}, {vocab}", batch, *times, ratio)
         del ours, theirs
         torch.cuda.empty_cache()
     notes = [f"Greedy decoding after a {args.prompt}-token prompt, bf16 weights, random initialisation and token ids; "
@@ -309,8 +301,7 @@ def bench_methods(args):
         "decimamba": (model, decimamba.DeciMamba([model.config.n_layer // 2], L_base=L_train)),
         "remamba": (remamba_model, None),  # stage 1 + stage 2
     }
-    rows = ["| prompt tokens | method | prefill ms | ÷ vanilla | prompt tokens/ms | peak MiB |",
-            "|---|---|---|---|---|---|"]
+    rows = table_head("prompt tokens", "method", "prefill ms", "÷ vanilla", "prompt tokens/ms", "peak MiB")
     vocab = model.config.vocab_size
     for L in args.lengths:
         ids = torch.randint(0, vocab, (1, L), device="cuda")
@@ -320,15 +311,13 @@ def bench_methods(args):
                 torch.cuda.reset_peak_memory_stats()  # one prefill alone: do_bench's L2-flush buffer is not counted
                 runner.prefill(ids)
                 peak = torch.cuda.max_memory_allocated() / 2**20
-                times[name] = triton.testing.do_bench(lambda: runner.prefill(ids), warmup=25, rep=200,
-                                                      return_mode="median")
-            rows.append(f"| {L} | {name} | {times[name]:.2f} | {times[name] / times['vanilla']:.2f} | "
-                        f"{L / times[name]:.0f} | {peak:.0f} |")
-            print(rows[-1], flush=True)
+                times[name] = median_ms(lambda: runner.prefill(ids), warmup=25, rep=200)
+            add_row(rows, L, name, f"{times[name]:.2f}", f"{times[name] / times['vanilla']:.2f}",
+                    f"{L / times[name]:.0f}", f"{peak:.0f}")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         _, caches = model.prefill(torch.randint(0, vocab, (1, 1024), device="cuda"))
         token = torch.zeros(1, dtype=torch.long, device="cuda")
-        step_ms = triton.testing.do_bench(lambda: model.step(token, caches), warmup=25, rep=200, return_mode="median")
+        step_ms = median_ms(lambda: model.step(token, caches), warmup=25, rep=200)
     notes = [f"Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, L_train "
              f"{L_train}; batch 1, bf16 autocast, random token ids; times are medians of triton.testing.do_bench.",
              "LongMamba: dt_thre, c = 0.05, b = 1.5 (its calibration is loaded, not timed). DeciMamba: the middle "
@@ -339,29 +328,33 @@ def bench_methods(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Shared: provenance and writing results
+# Shared: the tables and where they came from
 
 
-def provenance():
-    return (f"Command: `python bench.py {' '.join(sys.argv[1:])}`  \n"
-            f"Commit: {mamba.git_commit()}  \n"
-            f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}  \n"
-            f"CPU load when written (1-minute average): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+def table_head(*columns):
+    """The first two lines of a markdown table: its column names and the line under them."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
 
 
-def check_idle_cpu():
-    """Kernel launches run on the CPU: timings taken while other work holds it (a compiler left by an interrupted
-    build) are not comparable. Say so before timing."""
-    load = os.getloadavg()[0]
-    if load > 0.5 * os.cpu_count():
-        print(f"warning: CPU load {load:.1f} on {os.cpu_count()} cores: other work may slow the timings down")
+def add_row(rows, *cells):
+    """Append a row to the table and print it at once: a long benchmark shows its progress."""
+    rows.append("| " + " | ".join(str(cell) for cell in cells) + " |")
+    print(rows[-1], flush=True)
 
 
 def write_result(path, title, rows, notes):
-    text = "\n".join([f"# {title}", "", provenance(), "", *rows, "", *notes, ""])
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    mamba.atomic_write(path, text)
+    """The table under what made it: the command, the commit, the GPU and the load on the CPU that launched it."""
+    provenance = [f"Command: `python bench.py {' '.join(sys.argv[1:])}`  ",  # two spaces: a markdown line break
+                  f"Commit: {mamba.git_commit()}  ",
+                  f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}  ",
+                  f"CPU load when written (1-minute average): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"]
+    text = "\n".join([f"# {title}", "", *provenance, "", *rows, "", *notes, ""])
+    mamba.atomic_write(path, text)  # it makes the folder
     print(f"wrote {path}")
+
+
+def int_list(text):  # "1,16" -> [1, 16]
+    return [int(x) for x in text.split(",")]
 
 
 def main():
@@ -375,11 +368,10 @@ def main():
     train.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     train.add_argument("--out", default="results/train_bench.md", help="markdown table written here")
     train.add_argument("--profile", help="a folder: the GPU-time profile of one step of each model goes there")
-    train.add_argument("--configs", type=lambda s: [int(x) for x in s.split(",")], help="rows of the table to run "
-                       "(0-based; default all)")
+    train.add_argument("--configs", type=int_list, help="rows of the table to run (0-based; default all)")
     train.set_defaults(run=bench_train)
     decode = sections.add_parser("decode", help="greedy decoding per new token, ours and mamba_ssm's")
-    decode.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16])
+    decode.add_argument("--batches", type=int_list, default=[1, 16])
     decode.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     decode.add_argument("--new-tokens", type=int, default=129)
     decode.add_argument("--out", default="results/decode_bench.md", help="markdown table written here")
@@ -387,13 +379,17 @@ def main():
     methods = sections.add_parser("methods", help="prefill time of LongMamba, DeciMamba, ReMamba ÷ vanilla")
     methods.add_argument("--model", default="checkpoints/mamba-testbed", help="with its longmamba_calibration.pt")
     methods.add_argument("--remamba", default="checkpoints/mamba-testbed-remamba", help="a ReMamba checkpoint")
-    methods.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[16384, 65536])
+    methods.add_argument("--lengths", type=int_list, default=[16384, 65536])
     methods.add_argument("--out", default="results/methods_bench.md", help="markdown table written here")
     methods.set_defaults(run=bench_methods)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU (torch.cuda.is_available() is False)")
-    check_idle_cpu()
+    # Kernel launches run on the CPU: timings taken while other work holds it (a compiler left by an interrupted
+    # build) are not comparable. Say so before timing.
+    load = os.getloadavg()[0]
+    if load > 0.5 * os.cpu_count():
+        print(f"warning: CPU load {load:.1f} on {os.cpu_count()} cores: other work may slow the timings down")
     args.run(args)
 
 
