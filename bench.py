@@ -383,6 +383,8 @@ def main():
     methods.add_argument("--out", default="results/methods_bench.md", help="markdown table written here")
     methods.set_defaults(run=bench_methods)
     args = parser.parse_args()
+    if args.section == "train" and not all(0 <= i < len(TRAIN_CONFIGS) for i in args.configs or []):
+        parser.error(f"--configs: rows 0 to {len(TRAIN_CONFIGS) - 1} of the table, got {args.configs}")
     if not torch.cuda.is_available():
         sys.exit("bench.py needs a CUDA GPU (torch.cuda.is_available() is False)")
     # Kernel launches run on the CPU: timings taken while other work holds it (a compiler left by an interrupted
