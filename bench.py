@@ -15,6 +15,7 @@ milliseconds; `train` and `decode` time whole steps, as their tables' notes say.
 """
 import argparse
 import os
+import platform
 import statistics
 import sys
 import time
@@ -342,12 +343,22 @@ def add_row(rows, *cells):
     print(rows[-1], flush=True)
 
 
+def cpu_model():
+    """The host CPU's name: it launches every kernel, so a step timed without CUDA graphs depends on it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
 def write_result(path, title, rows, notes):
-    """The table under what made it: the command, the commit, the GPU and the load on the CPU that launched it."""
+    """The table under what made it: the command, the commit, the GPU, the CPU that launched it and its load."""
     provenance = [f"Command: `python bench.py {' '.join(sys.argv[1:])}`  ",  # two spaces: a markdown line break
                   f"Commit: {mamba.git_commit()}  ",
                   f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}  ",
-                  f"CPU load when written (1-minute average): {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"]
+                  f"CPU: {cpu_model()}; load when written (1-minute average) {os.getloadavg()[0]:.1f} on "
+                  f"{os.cpu_count()} cores"]
     text = "\n".join([f"# {title}", "", *provenance, "", *rows, "", *notes, ""])
     mamba.atomic_write(path, text)  # it makes the folder
     print(f"wrote {path}")
