@@ -511,6 +511,8 @@ class Mamba(nn.Module):
         [, per-layer LayerCache list for decoding]. After a decimating hook, l is the number of kept tokens."""
         assert (input_ids is None) != (inputs_embeds is None), "pass input_ids or inputs_embeds"
         residual = self.backbone.embedding(input_ids) if inputs_embeds is None else inputs_embeds
+        if residual.shape[1] == 0:
+            raise ValueError("Mamba needs at least one token (the input has length 0)")
         if self.config.residual_in_fp32:
             residual = residual.float()
         caches = []
@@ -553,16 +555,21 @@ class Mamba(nn.Module):
         eos_token_id: a stop token id or a list of them, never emitted before min_new_tokens tokens.
         Returns the new token ids (b, ≤ max_new_tokens); a sequence that emitted a stop token is padded with it,
         and decoding stops once every sequence has."""
+        vocab = self.config.vocab_size
+        stops = torch.tensor([] if eos_token_id is None else eos_token_id, device=logits.device).long().flatten()
+        if len(stops) and not 0 <= int(stops.min()) <= int(stops.max()) < vocab:
+            raise ValueError(f"eos_token_id {eos_token_id}: token ids must be in [0, {vocab})")
+        if temperature < 0 or top_k is not None and top_k < 1:
+            raise ValueError(f"temperature must be >= 0 and top_k must be None or >= 1, got {temperature}, {top_k}")
         graphed = self._graphed_step(caches) if logits.is_cuda and self.cuda_graph_decoding and max_new_tokens > 1 \
             else None
         step = self.step if graphed is None else graphed.step
-        stops = torch.tensor([] if eos_token_id is None else eos_token_id, device=logits.device).long().flatten()
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         new_tokens = []
         for i in range(max_new_tokens):
-            logits = logits[:, :self.config.vocab_size].float()   # never sample the vocabulary's padding
-            if i < min_new_tokens and len(stops):
-                logits[:, stops] = float("-inf")
+            logits = logits[:, :vocab].float()                     # never sample the vocabulary's padding
+            if i < min_new_tokens and len(stops):                  # out of place: logits may be the caller's
+                logits = logits.index_fill(1, stops, float("-inf"))
             if temperature == 0.0:
                 token = logits.argmax(-1)
             else:

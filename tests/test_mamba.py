@@ -386,3 +386,46 @@ def test_decode_stops_at_any_stop_token_but_not_before_min_new_tokens():
     assert model.generate(ids, 6, eos_token_id=[7 if first != 7 else 8, first]).tolist() == [[first]]
     held = model.generate(ids, 6, eos_token_id=first, min_new_tokens=1)
     assert int(held[0, 0]) != first and held.shape[1] >= 2
+
+
+def test_decode_refuses_bad_arguments_and_leaves_the_callers_logits_alone():
+    model = small_model()
+    logits, caches = model.prefill(torch.randint(0, 101, (2, 8)))
+    before = logits.clone()
+    model.decode(logits, caches, 3, eos_token_id=int(logits[0].argmax()), min_new_tokens=2)
+    assert torch.equal(logits, before)   # the stop tokens are held back in a copy
+    for bad, message in ((dict(eos_token_id=101), r"eos_token_id 101: token ids must be in \[0, 101\)"),
+                         (dict(eos_token_id=[3, -1]), r"eos_token_id \[3, -1\]: token ids"),
+                         (dict(temperature=-1.0), "temperature must be >= 0"),
+                         (dict(temperature=1.0, top_k=0), "top_k must be None or >= 1")):
+        with pytest.raises(ValueError, match=message):
+            model.decode(logits, caches, 3, **bad)
+    with pytest.raises(ValueError, match="needs at least one token"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_odd_configs_are_refused_in_one_line():
+    base = {"d_model": 8, "n_layer": 1, "vocab_size": 8}
+    for config, message in ((dict(base, pad_vocab_size_multiple=0), "pad_vocab_size_multiple must be a positive "
+                                                                     "integer, got 0"),
+                            (dict(base, ssm_cfg={"d_model": 4}), r"unsupported ssm_cfg keys \['d_model'\]"),
+                            (dict(base, norm_epsilon=None), "norm_eps must be a positive number, got None"),
+                            (dict(base, d_model="auto"), "d_model must be a positive integer, got 'auto'")):
+        with pytest.raises(ValueError, match=message):
+            MambaConfig.from_json_dict(config)
+
+
+def test_odd_weights_files_and_paths_are_refused_in_one_line(tmp_path):
+    model = small_model()
+    model.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config.json is a file: pass the checkpoint directory"):
+        Mamba.from_pretrained(str(tmp_path / "config.json"))
+    torch.save([1, 2], tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin: not a dict of tensors"):
+        Mamba.from_pretrained(str(tmp_path))
+    for header, message in ((b"[]", "not a readable safetensors file"),
+                            (b'{"a": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}\0',
+                             "tensor a has dtype F8_E4M3, which is not supported")):
+        (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+        with pytest.raises(ValueError, match=message):
+            mamba.read_safetensors(str(tmp_path / "model.safetensors"))
