@@ -82,6 +82,9 @@ except ImportError:     # no triton package: PyTorch only
 # 1. Configuration
 
 
+_SSM_FIELDS = ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init_floor")  # a config's ssm_cfg
+
+
 @dataclass
 class MambaConfig:
     d_model: int = 768
@@ -119,9 +122,7 @@ class MambaConfig:
             "d_model": self.d_model,
             "n_layer": self.n_layer,
             "vocab_size": self.vocab_size,
-            "ssm_cfg": {"d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
-                        "dt_rank": self.dt_rank, "dt_min": self.dt_min, "dt_max": self.dt_max,
-                        "dt_init_floor": self.dt_init_floor},
+            "ssm_cfg": {name: getattr(self, name) for name in _SSM_FIELDS},
             "rms_norm": True,
             "norm_epsilon": self.norm_eps,
             "residual_in_fp32": self.residual_in_fp32,
@@ -148,18 +149,22 @@ class MambaConfig:
                     or d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
                 raise ValueError("only Mamba-1 layers with RMSNorm are supported (no Mamba-2, LayerNorm, MLP or "
                                  "attention layers)")
-            unknown = set(ssm) - {f.name for f in fields(cls)}
+            unknown = set(ssm) - set(_SSM_FIELDS)
             if unknown:
-                raise ValueError(f"unsupported ssm_cfg keys {sorted(unknown)}")
+                raise ValueError(f"unsupported ssm_cfg keys {sorted(unknown)} (it may hold {', '.join(_SSM_FIELDS)})")
             kw = dict(d_model=d.get("d_model"), n_layer=d.get("n_layer"), vocab_size=d.get("vocab_size"),
                       pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
                       norm_eps=d.get("norm_epsilon", 1e-5), residual_in_fp32=d.get("residual_in_fp32", True),
                       tie_embeddings=d.get("tie_embeddings", True), **ssm)
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank"):
-            value = kw.get(name, 1)
-            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r} (a state-spaces config has "
-                                 f"d_model, n_layer, vocab_size; a Hugging Face one hidden_size, num_hidden_layers)")
+        kinds = {f.name: f.type for f in fields(cls)}                  # int, float, bool; dt_rank int | str
+        for name, value in kw.items():
+            if kinds[name] is bool or name == "dt_rank" and value == "auto":
+                continue
+            number = kinds[name] is float
+            if isinstance(value, bool) or not isinstance(value, (int, float) if number else int) or value <= 0:
+                raise ValueError(f"{name} must be a positive {'number' if number else 'integer'}, got {value!r} (a "
+                                 f"state-spaces config has d_model, n_layer, vocab_size; a Hugging Face one "
+                                 f"hidden_size, num_hidden_layers)")
         return cls(**kw)
 
 
