@@ -636,9 +636,9 @@ class Mamba(nn.Module):
         try:
             with open(config_path) as f:
                 config = MambaConfig.from_json_dict(json.load(f))
-        except (json.JSONDecodeError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as e:
+        except (ValueError, TypeError, AttributeError) as e:   # JSON and Unicode errors are ValueErrors
             raise ValueError(f"{config_path}: not a Mamba config ({e})") from None
-        state = load_state_dict(directory)
+        state = read_weights(directory)
         model = cls(config)
         model.load_checkpoint_state(state, directory)
         model = model.to(device=device, dtype=dtype)
@@ -710,26 +710,31 @@ def atomic_write(path, write_fn):
 
 
 def _resolve_checkpoint(path_or_name):
-    if os.path.isdir(path_or_name):
-        if not os.path.isfile(os.path.join(path_or_name, "config.json")):
-            raise FileNotFoundError(f"{path_or_name} has no config.json; a checkpoint directory holds config.json "
-                                    f"and pytorch_model.bin or model.safetensors")
-        return path_or_name
+    """The checkpoint directory: path_or_name itself, or its snapshot from the Hugging Face hub."""
+    if os.path.isfile(path_or_name):
+        raise FileNotFoundError(f"{path_or_name} is a file: pass the checkpoint directory that holds it")
+    directory = path_or_name if os.path.isdir(path_or_name) else _download(path_or_name)
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(f"{directory} has no config.json; a checkpoint directory holds config.json "
+                                f"and pytorch_model.bin or model.safetensors")
+    return directory
+
+
+def _download(name):
     try:
         from huggingface_hub import snapshot_download
-        return snapshot_download(path_or_name, allow_patterns=["config.json", "*.bin", "*.safetensors",
-                                                               "tokenizer.json"])
+        return snapshot_download(name, allow_patterns=["config.json", "*.bin", "*.safetensors", "tokenizer.json"])
     except Exception as e:  # not installed, offline, unknown name: say what to fetch by hand
         reason = f"{type(e).__name__}: {e}"
     raise FileNotFoundError(
-        f"{path_or_name!r} is not a directory and could not be fetched from the Hugging Face hub ({reason}). "
+        f"{name!r} is not a directory and could not be fetched from the Hugging Face hub ({reason}). "
         f"Download config.json and pytorch_model.bin (state-spaces layout) or model.safetensors (-hf layout) from "
-        f"https://huggingface.co/{path_or_name}, plus tokenizer.json (from EleutherAI/gpt-neox-20b for the "
+        f"https://huggingface.co/{name}, plus tokenizer.json (from EleutherAI/gpt-neox-20b for the "
         f"state-spaces models), into one directory and pass its path.")
 
 
-def load_state_dict(directory):
-    """Read model.safetensors or pytorch_model.bin from a checkpoint directory."""
+def read_weights(directory):
+    """The state dict in a checkpoint directory's model.safetensors or pytorch_model.bin."""
     st, pt = os.path.join(directory, "model.safetensors"), os.path.join(directory, "pytorch_model.bin")
     if os.path.isfile(st):
         return read_safetensors(st)
@@ -737,10 +742,13 @@ def load_state_dict(directory):
         raise FileNotFoundError(f"{directory} holds no weights: expected pytorch_model.bin or model.safetensors "
                                 f"(sharded checkpoints are not supported)")
     try:
-        return torch.load(pt, map_location="cpu", weights_only=True)
+        state = torch.load(pt, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{pt}: not a readable PyTorch weights file (truncated or corrupt? {type(e).__name__})") \
             from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{pt}: not a dict of tensors (a model's state_dict)")
+    return state
 
 
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -762,14 +770,16 @@ def read_safetensors(path):
             if name == "__metadata__":
                 continue
             begin, end = info["data_offsets"]
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name} has dtype {info['dtype']}, which is not supported")
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
             if end > len(body):
-                raise ValueError(f"tensor {name} ends at byte {end} of a {len(body)}-byte body")
+                raise ValueError(f"tensor {name} ends at byte {end} of a {len(body)}-byte body: truncated?")
             flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if end > begin else \
                 torch.empty(0, dtype=dtype)
             tensors[name] = flat.reshape(info["shape"])
-    except (struct.error, ValueError, KeyError, TypeError, RuntimeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt? {e})") from None
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
     return tensors
 
 

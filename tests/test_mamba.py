@@ -424,8 +424,8 @@ def test_odd_weights_files_and_paths_are_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="pytorch_model.bin: not a dict of tensors"):
         Mamba.from_pretrained(str(tmp_path))
     for header, message in ((b"[]", "not a readable safetensors file"),
-                            (b'{"a": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}\0',
-                             "tensor a has dtype F8_E4M3, which is not supported")):
-        (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+                            (b'{"a": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}',
+                             "not a readable safetensors file .*tensor a has dtype F8_E4M3, which is not supported")):
+        (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
         with pytest.raises(ValueError, match=message):
             mamba.read_safetensors(str(tmp_path / "model.safetensors"))
