@@ -597,11 +597,15 @@ class Mamba(nn.Module):
         return torch.stack(new_tokens, dim=1)
 
     def _graphed_step(self, caches):
-        """The GraphedStep for this batch size, autocast dtype and these weights (recorded on first use)."""
+        """The GraphedStep for this batch size, autocast dtype and these weights (recorded on first use). A graph
+        reads every weight at the address it was recorded with: when any weight moves to new memory (a dtype
+        change, a replaced tensor), the graphs recorded before are dropped and a new one is recorded."""
         batch, device = caches[0].ssm_state.shape[0], caches[0].ssm_state.device
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        key = (batch, device, autocast, self.lm_head.weight.data_ptr())
+        weights = tuple((p.data_ptr(), p.dtype) for p in self.parameters())
+        key = (batch, device, autocast, weights)
         if key not in self._graphs:
+            self._graphs = {k: g for k, g in self._graphs.items() if k[-1] == weights}
             self._graphs[key] = GraphedStep(self, caches)
         graphed = self._graphs[key]
         graphed.copy_caches_from(caches)

@@ -50,6 +50,22 @@ def test_decoding_from_cuda_graphs_gives_the_tokens_of_plain_steps(batch):
             assert rel_err(state, plain) <= 1e-5
 
 
+def test_a_weight_moved_to_new_memory_records_a_new_graph():
+    """A CUDA graph reads every weight at the address it was recorded with: replacing one parameter's storage
+    (here D, while lm_head stays where it was) must not replay the graph recorded for the old one."""
+    model = small_model().cuda()
+    prompt = torch.randint(0, 101, (2, 50), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    model.decode(*model.prefill(prompt), 3)                     # records a graph
+    mixer = model.backbone.layers[0].mixer
+    mixer.D.data = mixer.D.data + 1.0
+    with torch.no_grad():
+        _, plain_caches = model.prefill(prompt)
+        _, caches = model.prefill(prompt)
+        graphed = model._graphed_step(caches)
+        for token in prompt[:, :5].unbind(1):
+            assert rel_err(graphed.step(token), model.step(token, plain_caches)) <= 1e-5
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 def test_graphed_steps_under_bf16_autocast_give_the_logits_of_plain_steps(batch):
     """In bf16 the compiled step rounds differently from the eager one, so greedy decoding may take another

@@ -429,3 +429,17 @@ def test_odd_weights_files_and_paths_are_refused_in_one_line(tmp_path):
         (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
         with pytest.raises(ValueError, match=message):
             mamba.read_safetensors(str(tmp_path / "model.safetensors"))
+
+
+def test_cuda_graphs_are_recorded_again_when_any_weight_moves(monkeypatch):
+    """The cache key of decode()'s CUDA graphs, checked on a CPU with a stand-in for the recording: a graph reads
+    every weight where it was recorded, so a weight moved to new memory needs a new one (test_cuda.py replays)."""
+    recorded = []
+    monkeypatch.setattr(mamba, "GraphedStep", type("Recorded", (), dict(
+        __init__=lambda self, model, caches: recorded.append(self), copy_caches_from=lambda self, caches: None)))
+    model = small_model()
+    _, caches = model.prefill(torch.randint(0, 101, (2, 8)))
+    assert model._graphed_step(caches) is model._graphed_step(caches) is recorded[0]
+    mixer = model.backbone.layers[1].mixer
+    mixer.D.data = mixer.D.data + 1.0   # lm_head.weight stays where it was
+    assert model._graphed_step(caches) is recorded[1] and len(model._graphs) == 1
