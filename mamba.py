@@ -19,15 +19,17 @@ Glossary (the names in shape comments):
     d_model  width of the residual stream  d_inner  channels of the SSM, expand · d_model (2 · d_model)
     n        states per channel (d_state)  dt_rank  rank of the projection that makes Δ
 
-The selective SSM (paper, Algorithm 2), per channel d of the d_inner channels:
+The selective SSM (paper, Algorithm 2), per channel d of the d_inner channels; x_proj(x_t) is split into
+dt_low (dt_rank), B_t and C_t (n each):
 
-    Δ_t = softplus(dt_proj(x_proj(x_t)) + dt_bias)        Δ (b, d_inner, l)    the "selection": a time step per token
-    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t x_t              h (b, d_inner, n)    eq. (2a), zero-order hold
-    y_t = C_t · h_t + D ⊙ x_t                             y (b, d_inner, l)    eq. (2b)
+    Δ_t = softplus(dt_proj.weight @ dt_low + dt_bias)     Δ (b, d_inner, l)    the "selection": a time step per token
+    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t x_t              h (b, d_inner, n)    eq. (2a), discretised by eq. (4)
+    y_t = C_t · h_t + D ⊙ x_t                             y (b, d_inner, l)    eq. (2b), plus the skip D
 
 A = -exp(A_log) (d_inner, n) is a fixed matrix of negative decay rates; B_t and C_t (n,) are the SSM's input and
-output matrices, made per token from x like Δ (as tensors: B, C (b, n, l)). That they depend on the token is what
-makes the scan "selective". The state h is always accumulated in float32.
+output matrices (as tensors: B, C (b, n, l)). That Δ, B and C depend on the token is what makes the scan
+"selective". Eq. (4) discretises with a zero-order hold: Ā = exp(ΔA) as above, while B̄ is simplified to ΔB, as
+in mamba_ssm. The state h is always accumulated in float32.
 
 The method hook is the only way a long-context method changes Mamba. LongMamba, DeciMamba and ReMamba
 (longmamba.py, decimamba.py, remamba.py) change what the scan sees, and this file knows nothing of them. A method
@@ -35,7 +37,7 @@ may also wrap the model (ReMamba runs it twice), but inside the model it acts th
 mixer per parallel forward (training, a prompt's prefill) after the selection is computed and before the scan:
 
     def hook(layer_idx, dt, dt_bias):
-        # dt       (b, d_inner, l): dt_proj.weight @ dt_low_rank; the scan makes Δ = softplus(dt + dt_bias)
+        # dt       (b, d_inner, l): dt_proj.weight @ dt_low; the scan makes Δ = softplus(dt + dt_bias)
         # dt_bias  (d_inner,) float32; delta_of(dt, dt_bias) is that Δ, for a method that needs to see it
         return dt                      # the dt to scan with (same shape; -inf gives Δ = 0: the token is skipped)
         return SkipBelow(dt, bound)    # bound (d_inner,) float32: channel c skips (Δ := 0) every token whose
@@ -219,8 +221,8 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     h = u.new_zeros(batch, d_inner, A.shape[1])                              # (b, d_inner, n)
     ys = []
     for t in range(L):
-        dA = torch.exp(delta[:, :, t, None] * A)                              # exp(Δ_t A)
-        dBu = delta[:, :, t, None] * B[..., t] * u[:, :, t, None]             # Δ_t B_t x_t
+        dA = torch.exp(delta[:, :, t, None] * A)                              # Ā = exp(Δ_t A), eq. (4)
+        dBu = delta[:, :, t, None] * B[..., t] * u[:, :, t, None]             # B̄ x_t ≈ Δ_t B_t x_t
         h = dA * h + dBu                                                      # eq. (2a)
         ys.append((h * C[..., t]).sum(-1))                                    # eq. (2b): C_t · h_t
     y = _scan_output(torch.stack(ys, dim=-1), u, D, z, out_dtype)
@@ -242,7 +244,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     out_dtype = u.dtype
     u, delta, A, B, C = _scan_inputs(u, delta, A, B, C, delta_bias, delta_softplus, skip_below)
     batch, d_inner, L = u.shape
-    T = chunk_len or max(1, math.isqrt(L - 1) + 1)
+    T = chunk_len or math.isqrt(L - 1) + 1                      # ceil(sqrt(l))
     n_chunks = -(-L // T)
     pad = n_chunks * T - L  # padded tokens have Δ = 0: exp(0·A) = 1 and Δ·B·x = 0 leave the state unchanged
 
@@ -287,8 +289,7 @@ def _backend(x):
 
 
 def selective_scan(u, *args, backend=None, **kwargs):
-    """Dispatch to a scan implementation: `backend` or $MAMBA_SCAN in {ref, torch, triton}; by default
-    the Triton kernel for CUDA tensors when Triton imports, and the chunked PyTorch scan otherwise."""
+    """Dispatch to a scan implementation: `backend` (ref, torch or triton), else _backend's choice."""
     backend = backend or _backend(u)
     if backend == "ref":
         return selective_scan_ref(u, *args, **kwargs)
