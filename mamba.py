@@ -618,15 +618,15 @@ class Mamba(nn.Module):
     def save_pretrained(self, directory, encoding=None, dtype=None):
         """Write the state-spaces layout (config.json + pytorch_model.bin), and the tokenizer if given.
         dtype (e.g. torch.float16) stores the weights smaller; A_log, D and the Δ bias stay float32."""
-        os.makedirs(directory, exist_ok=True)
-        atomic_write(os.path.join(directory, "config.json"),
-                     lambda f: f.write(json.dumps(self.config.to_json_dict(), indent=2).encode()))
+        atomic_write(os.path.join(directory, "config.json"), json.dumps(self.config.to_json_dict(), indent=2))
         # copy to the CPU once per storage, so the tied lm_head.weight stays one tensor in the file
         copies, state = {}, {}
         for k, v in self.state_dict().items():
-            ident = (v.data_ptr(), v.dtype, tuple(v.shape))
-            keep_fp32 = k.endswith(("A_log", "mixer.D", "dt_proj.bias"))
-            state[k] = copies.setdefault(ident, v.detach().to("cpu", None if keep_fp32 else dtype, copy=True))
+            ident = (v.data_ptr(), v.dtype, v.shape)
+            if ident not in copies:
+                keep_fp32 = k.endswith(("A_log", "mixer.D", "dt_proj.bias"))
+                copies[ident] = v.detach().to("cpu", None if keep_fp32 else dtype, copy=True)
+            state[k] = copies[ident]
         atomic_write(os.path.join(directory, "pytorch_model.bin"), lambda f: torch.save(state, f))
         if encoding is not None:
             import tokenizer
@@ -665,10 +665,10 @@ class Mamba(nn.Module):
                              f"{' ...' if len(missing) > 8 else ''}; unexpected keys: {unexpected[:8]}"
                              f"{' ...' if len(unexpected) > 8 else ''}")
         for k, v in state.items():
-            if tuple(v.shape) != tuple(expected[k].shape):
+            if v.shape != expected[k].shape:
                 raise ValueError(f"{source}: {k} has shape {tuple(v.shape)} in the checkpoint but the config "
                                  f"makes it {tuple(expected[k].shape)}")
-        self.load_state_dict(state, strict=not self.config.tie_embeddings)
+        self.load_state_dict(state, strict=False)  # the keys were checked above; a tied lm_head is the embedding
 
 
 _HF_RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}
@@ -699,10 +699,10 @@ def atomic_write(path, write_fn):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
