@@ -718,24 +718,23 @@ def _resolve_checkpoint(path_or_name):
     """The checkpoint directory: path_or_name itself, or its snapshot from the Hugging Face hub."""
     if os.path.isfile(path_or_name):
         raise FileNotFoundError(f"{path_or_name} is a file: pass the checkpoint directory that holds it")
-    directory = path_or_name if os.path.isdir(path_or_name) else _download(path_or_name)
+    directory = path_or_name
+    if not os.path.isdir(path_or_name):
+        try:
+            from huggingface_hub import snapshot_download
+            directory = snapshot_download(path_or_name, allow_patterns=["config.json", "*.bin", "*.safetensors",
+                                                                        "tokenizer.json"])
+        except Exception as e:  # not installed, offline, unknown name: say what to fetch by hand
+            raise FileNotFoundError(
+                f"{path_or_name!r} is not a directory and could not be fetched from the Hugging Face hub "
+                f"({type(e).__name__}: {e}). Download config.json and pytorch_model.bin (state-spaces layout) or "
+                f"model.safetensors (-hf layout) from https://huggingface.co/{path_or_name}, plus tokenizer.json "
+                f"(from EleutherAI/gpt-neox-20b for the state-spaces models), into one directory and pass its "
+                f"path.") from None
     if not os.path.isfile(os.path.join(directory, "config.json")):
         raise FileNotFoundError(f"{directory} has no config.json; a checkpoint directory holds config.json "
                                 f"and pytorch_model.bin or model.safetensors")
     return directory
-
-
-def _download(name):
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(name, allow_patterns=["config.json", "*.bin", "*.safetensors", "tokenizer.json"])
-    except Exception as e:  # not installed, offline, unknown name: say what to fetch by hand
-        reason = f"{type(e).__name__}: {e}"
-    raise FileNotFoundError(
-        f"{name!r} is not a directory and could not be fetched from the Hugging Face hub ({reason}). "
-        f"Download config.json and pytorch_model.bin (state-spaces layout) or model.safetensors (-hf layout) from "
-        f"https://huggingface.co/{name}, plus tokenizer.json (from EleutherAI/gpt-neox-20b for the "
-        f"state-spaces models), into one directory and pass its path.")
 
 
 def read_weights(directory):
