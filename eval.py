@@ -55,7 +55,9 @@ def comma_separated(kind):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviated flags: a flag added later cannot change what an abbreviation meant (--data, --data-dir)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.error = lambda message: fail(f"{message} (see --help)")   # one line, not the whole usage
     p.add_argument("--task", choices=["passkey", "ppl", "longbench"], default="passkey")
     p.add_argument("--method", default="vanilla", help=f"one or more of {', '.join(METHODS)}, comma-separated")

@@ -155,6 +155,7 @@ BAD_INPUTS = [
     (["--decimating-layers", "9", "--method", "decimamba"], "--decimating-layers 9: this model has layers 0..3"),
     (["--out-dir", "README.md"], "--out-dir README.md: cannot write there"),
     (["--depths", "2"], "--depths must lie in [0, 1]"),
+    (["--depth", "0.5"], "unrecognized arguments: --depth 0.5"),
     (["--task", "longbench", "--max-length", "1"], "--max-length must be ≥ 2, got 1"),
 ]
 
