@@ -48,8 +48,8 @@ LONGMAMBA = dict(c=0.05, b=1.5, variant="dt_thre", sc=0.0, decay_state="slowest"
 
 
 def comma_separated(kind):
-    """An argparse type: "0,0.5,1" -> [0.0, 0.5, 1.0]."""
-    parse = lambda text: [kind(x) for x in text.split(",")]  # noqa: E731
+    """An argparse type: "0,0.5,1,1" -> [0.0, 0.5, 1.0], each value once."""
+    parse = lambda text: list(dict.fromkeys(kind(x) for x in text.split(",")))  # noqa: E731
     parse.__name__ = f"comma-separated {kind.__name__}"       # argparse names the type in its error
     return parse
 
@@ -438,10 +438,11 @@ def run_longbench(args, methods, encoding, device, rank, world, meta):
     suffix = "_e.jsonl" if args.e else ".jsonl"
     pool = longbench.LONGBENCH_E_DATASETS if args.e else longbench.DATASETS
     found = [d for d in pool if os.path.isfile(os.path.join(args.data_dir, d + suffix))]
-    datasets = [d.strip() for d in args.datasets.split(",")] if args.datasets else found
+    datasets = found if args.datasets is None else [d.strip() for d in args.datasets.split(",")]
     unknown = [d for d in datasets if d not in found]
     if unknown or not datasets:
-        fail(f"--datasets: no {{dataset}}{suffix} file in {args.data_dir} for {', '.join(unknown) or 'any dataset'}"
+        fail(f"--datasets: no {{dataset}}{suffix} file in {args.data_dir} for "
+             f"{', '.join(map(repr, unknown)) or 'any dataset'}"
              f"; found: {', '.join(found) or 'none'}")
     encode = lambda text: encoding.encode(text, allowed_special="all")  # noqa: E731  (as Hugging Face tokenizers)
     tables = {}
@@ -552,11 +553,12 @@ def main(argv=None):
              f"(2048 for the state-spaces models)")
     text = read_text("--data", args.data)         # the training prose: calibration windows, the default haystack
     haystack_text = read_text("--haystack", args.haystack) if args.haystack else text
-    spec = args.lengths or ("1x,4x,16x" if cpu else "1x,2x,4x,8x,16x,32x")
+    spec = ("1x,4x,16x" if cpu else "1x,2x,4x,8x,16x,32x") if args.lengths is None else args.lengths
     try:
-        lengths = [round(float(x[:-1]) * L_train) if x.endswith("x") else int(x) for x in spec.split(",")]
+        lengths = list(dict.fromkeys(round(float(x[:-1]) * L_train) if x.endswith("x") else int(x)
+                                     for x in spec.split(",")))
         assert min(lengths) >= 1
-    except (ValueError, AssertionError):
+    except (ValueError, OverflowError, AssertionError):
         fail(f"--lengths {spec!r}: expected comma-separated token counts (4096) or multiples of L_train (4x)")
     if args.task == "passkey":
         args.samples = args.samples or (3 if cpu else 20)

@@ -57,6 +57,13 @@ def test_passkey_all_methods_write_results(checkpoint, tmp_path, capsys):
     assert os.path.getsize(tmp_path / "passkey_vanilla_longmamba_decimamba_remamba.png") > 1000
 
 
+def test_a_length_or_depth_given_twice_is_evaluated_once(checkpoint, tmp_path, capsys):
+    run(checkpoint, tmp_path, "--lengths", "1x,128", "--depths", "0,0.0", "--samples", "1")
+    result = json.load(open(tmp_path / "passkey_vanilla.json"))
+    assert result["lengths"] == [128] and result["depths"] == [0.0]
+    assert capsys.readouterr().out.count("\n     128 ") == 1          # one table row
+
+
 def test_same_samples_give_the_same_vanilla_table(checkpoint, tmp_path):
     args = ["--lengths", "128", "--depths", "0.5", "--samples", "3"]
     run(checkpoint, tmp_path / "a", *args)
@@ -147,11 +154,15 @@ BAD_INPUTS = [
     (["--L-train", "0"], "--L-train must be ≥ 1, got 0"),
     (["--task", "ppl", "--windows", "0"], "--windows must be ≥ 1, got 0"),
     (["--lengths", "4y"], "--lengths '4y': expected comma-separated token counts"),
+    (["--lengths", ""], "--lengths '': expected comma-separated token counts"),       # not the default lengths
+    (["--lengths", "infx"], "--lengths 'infx': expected comma-separated token counts"),
     (["--method", "mamba2"], "unknown --method mamba2: choose from vanilla, longmamba, decimamba, remamba"),
     (["--model", "no/such/dir"], "--model no/such/dir: no such directory"),
     (["--data", "mamba.py", "--haystack", "checkpoints/mamba-testbed/pytorch_model.bin"],
      "--haystack checkpoints/mamba-testbed/pytorch_model.bin: not a readable UTF-8 text file"),
     (["--task", "longbench"], "--task longbench needs --data-dir"),
+    (["--task", "longbench", "--data-dir", "tests/data/longbench", "--datasets", ""],    # not every dataset
+     "--datasets: no {dataset}.jsonl file in tests/data/longbench for ''; found: "),
     (["--decimating-layers", "9", "--method", "decimamba"], "--decimating-layers 9: this model has layers 0..3"),
     (["--out-dir", "README.md"], "--out-dir README.md: cannot write there"),
     (["--depths", "2"], "--depths must lie in [0, 1]"),
