@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -508,31 +509,40 @@ def report(directory):
             f"{first['samples']} samples per cell, {first['split']} haystack, seed {first['seed']}")
 
 
+def start(args):
+    """This process's device, rank and world size: one process, or torchrun's, each with its own GPU."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ           # started by torchrun
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        fail(f"--device {args.device}: not a device (use auto, cpu, cuda or cuda:N)")
+    if distributed and args.task == "ppl":
+        fail("--task ppl runs on one process (python, not torchrun)")
+    if device != "cpu":
+        if distributed:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        gpus = torch.cuda.device_count()
+        if not gpus:
+            fail(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu)")
+        if int(device[5:] or 0) >= gpus:
+            fail(f"--device {args.device}: this machine has {gpus} CUDA GPU{'s' * (gpus > 1)}"
+                 + (", fewer than torchrun's processes" if distributed else ""))
+        torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:   # a busy machine: do not oversubscribe its cores
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(max(1, min(cores, round(cores - os.getloadavg()[0] + 0.5))))
+    if distributed:
+        dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    return device, rank, world
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.report:
         return report(args.report)
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ           # started by torchrun
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    cpu = not device.startswith("cuda")
-    if not cpu and not torch.cuda.is_available():
-        fail(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu)")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        fail(f"--device {args.device}: not a device (use auto, cpu, cuda or cuda:N)")
-    if distributed and args.task == "ppl":
-        fail("--task ppl runs on one process (python, not torchrun)")
-    if distributed:
-        if not cpu:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("gloo" if cpu else "nccl")
-    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:   # a busy machine: do not oversubscribe its cores
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(max(1, min(cores, round(cores - os.getloadavg()[0] + 0.5))))
+    device, rank, world = start(args)
+    cpu = device == "cpu"
     args.out_dir = args.out_dir or os.path.join("runs", os.path.basename(os.path.normpath(args.model)))
     try:
         os.makedirs(args.out_dir, exist_ok=True)

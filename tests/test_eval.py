@@ -183,6 +183,13 @@ def test_bad_inputs_exit_with_one_line(extra, message, tmp_path):
     assert len(done.stderr.strip().splitlines()) <= 2    # argparse adds its usage line
 
 
+def test_a_gpu_the_machine_lacks_is_one_line(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match="--device cuda:3: this machine has 1 CUDA GPU$"):
+        evaluate.main(["--model", checkpoint, "--device", "cuda:3", "--out-dir", str(tmp_path)])
+
+
 def test_bad_checkpoints_exit_with_one_line(tmp_path):
     model = Mamba(MambaConfig(d_model=16, n_layer=1, vocab_size=257))
     model.save_pretrained(tmp_path / "m", tokenizer.byte_encoding())
