@@ -459,18 +459,22 @@ def run_longbench(args, methods, encoding, device, rank, world, meta):
         scores = {}
         for dataset in datasets:
             if reason := longbench.skip_reason(dataset):
-                print(reason)
+                if rank == 0:
+                    print(reason)
                 continue
-            samples = longbench.load_samples(args.data_dir, dataset, e=args.e)
             out_path = os.path.join(run_dir, dataset + ".jsonl")
-            longbench.predict(samples, dataset, generate_fn, encode, encoding.decode, out_path, args.max_length,
-                              dataset2prompt, dataset2maxlen, encoding.eot_token, rank, world,
-                              progress=print if rank == 0 else (lambda *a: None))
-            if world > 1:
-                dist.barrier()
-            if rank == 0:
-                longbench.merge_rank_files(out_path, samples)
-                scores[dataset] = longbench.score_file(out_path, dataset, e=args.e)
+            try:
+                samples = longbench.load_samples(args.data_dir, dataset, e=args.e)
+                longbench.predict(samples, dataset, generate_fn, encode, encoding.decode, out_path, args.max_length,
+                                  dataset2prompt, dataset2maxlen, encoding.eot_token, rank, world,
+                                  progress=print if rank == 0 else (lambda *a: None))
+                if world > 1:
+                    dist.barrier()
+                if rank == 0:
+                    longbench.merge_rank_files(out_path, samples)
+                    scores[dataset] = longbench.score_file(out_path, dataset, e=args.e)
+            except ValueError as e:   # a malformed data, config or prediction file, named in the message
+                fail(str(e))
         if rank == 0:   # one score file per run folder; a --datasets subset adds to the scores already there
             path = os.path.join(run_dir, "scores.json")
             old = json.load(open(path))["scores"] if os.path.exists(path) else {}

@@ -134,6 +134,17 @@ def test_longbench_predictions_are_keyed_by_settings(checkpoint, tmp_path, capsy
     assert len(os.listdir(tmp_path / "longbench")) == 2 and "already predicted, 2 to go" in capsys.readouterr().out
 
 
+def test_a_malformed_prediction_file_is_one_line(checkpoint, tmp_path):
+    args = ["--task", "longbench", "--data-dir", os.path.join(ROOT, "tests", "data", "longbench"), "--no-baseline",
+            "--datasets", "trec", "--max-length", "300"]
+    run(checkpoint, tmp_path, *args)
+    [run_dir] = os.listdir(tmp_path / "longbench")
+    with open(tmp_path / "longbench" / run_dir / "trec.jsonl", "a") as f:
+        f.write("not json\n")
+    with pytest.raises(SystemExit, match="trec.jsonl:3: malformed prediction line"):
+        run(checkpoint, tmp_path, *args)
+
+
 def test_a_stale_calibration_is_recomputed(checkpoint, tmp_path, capsys):
     path = os.path.join(checkpoint, evaluate.CALIBRATION_FILE)
     run(checkpoint, tmp_path, "--method", "longmamba", "--no-baseline", "--lengths", "200", "--samples", "1")
