@@ -507,7 +507,8 @@ def report(directory):
         row = [r["accuracy"].get(str(L)) for L in lengths]
         print(f"| {label} | " + " | ".join("-" if a is None else f"{100 * np.mean(list(a.values())):.0f}"
                                            for a in row) + " |")
-    same = {label: r["accuracy"] for label, r in results.items() if r["lengths"] == lengths}
+    same = {label: r["accuracy"] for label, r in results.items()   # the heatmap's grid is the first file's
+            if r["lengths"] == lengths and r["depths"] == first["depths"]}
     heatmap(os.path.join(directory, "passkey_all.png"), same, lengths, first["depths"],
             f"passkey retrieval, {os.path.basename(os.path.normpath(first['model']))} (L_train {L_train}), "
             f"{first['samples']} samples per cell, {first['split']} haystack, seed {first['seed']}")

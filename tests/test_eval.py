@@ -98,6 +98,15 @@ def test_an_interrupted_run_resumes_with_the_same_table(checkpoint, tmp_path, mo
     assert "already done" not in capsys.readouterr().out.split("longmamba_b3.0")[1]
 
 
+def test_report_of_runs_with_other_depths(tmp_path, capsys):
+    for label, depths in (("vanilla", [0.0, 1.0]), ("longmamba", [0.5])):
+        json.dump({"lengths": [128], "depths": depths, "L_train": 128, "model": "m", "samples": 1, "split": "eval",
+                   "seed": 0, "accuracy": {"128": {str(d): 1.0 for d in depths}}},
+                  open(tmp_path / f"passkey_{label}.json", "w"))
+    evaluate.main(["--report", str(tmp_path)])
+    assert "| vanilla | 100 |" in capsys.readouterr().out
+
+
 def test_text_heatmap_without_matplotlib(monkeypatch, capsys):
     import builtins
     real_import = builtins.__import__
