@@ -228,15 +228,16 @@ class Cells:
         self.path = os.path.join(out_dir, "cells", f"{task}_{method['label']}_{digest}.jsonl")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.done = {}
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                        self.done[tuple(record["cell"])] = record["value"]
-                    except (ValueError, KeyError):
-                        pass   # a line cut by a kill
+        lines = open(self.path).read().split("\n") if os.path.exists(self.path) else [""]
+        for line in lines:
+            try:
+                record = json.loads(line)
+                self.done[tuple(record["cell"])] = record["value"]
+            except (ValueError, KeyError):
+                pass   # the empty last line, or a line cut by a kill
         self.file = open(self.path, "a")
+        if lines[-1]:
+            self.file.write("\n")   # after a cut line, so that the next record is a line of its own
 
     def add(self, cell, value):
         self.done[cell] = value

@@ -107,6 +107,17 @@ def test_report_of_runs_with_other_depths(tmp_path, capsys):
     assert "| vanilla | 100 |" in capsys.readouterr().out
 
 
+def test_a_cell_cut_by_a_kill_is_redone_once(checkpoint, tmp_path, capsys):
+    args = ["--lengths", "128", "--depths", "0,1", "--samples", "2"]
+    run(checkpoint, tmp_path, *args)
+    [cells] = (tmp_path / "cells").iterdir()
+    cells.write_text(cells.read_text()[:-5])                       # the last record lost its end
+    run(checkpoint, tmp_path, *args)
+    assert "3 of 4 cells already done" in capsys.readouterr().out
+    run(checkpoint, tmp_path, *args)
+    assert "4 of 4 cells already done" in capsys.readouterr().out
+
+
 def test_text_heatmap_without_matplotlib(monkeypatch, capsys):
     import builtins
     real_import = builtins.__import__
