@@ -255,7 +255,7 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
     todo = [c for c in mine if any(c not in s.done for s in stores.values())]
     if rank == 0 and len(todo) < len(mine):
         print(f"  {len(mine) - len(todo)} of {len(mine)} cells already done (kept in {args.out_dir}/cells)")
-    total = sum(L for L, _, _ in todo) * len(methods)
+    total = sum(c[0] for c in todo for s in stores.values() if c not in s.done)   # prompt tokens to prefill
     start = last_print = time.time()
     done = 0
     for n, (L, depth, i) in enumerate(todo):
@@ -268,7 +268,7 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
             new = generate(m, prompt, len(sample.answer_ids) + 2, encoding.eot_token)
             correct = passkey.score(encoding.decode(new[0].tolist()), sample.answer)
             store.add((L, depth, i), {"correct": correct, **mechanism(m, sample, prompt)})
-        done += L * len(methods)
+            done += L
         if rank == 0 and (n + 1 == len(todo) or todo[n + 1][0] != L or time.time() - last_print > 30):
             last_print = time.time()
             rate = done / (last_print - start)
@@ -395,13 +395,14 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
     if max(lengths) > len(ids) or min(lengths) <= args.predict:
         fail(f"--lengths must exceed --predict {args.predict} and fit the {len(ids)} tokens of the haystack's "
              f"{args.split} split")
-    results, start, done, total = {}, time.time(), 0, sum(lengths) * args.windows * len(methods)
+    stores = {m["label"]: Cells(args.out_dir, "ppl", m, meta, args, predict=args.predict) for m in methods}
+    results, start, done = {}, time.time(), 0
+    total = sum(L for s in stores.values() for L in lengths for w in range(args.windows) if (L, w) not in s.done)
     for m in methods:
-        store = Cells(args.out_dir, "ppl", m, meta, args, predict=args.predict)
+        store = stores[m["label"]]
         for L in lengths:
             starts = np.linspace(0, len(ids) - L, args.windows).astype(np.int64)
             for w, s in enumerate(starts):
-                done += L
                 if (L, w) in store.done:
                     continue
                 window = torch.from_numpy(ids[s:s + L].astype(np.int64)).to(device)[None]
@@ -414,11 +415,13 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
                         if t + 1 < args.predict:
                             logits = m["runner"].step(scored[t:t + 1], caches)
                 store.add((L, w), float(np.mean(nll)))
-            rate = done / (time.time() - start)
+                done += L
             ppl = results.setdefault(m["label"], {})[str(L)] = math.exp(
                 np.mean([store.done[(L, w)] for w in range(args.windows)]))
-            print(f"  {m['label']:>12} length {L:>7}: perplexity {ppl:8.3f} | {rate / 1e3:6.1f}k tok/s | "
-                  f"ETA {(total - done) / rate / 60:5.1f} min", flush=True)
+            rate = done / max(time.time() - start, 1e-9)
+            print(f"  {m['label']:>12} length {L:>7}: perplexity {ppl:8.3f} | " + (
+                f"{rate / 1e3:6.1f}k tok/s | ETA {(total - done) / rate / 60:5.1f} min" if done else
+                "windows kept from an earlier run"), flush=True)
     path = os.path.join(args.out_dir, f"ppl_{'_'.join(results)}.json")
     atomic_write(path, json.dumps({**meta, "haystack": args.haystack or args.data, "split": args.split,
                                    "windows": args.windows, "predict": args.predict, "lengths": lengths,

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -116,6 +117,32 @@ def test_a_cell_cut_by_a_kill_is_redone_once(checkpoint, tmp_path, capsys):
     assert "3 of 4 cells already done" in capsys.readouterr().out
     run(checkpoint, tmp_path, *args)
     assert "4 of 4 cells already done" in capsys.readouterr().out
+
+
+def test_progress_counts_only_the_work_of_this_run(checkpoint, tmp_path, monkeypatch, capsys):
+    # a clock that advances 1 s per 1,000 tokens prefilled: every rate printed must read 1.0k tok/s
+    clock, real_generate, real_prefill = [0.0], evaluate.generate, Mamba.prefill
+    monkeypatch.setattr(evaluate, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    def generate(method, prompt, *a):
+        clock[0] += prompt.shape[1] / 1000
+        return real_generate(method, prompt, *a)
+
+    def prefill(self, prefix, *a, **k):
+        clock[0] += (prefix.shape[1] + 20) / 1000      # and the 20 scored tokens, one step each
+        return real_prefill(self, prefix, *a, **k)
+
+    monkeypatch.setattr(evaluate, "generate", generate)
+    run(checkpoint, tmp_path, "--lengths", "128", "--depths", "0,1", "--samples", "2")
+    run(checkpoint, tmp_path, "--lengths", "128", "--depths", "0,1", "--samples", "2", "--method", "decimamba")
+    monkeypatch.setattr(Mamba, "prefill", prefill)
+    ppl = ["--task", "ppl", "--windows", "2", "--predict", "20"]
+    run(checkpoint, tmp_path, *ppl, "--lengths", "150")
+    run(checkpoint, tmp_path, *ppl, "--lengths", "150,300")
+    out = capsys.readouterr().out
+    assert out.count("   1.0k prompt tok/s") == 2 and out.count("   1.0k tok/s") == 2 and "tok/s" not in \
+        out.replace("   1.0k prompt tok/s", "").replace("   1.0k tok/s", "")
+    assert "length     150: perplexity" in out and "windows kept from an earlier run" in out
 
 
 def test_text_heatmap_without_matplotlib(monkeypatch, capsys):
