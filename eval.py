@@ -13,8 +13,10 @@ Every method runs on the same samples, beside vanilla Mamba (--no-baseline to sk
     remamba    two passes: compress the start of the prompt, re-read (remamba.py; the model's remamba.pt)
 
 Passkey: greedy decoding, exact match of the digits; a length × depth table per method (% correct),
-<out-dir>/passkey_<label>.json (accuracy 0-1, every setting) and a heatmap. Finished cells are kept in
-<out-dir>/cells/: an interrupted run continues where it stopped; other settings never reuse them.
+<out-dir>/passkey_<label>.json (accuracy 0-1, every setting) and a heatmap. Perplexity: <out-dir>/ppl_<labels>.json.
+LongBench: predictions and scores.json in <out-dir>/longbench[_e]/<label>_<settings hash>/.
+Finished passkey and perplexity cells are kept in <out-dir>/cells/ (<out-dir>/rank<r>/cells/ under torchrun), LongBench
+predictions line by line: an interrupted run continues where it stopped; other settings never reuse them.
 """
 
 import argparse
@@ -254,7 +256,8 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
                                 filler=args.filler, seed=args.seed) for m in methods}
     todo = [c for c in mine if any(c not in s.done for s in stores.values())]
     if rank == 0 and len(todo) < len(mine):
-        print(f"  {len(mine) - len(todo)} of {len(mine)} cells already done (kept in {args.out_dir}/cells)")
+        cells = os.path.dirname(next(iter(stores.values())).path)
+        print(f"  {len(mine) - len(todo)} of {len(mine)} cells already done (kept in {cells})")
     total = sum(c[0] for c in todo for s in stores.values() if c not in s.done)   # prompt tokens to prefill
     start = last_print = time.time()
     done = 0
@@ -602,8 +605,8 @@ def main(argv=None):
         else:
             run_longbench(args, methods, encoding, device, rank, world, meta)
     except KeyboardInterrupt:
-        sys.exit(f"\neval.py: interrupted; the finished cells are kept in {args.out_dir}/cells and the same "
-                 f"command continues from them")
+        sys.exit(f"\neval.py: interrupted; what was finished is kept in {args.out_dir} and the same command "
+                 f"continues from it")
     if world > 1:
         dist.destroy_process_group()
 

@@ -86,7 +86,7 @@ def test_an_interrupted_run_resumes_with_the_same_table(checkpoint, tmp_path, mo
         return real(*a)
 
     monkeypatch.setattr(evaluate, "generate", interrupted)
-    with pytest.raises(SystemExit, match="interrupted; the finished cells are kept"):
+    with pytest.raises(SystemExit, match="interrupted; what was finished is kept in"):
         run(checkpoint, tmp_path / "resumed", *args)
     monkeypatch.setattr(evaluate, "generate", real)
     run(checkpoint, tmp_path / "resumed", *args)
