@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import time
 
@@ -555,15 +556,15 @@ def main(argv=None):
         return report(args.report)
     device, rank, world = start(args)
     cpu = device == "cpu"
+    if not os.path.isdir(args.model):
+        fail(f"--model {args.model}: no such directory" + (" (run eval.py from the repository's root)"
+                                                           if args.model == DEFAULT_MODEL else ""))
     args.out_dir = args.out_dir or os.path.join("runs", os.path.basename(os.path.normpath(args.model)))
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         assert os.access(args.out_dir, os.W_OK)
     except (OSError, AssertionError):
         fail(f"--out-dir {args.out_dir}: cannot write there")
-    if not os.path.isdir(args.model):
-        fail(f"--model {args.model}: no such directory" + (" (run eval.py from the repository's root)"
-                                                           if args.model == DEFAULT_MODEL else ""))
     try:
         model = Mamba.from_pretrained(args.model, device=device).eval()
         encoding = tokenizer.load_tokenizer(args.model)
@@ -573,7 +574,9 @@ def main(argv=None):
     if not L_train:
         fail(f"{args.model} has no train_info.json: pass --L-train, the length the model was trained at "
              f"(2048 for the state-spaces models)")
-    text = read_text("--data", args.data)         # the training prose: calibration windows, the default haystack
+    # the training prose: LongMamba's calibration windows, and the haystack unless --haystack is given
+    needed = "longmamba" in args.methods or not (args.haystack or args.task == "longbench")
+    text = read_text("--data", args.data) if needed else None
     haystack_text = read_text("--haystack", args.haystack) if args.haystack else text
     spec = ("1x,4x,16x" if cpu else "1x,2x,4x,8x,16x,32x") if args.lengths is None else args.lengths
     try:
@@ -591,7 +594,7 @@ def main(argv=None):
     weights = weights if os.path.exists(weights) else os.path.join(args.model, "model.safetensors")
     meta = {"model": args.model,
             "weights": f"{os.path.getsize(weights)} bytes, modified {os.path.getmtime(weights):.0f}",
-            "L_train": L_train, "command": "python eval.py " + " ".join(argv), "commit": git_commit(),
+            "L_train": L_train, "command": "python eval.py " + shlex.join(argv), "commit": git_commit(),
             "device": torch.cuda.get_device_name(device) if not cpu else f"cpu ({os.cpu_count()} cores)"}
     methods = build_methods(args, model, encoding, L_train, text)
     if rank == 0:

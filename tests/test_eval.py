@@ -168,7 +168,8 @@ def test_ppl_task(checkpoint, tmp_path, capsys):
 
 def test_longbench_predictions_are_keyed_by_settings(checkpoint, tmp_path, capsys):
     data_dir = os.path.join(ROOT, "tests", "data", "longbench")
-    args = ["--task", "longbench", "--data-dir", data_dir, "--no-baseline", "--method", "vanilla"]
+    args = ["--task", "longbench", "--data-dir", data_dir, "--no-baseline", "--method", "vanilla",
+            "--data", "no/prose/needed.txt"]
     run(checkpoint, tmp_path, *args, "--datasets", "trec,passage_count", "--max-length", "300")
     [run_dir] = os.listdir(tmp_path / "longbench")
     first = open(tmp_path / "longbench" / run_dir / "trec.jsonl").read()
@@ -215,7 +216,7 @@ BAD_INPUTS = [
     (["--lengths", ""], "--lengths '': expected comma-separated token counts"),       # not the default lengths
     (["--lengths", "infx"], "--lengths 'infx': expected comma-separated token counts"),
     (["--method", "mamba2"], "unknown --method mamba2: choose from vanilla, longmamba, decimamba, remamba"),
-    (["--model", "no/such/dir"], "--model no/such/dir: no such directory"),
+    (["--model", "no/such/dir"], "--model no/such/dir: no such directory"),        # and no out-dir made for it
     (["--data", "mamba.py", "--haystack", "checkpoints/mamba-testbed/pytorch_model.bin"],
      "--haystack checkpoints/mamba-testbed/pytorch_model.bin: not a readable UTF-8 text file"),
     (["--task", "longbench"], "--task longbench needs --data-dir"),
@@ -239,6 +240,7 @@ def test_bad_inputs_exit_with_one_line(extra, message, tmp_path):
     assert done.returncode != 0
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) <= 2    # argparse adds its usage line
+    assert "--model" not in extra or not (tmp_path / "out").exists()
 
 
 def test_a_gpu_the_machine_lacks_is_one_line(checkpoint, tmp_path, monkeypatch):
