@@ -230,10 +230,13 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("extra,message", BAD_INPUTS + [(["--haystack", "EMPTY"], "split is empty")])
+@pytest.mark.parametrize("extra,message", BAD_INPUTS + [(["--haystack", "EMPTY"], "split is empty"),
+                                                        (["--haystack", "ONE", "--split", "train"], "split is empty")])
 def test_bad_inputs_exit_with_one_line(extra, message, tmp_path):
-    (tmp_path / "empty.txt").write_text("\n")
-    extra = [str(tmp_path / "empty.txt") if x == "EMPTY" else x for x in extra]
+    texts = {"EMPTY": "\n", "ONE": "One sentence, all of it in the held-out split.\n"}
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+    extra = [str(tmp_path / x) if x in texts else x for x in extra]
     out_dir = [] if "--out-dir" in extra else ["--out-dir", str(tmp_path / "out")]
     done = subprocess.run([sys.executable, "eval.py", "--device", "cpu", "--samples", "1", "--lengths", "512"]
                           + out_dir + extra, cwd=ROOT, capture_output=True, text=True, timeout=120)
