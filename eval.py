@@ -49,6 +49,7 @@ DEFAULT_MODEL = "checkpoints/mamba-testbed"
 CALIBRATION_FILE = "longmamba_calibration.pt"
 # the paper's LongMamba settings, except b = 1.5 (chosen on validation samples; results/README.md)
 LONGMAMBA = dict(c=0.05, b=1.5, variant="dt_thre", sc=0.0, decay_state="slowest")
+DECIMAMBA = dict(beta=0.5, min_len=20)   # decimating the middle layer, L_base = L_train
 
 
 def comma_separated(kind):
@@ -95,9 +96,10 @@ def parse_args(argv):
     g = p.add_argument_group("DeciMamba")
     g.add_argument("--decimating-layers", type=comma_separated(int),
                    help="comma-separated layer indices (default n_layer // 2)")
-    g.add_argument("--beta", type=float, default=0.5, help="each later decimating layer keeps β times as many")
+    g.add_argument("--beta", type=float, default=DECIMAMBA["beta"],
+                   help="each later decimating layer keeps β times as many")
     g.add_argument("--L-base", type=int, help="tokens the first decimating layer keeps (default L_train)")
-    g.add_argument("--min-len", type=int, default=20, help="fewest tokens kept")
+    g.add_argument("--min-len", type=int, default=DECIMAMBA["min_len"], help="fewest tokens kept")
     g = p.add_argument_group("perplexity")
     g.add_argument("--windows", type=int, default=10, help="windows per length")
     g.add_argument("--predict", type=int, default=100, help="tokens scored at the end of each window")
@@ -150,7 +152,7 @@ def build_methods(args, model, encoding, L_train, text):
     """One dict per method: name, label (the name, the settings that differ from the defaults, --tag), settings,
     runner (prefills and generates), hook (set on the runner around each call), describe (a summary or None)."""
     n_layer = model.config.n_layer
-    defaults = {**LONGMAMBA, "layers": [n_layer // 2], "beta": 0.5, "min_len": 20, "L_base": L_train}
+    defaults = {**LONGMAMBA, **DECIMAMBA, "layers": [n_layer // 2], "L_base": L_train}
     methods = []
     for name in args.methods:
         settings, runner, hook, describe = {}, model, None, None
@@ -221,14 +223,18 @@ def generate(method, prompt, max_new_tokens, stops, min_new_tokens=0):
         return method["runner"].generate(prompt, max_new_tokens, eos_token_id=stops, min_new_tokens=min_new_tokens)
 
 
+def digest(key):
+    """A short hash of the settings that shape a result, in the names of the files that keep it."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
 class Cells:
     """A method's finished cells, appended to a jsonl whose name hashes every setting that shapes them."""
 
-    def __init__(self, out_dir, task, method, meta, args, **settings):
+    def __init__(self, out_dir, task, method, meta, args, **task_settings):
         key = dict(task=task, label=method["label"], settings=method["settings"], model=meta["model"],
-                   weights=meta["weights"], haystack=args.haystack or args.data, split=args.split, **settings)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        self.path = os.path.join(out_dir, "cells", f"{task}_{method['label']}_{digest}.jsonl")
+                   weights=meta["weights"], haystack=args.haystack or args.data, split=args.split, **task_settings)
+        self.path = os.path.join(out_dir, "cells", f"{task}_{method['label']}_{digest(key)}.jsonl")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.done = {}
         lines = open(self.path).read().split("\n") if os.path.exists(self.path) else [""]
@@ -261,7 +267,7 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
         print(f"  {len(mine) - len(todo)} of {len(mine)} cells already done (kept in {cells})")
     total = sum(c[0] for c in todo for s in stores.values() if c not in s.done)   # prompt tokens to prefill
     start = last_print = time.time()
-    done = 0
+    prefilled = 0
     for n, (L, depth, i) in enumerate(todo):
         sample = passkey.make_sample(encoding, haystack, L, depth, seed=args.seed * 1_000_003 + i, filler=args.filler)
         prompt = torch.tensor([sample.prompt_ids], device=device)
@@ -272,12 +278,12 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
             new = generate(m, prompt, len(sample.answer_ids) + 2, encoding.eot_token)
             correct = passkey.score(encoding.decode(new[0].tolist()), sample.answer)
             store.add((L, depth, i), {"correct": correct, **mechanism(m, sample, prompt)})
-            done += L
+            prefilled += L
         if rank == 0 and (n + 1 == len(todo) or todo[n + 1][0] != L or time.time() - last_print > 30):
             last_print = time.time()
-            rate = done / (last_print - start)
+            rate = prefilled / (last_print - start)
             print(f"  length {L:>7} | {n + 1}/{len(todo)} prompts | {rate / 1e3:6.1f}k prompt tok/s | "
-                  f"ETA {(total - done) / rate / 60:5.1f} min", flush=True)
+                  f"ETA {(total - prefilled) / rate / 60:5.1f} min", flush=True)
     results = {m["label"]: stores[m["label"]].done for m in methods}
     if world > 1:
         gathered = [None] * world
@@ -400,7 +406,7 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
         fail(f"--lengths must exceed --predict {args.predict} and fit the {len(ids)} tokens of the haystack's "
              f"{args.split} split")
     stores = {m["label"]: Cells(args.out_dir, "ppl", m, meta, args, predict=args.predict) for m in methods}
-    results, start, done = {}, time.time(), 0
+    results, start, prefilled = {}, time.time(), 0
     total = sum(L for s in stores.values() for L in lengths for w in range(args.windows) if (L, w) not in s.done)
     for m in methods:
         store = stores[m["label"]]
@@ -419,12 +425,12 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
                         if t + 1 < args.predict:
                             logits = m["runner"].step(scored[t:t + 1], caches)
                 store.add((L, w), float(np.mean(nll)))
-                done += L
+                prefilled += L
             ppl = results.setdefault(m["label"], {})[str(L)] = math.exp(
                 np.mean([store.done[(L, w)] for w in range(args.windows)]))
-            rate = done / max(time.time() - start, 1e-9)
+            rate = prefilled / max(time.time() - start, 1e-9)
             print(f"  {m['label']:>12} length {L:>7}: perplexity {ppl:8.3f} | " + (
-                f"{rate / 1e3:6.1f}k tok/s | ETA {(total - done) / rate / 60:5.1f} min" if done else
+                f"{rate / 1e3:6.1f}k tok/s | ETA {(total - prefilled) / rate / 60:5.1f} min" if prefilled else
                 "windows kept from an earlier run"), flush=True)
     path = os.path.join(args.out_dir, f"ppl_{'_'.join(results)}.json")
     atomic_write(path, json.dumps({**meta, "haystack": args.haystack or args.data, "split": args.split,
@@ -457,8 +463,7 @@ def run_longbench(args, methods, encoding, device, rank, world, meta):
     tables = {}
     for m in methods:
         key = dict(settings=m["settings"], model=meta["model"], weights=meta["weights"], max_length=args.max_length)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        run_dir = os.path.join(args.out_dir, "longbench" + ("_e" if args.e else ""), f"{m['label']}_{digest}")
+        run_dir = os.path.join(args.out_dir, "longbench" + ("_e" if args.e else ""), f"{m['label']}_{digest(key)}")
 
         def generate_fn(prompt_ids, max_new_tokens, stops, min_new_tokens, m=m):
             prompt = torch.tensor([prompt_ids], device=device)
