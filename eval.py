@@ -13,8 +13,10 @@ Every method runs on the same samples, beside vanilla Mamba (--no-baseline to sk
     remamba    two passes: compress the start of the prompt, re-read (remamba.py; the model's remamba.pt)
 
 Passkey: greedy decoding, exact match of the digits; a length × depth table per method (% correct),
-<out-dir>/passkey_<label>.json (accuracy 0-1, every setting) and a heatmap. Finished cells are kept in
-<out-dir>/cells/: an interrupted run continues where it stopped; other settings never reuse them.
+<out-dir>/passkey_<label>.json (accuracy 0-1, every setting) and a heatmap. Perplexity: <out-dir>/ppl_<labels>.json.
+LongBench: predictions and scores.json in <out-dir>/longbench[_e]/<label>_<settings hash>/.
+Finished passkey and perplexity cells are kept in <out-dir>/cells/ (<out-dir>/rank<r>/cells/ under torchrun), LongBench
+predictions line by line: an interrupted run continues where it stopped; other settings never reuse them.
 """
 
 import argparse
@@ -24,6 +26,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import shlex
 import sys
 import time
 
@@ -45,17 +49,20 @@ DEFAULT_MODEL = "checkpoints/mamba-testbed"
 CALIBRATION_FILE = "longmamba_calibration.pt"
 # the paper's LongMamba settings, except b = 1.5 (chosen on validation samples; results/README.md)
 LONGMAMBA = dict(c=0.05, b=1.5, variant="dt_thre", sc=0.0, decay_state="slowest")
+DECIMAMBA = dict(beta=0.5, min_len=20)   # decimating the middle layer, L_base = L_train
 
 
 def comma_separated(kind):
-    """An argparse type: "0,0.5,1" -> [0.0, 0.5, 1.0]."""
-    parse = lambda text: [kind(x) for x in text.split(",")]  # noqa: E731
+    """An argparse type: "0,0.5,1,1" -> [0.0, 0.5, 1.0], each value once."""
+    parse = lambda text: list(dict.fromkeys(kind(x) for x in text.split(",")))  # noqa: E731
     parse.__name__ = f"comma-separated {kind.__name__}"       # argparse names the type in its error
     return parse
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # no abbreviated flags: a flag added later cannot change what an abbreviation meant (--data, --data-dir)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.error = lambda message: fail(f"{message} (see --help)")   # one line, not the whole usage
     p.add_argument("--task", choices=["passkey", "ppl", "longbench"], default="passkey")
     p.add_argument("--method", default="vanilla", help=f"one or more of {', '.join(METHODS)}, comma-separated")
@@ -89,9 +96,10 @@ def parse_args(argv):
     g = p.add_argument_group("DeciMamba")
     g.add_argument("--decimating-layers", type=comma_separated(int),
                    help="comma-separated layer indices (default n_layer // 2)")
-    g.add_argument("--beta", type=float, default=0.5, help="each later decimating layer keeps β times as many")
+    g.add_argument("--beta", type=float, default=DECIMAMBA["beta"],
+                   help="each later decimating layer keeps β times as many")
     g.add_argument("--L-base", type=int, help="tokens the first decimating layer keeps (default L_train)")
-    g.add_argument("--min-len", type=int, default=20, help="fewest tokens kept")
+    g.add_argument("--min-len", type=int, default=DECIMAMBA["min_len"], help="fewest tokens kept")
     g = p.add_argument_group("perplexity")
     g.add_argument("--windows", type=int, default=10, help="windows per length")
     g.add_argument("--predict", type=int, default=100, help="tokens scored at the end of each window")
@@ -132,7 +140,7 @@ def read_text(flag, path):
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        passkey.Haystack(text, "eval")
+        passkey.Haystack(text, "train")   # the smaller share: where it has a sentence, 'eval' has one too
         return text
     except (OSError, UnicodeDecodeError) as e:
         fail(f"{flag} {path}: not a readable UTF-8 text file ({type(e).__name__})")
@@ -144,7 +152,7 @@ def build_methods(args, model, encoding, L_train, text):
     """One dict per method: name, label (the name, the settings that differ from the defaults, --tag), settings,
     runner (prefills and generates), hook (set on the runner around each call), describe (a summary or None)."""
     n_layer = model.config.n_layer
-    defaults = {**LONGMAMBA, "layers": [n_layer // 2], "beta": 0.5, "min_len": 20, "L_base": L_train}
+    defaults = {**LONGMAMBA, **DECIMAMBA, "layers": [n_layer // 2], "L_base": L_train}
     methods = []
     for name in args.methods:
         settings, runner, hook, describe = {}, model, None, None
@@ -215,25 +223,30 @@ def generate(method, prompt, max_new_tokens, stops, min_new_tokens=0):
         return method["runner"].generate(prompt, max_new_tokens, eos_token_id=stops, min_new_tokens=min_new_tokens)
 
 
+def digest(key):
+    """A short hash of the settings that shape a result, in the names of the files that keep it."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
 class Cells:
     """A method's finished cells, appended to a jsonl whose name hashes every setting that shapes them."""
 
-    def __init__(self, out_dir, task, method, meta, args, **settings):
+    def __init__(self, out_dir, task, method, meta, args, **task_settings):
         key = dict(task=task, label=method["label"], settings=method["settings"], model=meta["model"],
-                   weights=meta["weights"], haystack=args.haystack or args.data, split=args.split, **settings)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        self.path = os.path.join(out_dir, "cells", f"{task}_{method['label']}_{digest}.jsonl")
+                   weights=meta["weights"], haystack=args.haystack or args.data, split=args.split, **task_settings)
+        self.path = os.path.join(out_dir, "cells", f"{task}_{method['label']}_{digest(key)}.jsonl")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.done = {}
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                        self.done[tuple(record["cell"])] = record["value"]
-                    except (ValueError, KeyError):
-                        pass   # a line cut by a kill
+        lines = open(self.path).read().split("\n") if os.path.exists(self.path) else [""]
+        for line in lines:
+            try:
+                record = json.loads(line)
+                self.done[tuple(record["cell"])] = record["value"]
+            except (ValueError, KeyError):
+                pass   # the empty last line, or a line cut by a kill
         self.file = open(self.path, "a")
+        if lines[-1]:
+            self.file.write("\n")   # after a cut line, so that the next record is a line of its own
 
     def add(self, cell, value):
         self.done[cell] = value
@@ -250,10 +263,11 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
                                 filler=args.filler, seed=args.seed) for m in methods}
     todo = [c for c in mine if any(c not in s.done for s in stores.values())]
     if rank == 0 and len(todo) < len(mine):
-        print(f"  {len(mine) - len(todo)} of {len(mine)} cells already done (kept in {args.out_dir}/cells)")
-    total = sum(L for L, _, _ in todo) * len(methods)
+        cells = os.path.dirname(next(iter(stores.values())).path)
+        print(f"  {len(mine) - len(todo)} of {len(mine)} cells already done (kept in {cells})")
+    total = sum(c[0] for c in todo for s in stores.values() if c not in s.done)   # prompt tokens to prefill
     start = last_print = time.time()
-    done = 0
+    prefilled = 0
     for n, (L, depth, i) in enumerate(todo):
         sample = passkey.make_sample(encoding, haystack, L, depth, seed=args.seed * 1_000_003 + i, filler=args.filler)
         prompt = torch.tensor([sample.prompt_ids], device=device)
@@ -264,12 +278,12 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
             new = generate(m, prompt, len(sample.answer_ids) + 2, encoding.eot_token)
             correct = passkey.score(encoding.decode(new[0].tolist()), sample.answer)
             store.add((L, depth, i), {"correct": correct, **mechanism(m, sample, prompt)})
-        done += L * len(methods)
+            prefilled += L
         if rank == 0 and (n + 1 == len(todo) or todo[n + 1][0] != L or time.time() - last_print > 30):
             last_print = time.time()
-            rate = done / (last_print - start)
+            rate = prefilled / (last_print - start)
             print(f"  length {L:>7} | {n + 1}/{len(todo)} prompts | {rate / 1e3:6.1f}k prompt tok/s | "
-                  f"ETA {(total - done) / rate / 60:5.1f} min", flush=True)
+                  f"ETA {(total - prefilled) / rate / 60:5.1f} min", flush=True)
     results = {m["label"]: stores[m["label"]].done for m in methods}
     if world > 1:
         gathered = [None] * world
@@ -391,13 +405,14 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
     if max(lengths) > len(ids) or min(lengths) <= args.predict:
         fail(f"--lengths must exceed --predict {args.predict} and fit the {len(ids)} tokens of the haystack's "
              f"{args.split} split")
-    results, start, done, total = {}, time.time(), 0, sum(lengths) * args.windows * len(methods)
+    stores = {m["label"]: Cells(args.out_dir, "ppl", m, meta, args, predict=args.predict) for m in methods}
+    results, start, prefilled = {}, time.time(), 0
+    total = sum(L for s in stores.values() for L in lengths for w in range(args.windows) if (L, w) not in s.done)
     for m in methods:
-        store = Cells(args.out_dir, "ppl", m, meta, args, predict=args.predict)
+        store = stores[m["label"]]
         for L in lengths:
             starts = np.linspace(0, len(ids) - L, args.windows).astype(np.int64)
             for w, s in enumerate(starts):
-                done += L
                 if (L, w) in store.done:
                     continue
                 window = torch.from_numpy(ids[s:s + L].astype(np.int64)).to(device)[None]
@@ -410,11 +425,13 @@ def run_ppl(args, methods, encoding, lengths, text, device, meta):
                         if t + 1 < args.predict:
                             logits = m["runner"].step(scored[t:t + 1], caches)
                 store.add((L, w), float(np.mean(nll)))
-            rate = done / (time.time() - start)
+                prefilled += L
             ppl = results.setdefault(m["label"], {})[str(L)] = math.exp(
                 np.mean([store.done[(L, w)] for w in range(args.windows)]))
-            print(f"  {m['label']:>12} length {L:>7}: perplexity {ppl:8.3f} | {rate / 1e3:6.1f}k tok/s | "
-                  f"ETA {(total - done) / rate / 60:5.1f} min", flush=True)
+            rate = prefilled / max(time.time() - start, 1e-9)
+            print(f"  {m['label']:>12} length {L:>7}: perplexity {ppl:8.3f} | " + (
+                f"{rate / 1e3:6.1f}k tok/s | ETA {(total - prefilled) / rate / 60:5.1f} min" if prefilled else
+                "windows kept from an earlier run"), flush=True)
     path = os.path.join(args.out_dir, f"ppl_{'_'.join(results)}.json")
     atomic_write(path, json.dumps({**meta, "haystack": args.haystack or args.data, "split": args.split,
                                    "windows": args.windows, "predict": args.predict, "lengths": lengths,
@@ -436,17 +453,17 @@ def run_longbench(args, methods, encoding, device, rank, world, meta):
     suffix = "_e.jsonl" if args.e else ".jsonl"
     pool = longbench.LONGBENCH_E_DATASETS if args.e else longbench.DATASETS
     found = [d for d in pool if os.path.isfile(os.path.join(args.data_dir, d + suffix))]
-    datasets = [d.strip() for d in args.datasets.split(",")] if args.datasets else found
+    datasets = found if args.datasets is None else [d.strip() for d in args.datasets.split(",")]
     unknown = [d for d in datasets if d not in found]
     if unknown or not datasets:
-        fail(f"--datasets: no {{dataset}}{suffix} file in {args.data_dir} for {', '.join(unknown) or 'any dataset'}"
+        fail(f"--datasets: no {{dataset}}{suffix} file in {args.data_dir} for "
+             f"{', '.join(map(repr, unknown)) or 'any dataset'}"
              f"; found: {', '.join(found) or 'none'}")
     encode = lambda text: encoding.encode(text, allowed_special="all")  # noqa: E731  (as Hugging Face tokenizers)
     tables = {}
     for m in methods:
         key = dict(settings=m["settings"], model=meta["model"], weights=meta["weights"], max_length=args.max_length)
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-        run_dir = os.path.join(args.out_dir, "longbench" + ("_e" if args.e else ""), f"{m['label']}_{digest}")
+        run_dir = os.path.join(args.out_dir, "longbench" + ("_e" if args.e else ""), f"{m['label']}_{digest(key)}")
 
         def generate_fn(prompt_ids, max_new_tokens, stops, min_new_tokens, m=m):
             prompt = torch.tensor([prompt_ids], device=device)
@@ -455,18 +472,22 @@ def run_longbench(args, methods, encoding, device, rank, world, meta):
         scores = {}
         for dataset in datasets:
             if reason := longbench.skip_reason(dataset):
-                print(reason)
+                if rank == 0:
+                    print(reason)
                 continue
-            samples = longbench.load_samples(args.data_dir, dataset, e=args.e)
             out_path = os.path.join(run_dir, dataset + ".jsonl")
-            longbench.predict(samples, dataset, generate_fn, encode, encoding.decode, out_path, args.max_length,
-                              dataset2prompt, dataset2maxlen, encoding.eot_token, rank, world,
-                              progress=print if rank == 0 else (lambda *a: None))
-            if world > 1:
-                dist.barrier()
-            if rank == 0:
-                longbench.merge_rank_files(out_path, samples)
-                scores[dataset] = longbench.score_file(out_path, dataset, e=args.e)
+            try:
+                samples = longbench.load_samples(args.data_dir, dataset, e=args.e)
+                longbench.predict(samples, dataset, generate_fn, encode, encoding.decode, out_path, args.max_length,
+                                  dataset2prompt, dataset2maxlen, encoding.eot_token, rank, world,
+                                  progress=print if rank == 0 else (lambda *a: None))
+                if world > 1:
+                    dist.barrier()
+                if rank == 0:
+                    longbench.merge_rank_files(out_path, samples)
+                    scores[dataset] = longbench.score_file(out_path, dataset, e=args.e)
+            except ValueError as e:   # a malformed data, config or prediction file, named in the message
+                fail(str(e))
         if rank == 0:   # one score file per run folder; a --datasets subset adds to the scores already there
             path = os.path.join(run_dir, "scores.json")
             old = json.load(open(path))["scores"] if os.path.exists(path) else {}
@@ -499,10 +520,38 @@ def report(directory):
         row = [r["accuracy"].get(str(L)) for L in lengths]
         print(f"| {label} | " + " | ".join("-" if a is None else f"{100 * np.mean(list(a.values())):.0f}"
                                            for a in row) + " |")
-    same = {label: r["accuracy"] for label, r in results.items() if r["lengths"] == lengths}
+    same = {label: r["accuracy"] for label, r in results.items()   # the heatmap's grid is the first file's
+            if r["lengths"] == lengths and r["depths"] == first["depths"]}
     heatmap(os.path.join(directory, "passkey_all.png"), same, lengths, first["depths"],
             f"passkey retrieval, {os.path.basename(os.path.normpath(first['model']))} (L_train {L_train}), "
             f"{first['samples']} samples per cell, {first['split']} haystack, seed {first['seed']}")
+
+
+def start(args):
+    """This process's device, rank and world size: one process, or torchrun's, each with its own GPU."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ           # started by torchrun
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        fail(f"--device {args.device}: not a device (use auto, cpu, cuda or cuda:N)")
+    if distributed and args.task == "ppl":
+        fail("--task ppl runs on one process (python, not torchrun)")
+    if device != "cpu":
+        if distributed:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        gpus = torch.cuda.device_count()
+        if not gpus:
+            fail(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu)")
+        if int(device[5:] or 0) >= gpus:
+            fail(f"--device {args.device}: this machine has {gpus} CUDA GPU{'s' * (gpus > 1)}"
+                 + (", fewer than torchrun's processes" if distributed else ""))
+        torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:   # a busy machine: do not oversubscribe its cores
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(max(1, min(cores, round(cores - os.getloadavg()[0] + 0.5))))
+    if distributed:
+        dist.init_process_group("gloo" if device == "cpu" else "nccl")
+    return device, rank, world
 
 
 def main(argv=None):
@@ -510,35 +559,17 @@ def main(argv=None):
     args = parse_args(argv)
     if args.report:
         return report(args.report)
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ           # started by torchrun
-    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if distributed else (0, 1)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    cpu = not device.startswith("cuda")
-    if not cpu and not torch.cuda.is_available():
-        fail(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu)")
-    try:
-        torch.device(device)
-    except RuntimeError:
-        fail(f"--device {args.device}: not a device (use auto, cpu, cuda or cuda:N)")
-    if distributed and args.task == "ppl":
-        fail("--task ppl runs on one process (python, not torchrun)")
-    if distributed:
-        if not cpu:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("gloo" if cpu else "nccl")
-    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:   # a busy machine: do not oversubscribe its cores
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(max(1, min(cores, round(cores - os.getloadavg()[0] + 0.5))))
+    device, rank, world = start(args)
+    cpu = device == "cpu"
+    if not os.path.isdir(args.model):
+        fail(f"--model {args.model}: no such directory" + (" (run eval.py from the repository's root)"
+                                                           if args.model == DEFAULT_MODEL else ""))
     args.out_dir = args.out_dir or os.path.join("runs", os.path.basename(os.path.normpath(args.model)))
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         assert os.access(args.out_dir, os.W_OK)
     except (OSError, AssertionError):
         fail(f"--out-dir {args.out_dir}: cannot write there")
-    if not os.path.isdir(args.model):
-        fail(f"--model {args.model}: no such directory" + (" (run eval.py from the repository's root)"
-                                                           if args.model == DEFAULT_MODEL else ""))
     try:
         model = Mamba.from_pretrained(args.model, device=device).eval()
         encoding = tokenizer.load_tokenizer(args.model)
@@ -548,13 +579,16 @@ def main(argv=None):
     if not L_train:
         fail(f"{args.model} has no train_info.json: pass --L-train, the length the model was trained at "
              f"(2048 for the state-spaces models)")
-    text = read_text("--data", args.data)         # the training prose: calibration windows, the default haystack
+    # the training prose: LongMamba's calibration windows, and the haystack unless --haystack is given
+    needed = "longmamba" in args.methods or not (args.haystack or args.task == "longbench")
+    text = read_text("--data", args.data) if needed else None
     haystack_text = read_text("--haystack", args.haystack) if args.haystack else text
-    spec = args.lengths or ("1x,4x,16x" if cpu else "1x,2x,4x,8x,16x,32x")
+    spec = ("1x,4x,16x" if cpu else "1x,2x,4x,8x,16x,32x") if args.lengths is None else args.lengths
     try:
-        lengths = [round(float(x[:-1]) * L_train) if x.endswith("x") else int(x) for x in spec.split(",")]
+        lengths = list(dict.fromkeys(round(float(x[:-1]) * L_train) if x.endswith("x") else int(x)
+                                     for x in spec.split(",")))
         assert min(lengths) >= 1
-    except (ValueError, AssertionError):
+    except (ValueError, OverflowError, AssertionError):
         fail(f"--lengths {spec!r}: expected comma-separated token counts (4096) or multiples of L_train (4x)")
     if args.task == "passkey":
         args.samples = args.samples or (3 if cpu else 20)
@@ -565,7 +599,7 @@ def main(argv=None):
     weights = weights if os.path.exists(weights) else os.path.join(args.model, "model.safetensors")
     meta = {"model": args.model,
             "weights": f"{os.path.getsize(weights)} bytes, modified {os.path.getmtime(weights):.0f}",
-            "L_train": L_train, "command": "python eval.py " + " ".join(argv), "commit": git_commit(),
+            "L_train": L_train, "command": "python eval.py " + shlex.join(argv), "commit": git_commit(),
             "device": torch.cuda.get_device_name(device) if not cpu else f"cpu ({os.cpu_count()} cores)"}
     methods = build_methods(args, model, encoding, L_train, text)
     if rank == 0:
@@ -579,8 +613,8 @@ def main(argv=None):
         else:
             run_longbench(args, methods, encoding, device, rank, world, meta)
     except KeyboardInterrupt:
-        sys.exit(f"\neval.py: interrupted; the finished cells are kept in {args.out_dir}/cells and the same "
-                 f"command continues from them")
+        sys.exit(f"\neval.py: interrupted; what was finished is kept in {args.out_dir} and the same command "
+                 f"continues from it")
     if world > 1:
         dist.destroy_process_group()
 

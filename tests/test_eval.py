@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -57,6 +58,13 @@ def test_passkey_all_methods_write_results(checkpoint, tmp_path, capsys):
     assert os.path.getsize(tmp_path / "passkey_vanilla_longmamba_decimamba_remamba.png") > 1000
 
 
+def test_a_length_or_depth_given_twice_is_evaluated_once(checkpoint, tmp_path, capsys):
+    run(checkpoint, tmp_path, "--lengths", "1x,128", "--depths", "0,0.0", "--samples", "1")
+    result = json.load(open(tmp_path / "passkey_vanilla.json"))
+    assert result["lengths"] == [128] and result["depths"] == [0.0]
+    assert capsys.readouterr().out.count("\n     128 ") == 1          # one table row
+
+
 def test_same_samples_give_the_same_vanilla_table(checkpoint, tmp_path):
     args = ["--lengths", "128", "--depths", "0.5", "--samples", "3"]
     run(checkpoint, tmp_path / "a", *args)
@@ -78,7 +86,7 @@ def test_an_interrupted_run_resumes_with_the_same_table(checkpoint, tmp_path, mo
         return real(*a)
 
     monkeypatch.setattr(evaluate, "generate", interrupted)
-    with pytest.raises(SystemExit, match="interrupted; the finished cells are kept"):
+    with pytest.raises(SystemExit, match="interrupted; what was finished is kept in"):
         run(checkpoint, tmp_path / "resumed", *args)
     monkeypatch.setattr(evaluate, "generate", real)
     run(checkpoint, tmp_path / "resumed", *args)
@@ -89,6 +97,52 @@ def test_an_interrupted_run_resumes_with_the_same_table(checkpoint, tmp_path, mo
     # other settings never reuse those cells
     run(checkpoint, tmp_path / "resumed", *args, "--b", "3")
     assert "already done" not in capsys.readouterr().out.split("longmamba_b3.0")[1]
+
+
+def test_report_of_runs_with_other_depths(tmp_path, capsys):
+    for label, depths in (("vanilla", [0.0, 1.0]), ("longmamba", [0.5])):
+        json.dump({"lengths": [128], "depths": depths, "L_train": 128, "model": "m", "samples": 1, "split": "eval",
+                   "seed": 0, "accuracy": {"128": {str(d): 1.0 for d in depths}}},
+                  open(tmp_path / f"passkey_{label}.json", "w"))
+    evaluate.main(["--report", str(tmp_path)])
+    assert "| vanilla | 100 |" in capsys.readouterr().out
+
+
+def test_a_cell_cut_by_a_kill_is_redone_once(checkpoint, tmp_path, capsys):
+    args = ["--lengths", "128", "--depths", "0,1", "--samples", "2"]
+    run(checkpoint, tmp_path, *args)
+    [cells] = (tmp_path / "cells").iterdir()
+    cells.write_text(cells.read_text()[:-5])                       # the last record lost its end
+    run(checkpoint, tmp_path, *args)
+    assert "3 of 4 cells already done" in capsys.readouterr().out
+    run(checkpoint, tmp_path, *args)
+    assert "4 of 4 cells already done" in capsys.readouterr().out
+
+
+def test_progress_counts_only_the_work_of_this_run(checkpoint, tmp_path, monkeypatch, capsys):
+    # a clock that advances 1 s per 1,000 tokens prefilled: every rate printed must read 1.0k tok/s
+    clock, real_generate, real_prefill = [0.0], evaluate.generate, Mamba.prefill
+    monkeypatch.setattr(evaluate, "time", types.SimpleNamespace(time=lambda: clock[0]))
+
+    def generate(method, prompt, *a):
+        clock[0] += prompt.shape[1] / 1000
+        return real_generate(method, prompt, *a)
+
+    def prefill(self, prefix, *a, **k):
+        clock[0] += (prefix.shape[1] + 20) / 1000      # and the 20 scored tokens, one step each
+        return real_prefill(self, prefix, *a, **k)
+
+    monkeypatch.setattr(evaluate, "generate", generate)
+    run(checkpoint, tmp_path, "--lengths", "128", "--depths", "0,1", "--samples", "2")
+    run(checkpoint, tmp_path, "--lengths", "128", "--depths", "0,1", "--samples", "2", "--method", "decimamba")
+    monkeypatch.setattr(Mamba, "prefill", prefill)
+    ppl = ["--task", "ppl", "--windows", "2", "--predict", "20"]
+    run(checkpoint, tmp_path, *ppl, "--lengths", "150")
+    run(checkpoint, tmp_path, *ppl, "--lengths", "150,300")
+    out = capsys.readouterr().out
+    assert out.count("   1.0k prompt tok/s") == 2 and out.count("   1.0k tok/s") == 2 and "tok/s" not in \
+        out.replace("   1.0k prompt tok/s", "").replace("   1.0k tok/s", "")
+    assert "length     150: perplexity" in out and "windows kept from an earlier run" in out
 
 
 def test_text_heatmap_without_matplotlib(monkeypatch, capsys):
@@ -114,7 +168,8 @@ def test_ppl_task(checkpoint, tmp_path, capsys):
 
 def test_longbench_predictions_are_keyed_by_settings(checkpoint, tmp_path, capsys):
     data_dir = os.path.join(ROOT, "tests", "data", "longbench")
-    args = ["--task", "longbench", "--data-dir", data_dir, "--no-baseline", "--method", "vanilla"]
+    args = ["--task", "longbench", "--data-dir", data_dir, "--no-baseline", "--method", "vanilla",
+            "--data", "no/prose/needed.txt"]
     run(checkpoint, tmp_path, *args, "--datasets", "trec,passage_count", "--max-length", "300")
     [run_dir] = os.listdir(tmp_path / "longbench")
     first = open(tmp_path / "longbench" / run_dir / "trec.jsonl").read()
@@ -125,6 +180,17 @@ def test_longbench_predictions_are_keyed_by_settings(checkpoint, tmp_path, capsy
     assert set(scores) == {"trec", "passage_count"}                                 # a subset run keeps the rest
     run(checkpoint, tmp_path, *args, "--datasets", "trec", "--max-length", "200")   # other settings: predicted anew
     assert len(os.listdir(tmp_path / "longbench")) == 2 and "already predicted, 2 to go" in capsys.readouterr().out
+
+
+def test_a_malformed_prediction_file_is_one_line(checkpoint, tmp_path):
+    args = ["--task", "longbench", "--data-dir", os.path.join(ROOT, "tests", "data", "longbench"), "--no-baseline",
+            "--datasets", "trec", "--max-length", "300"]
+    run(checkpoint, tmp_path, *args)
+    [run_dir] = os.listdir(tmp_path / "longbench")
+    with open(tmp_path / "longbench" / run_dir / "trec.jsonl", "a") as f:
+        f.write("not json\n")
+    with pytest.raises(SystemExit, match="trec.jsonl:3: malformed prediction line"):
+        run(checkpoint, tmp_path, *args)
 
 
 def test_a_stale_calibration_is_recomputed(checkpoint, tmp_path, capsys):
@@ -147,28 +213,44 @@ BAD_INPUTS = [
     (["--L-train", "0"], "--L-train must be ≥ 1, got 0"),
     (["--task", "ppl", "--windows", "0"], "--windows must be ≥ 1, got 0"),
     (["--lengths", "4y"], "--lengths '4y': expected comma-separated token counts"),
+    (["--lengths", ""], "--lengths '': expected comma-separated token counts"),       # not the default lengths
+    (["--lengths", "infx"], "--lengths 'infx': expected comma-separated token counts"),
     (["--method", "mamba2"], "unknown --method mamba2: choose from vanilla, longmamba, decimamba, remamba"),
-    (["--model", "no/such/dir"], "--model no/such/dir: no such directory"),
+    (["--model", "no/such/dir"], "--model no/such/dir: no such directory"),        # and no out-dir made for it
     (["--data", "mamba.py", "--haystack", "checkpoints/mamba-testbed/pytorch_model.bin"],
      "--haystack checkpoints/mamba-testbed/pytorch_model.bin: not a readable UTF-8 text file"),
     (["--task", "longbench"], "--task longbench needs --data-dir"),
+    (["--task", "longbench", "--data-dir", "tests/data/longbench", "--datasets", ""],    # not every dataset
+     "--datasets: no {dataset}.jsonl file in tests/data/longbench for ''; found: "),
     (["--decimating-layers", "9", "--method", "decimamba"], "--decimating-layers 9: this model has layers 0..3"),
     (["--out-dir", "README.md"], "--out-dir README.md: cannot write there"),
     (["--depths", "2"], "--depths must lie in [0, 1]"),
+    (["--depth", "0.5"], "unrecognized arguments: --depth 0.5"),
     (["--task", "longbench", "--max-length", "1"], "--max-length must be ≥ 2, got 1"),
 ]
 
 
-@pytest.mark.parametrize("extra,message", BAD_INPUTS + [(["--haystack", "EMPTY"], "split is empty")])
+@pytest.mark.parametrize("extra,message", BAD_INPUTS + [(["--haystack", "EMPTY"], "split is empty"),
+                                                        (["--haystack", "ONE", "--split", "train"], "split is empty")])
 def test_bad_inputs_exit_with_one_line(extra, message, tmp_path):
-    (tmp_path / "empty.txt").write_text("\n")
-    extra = [str(tmp_path / "empty.txt") if x == "EMPTY" else x for x in extra]
+    texts = {"EMPTY": "\n", "ONE": "One sentence, all of it in the held-out split.\n"}
+    for name, text in texts.items():
+        (tmp_path / name).write_text(text)
+    extra = [str(tmp_path / x) if x in texts else x for x in extra]
     out_dir = [] if "--out-dir" in extra else ["--out-dir", str(tmp_path / "out")]
     done = subprocess.run([sys.executable, "eval.py", "--device", "cpu", "--samples", "1", "--lengths", "512"]
                           + out_dir + extra, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) <= 2    # argparse adds its usage line
+    assert "--model" not in extra or not (tmp_path / "out").exists()
+
+
+def test_a_gpu_the_machine_lacks_is_one_line(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(SystemExit, match="--device cuda:3: this machine has 1 CUDA GPU$"):
+        evaluate.main(["--model", checkpoint, "--device", "cuda:3", "--out-dir", str(tmp_path)])
 
 
 def test_bad_checkpoints_exit_with_one_line(tmp_path):
