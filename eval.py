@@ -237,7 +237,10 @@ class Cells:
         self.path = os.path.join(out_dir, "cells", f"{task}_{method['label']}_{digest(key)}.jsonl")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         self.done = {}
-        lines = open(self.path).read().split("\n") if os.path.exists(self.path) else [""]
+        lines = [""]
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                lines = f.read().split("\n")
         for line in lines:
             try:
                 record = json.loads(line)
