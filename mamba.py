@@ -350,8 +350,18 @@ def _gather(x, keep):
     return x.gather(2, keep[:, None, :].expand(-1, x.shape[1], -1))
 
 
+def _per_token(weight, x):
+    """The linear map `weight` (c_out, c_in) applied to every token of x (b, c_in, l) -> (b, c_out, l), as one
+    (c_out, c_in) @ (c_in, b·l) matrix product. Inside the mixer every activation is such a (c, b·l) matrix viewed
+    as (b, c, l) (each channel's tokens contiguous, the rows the conv and the scan read), so the products read
+    and write it in place; any other layout is copied first."""
+    b, c, l = x.shape
+    return (weight @ x.transpose(0, 1).reshape(c, b * l)).view(-1, b, l).transpose(0, 1)
+
+
 class MambaMixer(nn.Module):
-    """The Mamba block's mixer (mamba_ssm's `Mamba`): in_proj -> conv -> selective SSM -> gate -> out_proj."""
+    """The Mamba block's mixer (mamba_ssm's `Mamba`): in_proj -> conv -> selective SSM -> gate -> out_proj.
+    Between in_proj and out_proj tensors are channels-first, (b, channels, l), as the scan reads them."""
 
     def __init__(self, config: MambaConfig, layer_idx: int):
         super().__init__()
@@ -367,42 +377,40 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
 
     def _selection(self, x):
-        """x (b, l, d_inner) after the conv -> dt (b, d_inner, l) before bias and softplus, B, C (b, n, l)."""
-        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = self.dt_proj.weight @ dt.mT                    # (d_inner, dt_rank) @ (b, dt_rank, l): made (b, d_inner, l)
-        return dt, B.mT, C.mT                               # the bias is added inside the scan
+        """x (b, d_inner, l) after the conv -> dt (b, d_inner, l) before bias and softplus, B, C (b, n, l)."""
+        dt, B, C = _per_token(self.x_proj.weight, x).split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        return _per_token(self.dt_proj.weight, dt), B, C    # the bias is added inside the scan
 
     def _conv_silu(self, x):
-        """silu(depthwise causal conv over time), x (b, l, d_inner) -> (b, l, d_inner):
+        """silu(depthwise causal conv over time), x (b, d_inner, l) -> (b, d_inner, l):
         out_t = silu(bias + Σ_k w_k ⊙ x_{t-d_conv+1+k}). The Triton kernel reads x inside in_proj's output."""
         if _backend(x) == "triton":
             assert conv_triton is not None, "the triton conv needs the triton package"
             return conv_triton.causal_conv_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
-        return F.silu(self.conv1d(x.mT)[..., :x.shape[1]]).mT     # padded on both sides: keep the first l
+        return F.silu(self.conv1d(x)[..., :x.shape[2]])      # padded on both sides: keep the first l
 
     def forward(self, hidden_states, hook=None, return_cache=False):
         """hidden_states (b, l, d_model) -> out (b, l or k, d_model), keep (b, k) or None, LayerCache or None."""
         L = hidden_states.shape[1]
-        x, z = self.in_proj(hidden_states).chunk(2, dim=-1)                     # (b, l, d_inner) each
+        x, z = _per_token(self.in_proj.weight, hidden_states.mT).chunk(2, dim=1)   # (b, d_inner, l) each
         if hook is None and not return_cache and torch.is_grad_enabled() and torch.compiler.is_compiling() \
                 and _backend(x) == "triton":
-            # Compiled training on the fast path: the backward redoes the conv, the small projections and the
-            # copies around the scan instead of keeping their outputs (u, dt, out_proj's input); kept are
-            # in_proj's output and what the scan returns. Compiled, the recomputation is part of the backward
-            # graph; eager, every op of the region would pass through a Python dispatch mode twice.
+            # Compiled training on the fast path: the backward redoes the conv and the small projections
+            # instead of keeping their outputs (u, dt); kept are in_proj's output and what the scan returns.
+            # Compiled, the recomputation is part of the backward graph; eager, every op of the region would
+            # pass through a Python dispatch mode twice.
             out = torch.utils.checkpoint.checkpoint(self._mix, x, z, use_reentrant=False,
                                                     context_fn=_recompute_all_but_the_scan)[0]
             return out, None, None
-        conv_state = F.pad(x.mT, (self.d_conv - L, 0)) if return_cache else None # last d_conv inputs
+        conv_state = F.pad(x, (self.d_conv - L, 0)) if return_cache else None      # last d_conv inputs
         out, keep, ssm_state = self._mix(x, z, hook, return_cache)
         return out, keep, (LayerCache(conv_state, ssm_state) if return_cache else None)
 
     def _mix(self, x, z, hook=None, return_cache=False):
-        """x, z (b, l, d_inner) from in_proj -> out (b, l or k, d_model), keep (b, k) or None, the last state or
+        """x, z (b, d_inner, l) from in_proj -> out (b, l or k, d_model), keep (b, k) or None, the last state or
         None: conv, selection, the hook, the scan with its gate, out_proj."""
-        x = self._conv_silu(x)                                                   # (b, l, d_inner)
+        x = self._conv_silu(x)                                                   # (b, d_inner, l)
         dt, B, C = self._selection(x)
-        x, z = x.mT, z.mT                                                        # (b, d_inner, l) views
         A = -torch.exp(self.A_log.float())                                       # (d_inner, n)
         dt_bias, keep, skip_below = self.dt_proj.bias.float(), None, None
         if hook is not None:
@@ -415,7 +423,9 @@ class MambaMixer(nn.Module):
         y = selective_scan(x, dt, A, B, C, self.D.float(), z, delta_bias=dt_bias, delta_softplus=True,
                            return_last_state=return_cache, skip_below=skip_below)  # Δ = softplus(dt + dt_bias)
         y, ssm_state = y if return_cache else (y, None)
-        return self.out_proj(y.mT), keep, ssm_state                             # (b, l or k, d_model)
+        b, _, l = y.shape
+        out = self.out_proj(y.transpose(0, 1).reshape(self.d_inner, b * l).mT)   # (b·l, d_model)
+        return out.view(b, l, -1), keep, ssm_state
 
     def step(self, hidden_states, cache: LayerCache):
         """One token: hidden_states (b, 1, d_model) -> (b, 1, d_model); updates `cache` in place. O(1) in l."""
@@ -423,7 +433,7 @@ class MambaMixer(nn.Module):
         cache.conv_state.copy_(torch.roll(cache.conv_state, shifts=-1, dims=-1))
         cache.conv_state[:, :, -1] = x
         x = F.silu((cache.conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)   # (b, d_inner)
-        dt, B, C = self._selection(x[:, None])
+        dt, B, C = self._selection(x[..., None])
         delta = delta_of(dt, self.dt_proj.bias)[..., 0]                          # (b, d_inner)
         B, C = B[..., 0].float(), C[..., 0].float()                              # (b, n)
         A = -torch.exp(self.A_log.float())

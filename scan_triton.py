@@ -214,8 +214,8 @@ def _scan_fwd_kernel(
         # pointers: the (batch, d_inner, L) sequences, the parameters, the states kept between passes
         u_ptr, delta_ptr, z_ptr, out_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, delta_bias_ptr, skip_ptr,
         chunk_state_ptr, delta_sum_ptr, seg_state_ptr, last_state_ptr,
-        # sizes: L tokens, stored as rows of `stride` (a multiple of 8) tokens
-        L, stride, d_inner, group_size, n_groups, chunk_len,
+        # sizes: L tokens, stored as rows of `stride` (a multiple of 8) tokens, row (b, d) at b·row_b + d·row_d
+        L, stride, row_b, row_d, d_inner, group_size, n_groups, chunk_len,
         # meta-parameters
         STATES_ONLY: tl.constexpr, FROM_CHUNK_STATE: tl.constexpr, SAVE_SEGMENTS: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
@@ -229,6 +229,7 @@ def _scan_fwd_kernel(
     n_chunks = tl.num_programs(1)
     b = tl.program_id(2).to(tl.int64)  # b·d_inner·L can exceed 2^31
     stride = tl.multiple_of(stride, 8)  # rows start 16-byte aligned (the host pads them): vector loads
+    row_b, row_d = tl.multiple_of(row_b, 8), tl.multiple_of(row_d, 8)
     n = tl.arange(0, BLOCK_N)
     state_offs = d[:, None] * BLOCK_N + n[None, :]                     # (BLOCK_D, BLOCK_N) in (d_inner, BLOCK_N)
     state_mask = d_mask[:, None]
@@ -242,7 +243,7 @@ def _scan_fwd_kernel(
     skip = _load(skip_ptr, d, d_mask) if HAS_SKIP else bias
     D = _load(D_ptr, d, d_mask) if HAS_D else tl.zeros((BLOCK_D,), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    rows = (b * d_inner + d) * stride                                  # (BLOCK_D,) each channel's token 0
+    rows = b * row_b + d.to(tl.int64) * row_d                          # (BLOCK_D,) each channel's token 0
     bc_rows = (b * n_groups + g) * stride                              # this group's B^T, C^T
     t_start = c * chunk_len
     t_end = tl.minimum(t_start + chunk_len, L)
@@ -341,7 +342,7 @@ def _chunk_carry_kernel(states_ptr, delta_sum_ptr, A2_ptr, initial_ptr, d_inner,
 @triton.jit
 def _adjoint_summary_kernel(
         dout_ptr, delta_ptr, z_ptr, A2_ptr, Ct_ptr, delta_bias_ptr, skip_ptr, adjoint_ptr, delta_sum_ptr,
-        L, stride, d_inner, group_size, n_groups, chunk_len,
+        L, stride, row_b, row_d, d_inner, group_size, n_groups, chunk_len,
         HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
         DELTA_SOFTPLUS: tl.constexpr,
         T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -353,6 +354,7 @@ def _adjoint_summary_kernel(
     n_chunks = tl.num_programs(1)
     b = tl.program_id(2).to(tl.int64)
     stride = tl.multiple_of(stride, 8)
+    row_b, row_d = tl.multiple_of(row_b, 8), tl.multiple_of(row_d, 8)
     n = tl.arange(0, BLOCK_N)
     state_offs = d[:, None] * BLOCK_N + n[None, :]
     A2 = tl.load(A2_ptr + state_offs, mask=d_mask[:, None], other=0.0)
@@ -360,7 +362,7 @@ def _adjoint_summary_kernel(
     skip = _load(skip_ptr, d, d_mask) if HAS_SKIP else bias
     carried = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     delta_sum = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    rows = (b * d_inner + d) * stride
+    rows = b * row_b + d.to(tl.int64) * row_d
     bc_rows = (b * n_groups + g) * stride
     t_start = c * chunk_len
     n_tiles = tl.cdiv(tl.minimum(chunk_len, L - t_start), T)
@@ -401,8 +403,9 @@ def _scan_bwd_kernel(
         u_ptr, delta_ptr, z_ptr, dout_ptr, A2_ptr, Bt_ptr, Ct_ptr, D_ptr, delta_bias_ptr, skip_ptr,
         seg_state_ptr, adjoint_ptr, scratch_ptr, next_item_ptr,
         du_ptr, ddelta_ptr, dz_ptr, dBt_ptr, dCt_ptr, dA_part_ptr, dD_part_ptr, ddelta_bias_part_ptr,
-        # sizes: L tokens, stored as rows of `stride` (a multiple of 8) tokens; the work items
-        L, stride, d_inner, group_size, n_groups, chunk_len, n_chunks, batch,
+        # sizes: L tokens, stored as rows of `stride` (a multiple of 8) tokens, row (b, d) at b·row_b + d·row_d;
+        # the work items
+        L, stride, row_b, row_d, d_inner, group_size, n_groups, chunk_len, n_chunks, batch,
         # meta-parameters
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DELTA_BIAS: tl.constexpr, HAS_SKIP: tl.constexpr,
         DELTA_SOFTPLUS: tl.constexpr,
@@ -415,6 +418,7 @@ def _scan_bwd_kernel(
     go back through its tiles (`_segment_backward`), writing ∂u, ∂delta, ∂z, adding ∂B, ∂C. At the end, write
     the item's partial sums of ∂A, ∂D and ∂delta_bias."""
     stride = tl.multiple_of(stride, 8)
+    row_b, row_d = tl.multiple_of(row_b, 8), tl.multiple_of(row_d, 8)
     n = tl.arange(0, BLOCK_N)
     n_blocks = n_groups * tl.cdiv(group_size, BLOCK_D)
     first_state = tl.program_id(0) * (SEG // T)                                # the program's scratch
@@ -434,7 +438,7 @@ def _scan_bwd_kernel(
         dA = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
         dD = tl.zeros((BLOCK_D,), dtype=tl.float32)
         ddelta_bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        rows = (b * d_inner + d) * stride
+        rows = b * row_b + d.to(tl.int64) * row_d
         bc_rows = (b * n_groups + g) * stride
         t_start = c * chunk_len
         n_segs = tl.cdiv(tl.minimum(chunk_len, L - t_start), SEG)
@@ -579,7 +583,7 @@ def _segment_backward(carried, dA, dD, ddelta_bias, scratch_ptr, first_state, s0
 
 
 @triton.jit
-def _rows_kernel(x_ptr, rows_ptr, L, stride, d_inner, x_stride_b, x_stride_t, BLOCK: tl.constexpr):
+def _rows_kernel(x_ptr, rows_ptr, L, stride, d_inner, x_stride_b, x_stride_t, row_b, row_d, BLOCK: tl.constexpr):
     """rows[b, d, t] = x[b, t, d] (0 for L <= t < stride), x with channels contiguous: a (token, channel) tile is
     read along channels and written along tokens (the compiler exchanges it through shared memory)."""
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -587,7 +591,7 @@ def _rows_kernel(x_ptr, rows_ptr, L, stride, d_inner, x_stride_b, x_stride_t, BL
     b = tl.program_id(2).to(tl.int64)
     x = tl.load(x_ptr + b * x_stride_b + t[:, None].to(tl.int64) * x_stride_t + d[None, :],
                 mask=(t[:, None] < L) & (d[None, :] < d_inner), other=0.0)
-    tl.store(rows_ptr + (b * d_inner + d[None, :]) * stride + t[:, None], x,
+    tl.store(rows_ptr + b * row_b + d[None, :].to(tl.int64) * row_d + t[:, None], x,
              mask=(t[:, None] < stride) & (d[None, :] < d_inner))
 
 
@@ -616,19 +620,48 @@ def _row_len(L):
     return triton.cdiv(L, 8) * 8
 
 
-def _rows(x, stride):
-    """x (batch, d_inner, L) as zero-padded rows of `stride` tokens, 16-byte aligned: x itself when it already is.
-    A sequence stored across channels, (b, l, ·) as a projection writes it, is copied too: read in place, a tile
-    no longer sits in one thread's registers and the forward is several times slower than the copy."""
+def _channels_first(u):
+    """Whether u (batch, d_inner, L) is a view of a (d_inner, batch·L) matrix, as the model's projections write
+    it, with L a multiple of 8. Then the kernels read and write such rows in place; otherwise they use
+    (batch, d_inner, stride) contiguous rows, zero-padded."""
+    batch, d_inner, L = u.shape
+    return batch > 1 and L % 8 == 0 and u.stride() == (L, batch * L, 1)
+
+
+def _layout(u):
+    """The rows of u's scan: (stride, row_b, row_d), row (b, d) starting at element b·row_b + d·row_d."""
+    batch, d_inner, L = u.shape
+    if _channels_first(u):
+        return L, L, batch * L
+    stride = _row_len(L)
+    return stride, d_inner * stride, stride
+
+
+def _new_rows(u, dtype):
+    """An uninitialised (batch, d_inner, stride) tensor in the rows of u's scan."""
+    batch, d_inner, L = u.shape
+    if _channels_first(u):
+        return _alloc(d_inner, batch, L, dtype=dtype, device=u.device).transpose(0, 1)
+    return _alloc(batch, d_inner, _row_len(L), dtype=dtype, device=u.device)
+
+
+def _rows(x, u):
+    """x (batch, d_inner, L) in the rows of u's scan, 16-byte aligned: x itself when it already is, else a copy
+    (zero-padded). A sequence stored across channels, (b, l, ·) as a projection writes it, is copied too: read
+    in place, a tile no longer sits in one thread's registers and the forward is several times slower than the
+    copy."""
     if x is None:
         return None
-    if x.is_contiguous() and x.shape[-1] == stride and x.data_ptr() % 16 == 0:
-        return x
+    stride, row_b, row_d = _layout(u)
     batch, d_inner, L = x.shape
-    rows = _alloc(batch, d_inner, stride, dtype=x.dtype, device=x.device)
+    in_place = x.shape[2] == stride and x.stride(2) == 1 and x.data_ptr() % 16 == 0 and \
+        all(n == 1 or have == want for n, have, want in zip(x.shape, x.stride(), (row_b, row_d)))
+    if in_place:
+        return x
+    rows = _new_rows(u, x.dtype)
     if x.stride(1) == 1:  # channels contiguous: a tiled transpose, both sides read and written in whole lines
         grid = (triton.cdiv(stride, ROWS_BLOCK), triton.cdiv(d_inner, ROWS_BLOCK), batch)
-        _rows_kernel[grid](x, rows, L, stride, d_inner, x.stride(0), x.stride(2), BLOCK=ROWS_BLOCK)
+        _rows_kernel[grid](x, rows, L, stride, d_inner, x.stride(0), x.stride(2), row_b, row_d, BLOCK=ROWS_BLOCK)
     else:
         rows[..., :L] = x
         rows[..., L:] = 0
@@ -652,8 +685,8 @@ def _prepare(u, delta, A, B, C, z):
     block_n, stride = triton.next_power_of_2(d_state), _row_len(L)
     A2 = A * math.log2(math.e)                                         # exp(x A) = exp2(x A2)
     A2 = torch.nn.functional.pad(A2, (0, block_n - d_state)) if block_n != d_state else A2.contiguous()
-    return (_rows(u, stride), _rows(delta, stride), A2, _transposed(B, stride, block_n),
-            _transposed(C, stride, block_n), _rows(z, stride))
+    return (_rows(u, u), _rows(delta, u), A2, _transposed(B, stride, block_n), _transposed(C, stride, block_n),
+            _rows(z, u))
 
 
 def _launch(u, n_groups, num_warps, warps_per_sm):
@@ -662,7 +695,7 @@ def _launch(u, n_groups, num_warps, warps_per_sm):
     chunk_len = _chunk_len(batch, d_inner, L, u.device, num_warps, warps_per_sm)
     n_chunks, block_d = triton.cdiv(L, chunk_len), 32 * num_warps
     grid = (n_groups * triton.cdiv(d_inner // n_groups, block_d), n_chunks, batch)
-    return grid, (L, _row_len(L), d_inner, d_inner // n_groups, n_groups, chunk_len), n_chunks, block_d
+    return grid, (L, *_layout(u), d_inner, d_inner // n_groups, n_groups, chunk_len), n_chunks, block_d
 
 
 def _nothing(like):
@@ -680,14 +713,15 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
               D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
               skip_below: torch.Tensor | None, delta_softplus: bool,
               save_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """u, delta, z (batch, d_inner, L); B, C (batch, G, N, L). Returns out (batch, d_inner, stride) (the first L
-    tokens are the output), last_state (batch, d_inner, BLOCK_N), and the states every SEG tokens the backward
+    """u, delta, z (batch, d_inner, L); B, C (batch, G, N, L). Returns out (batch, d_inner, stride) in the rows of
+    u's scan (`_layout`; the first L tokens are the output), last_state (batch, d_inner, BLOCK_N), and the states every SEG tokens the backward
     starts from (empty unless save_states)."""
     batch, d_inner, L = u.shape
     n_groups = B.shape[1]
     grid, sizes, n_chunks, block_d = _launch(u, n_groups, FWD_WARPS, FWD_WARPS_PER_SM)
+    out = _new_rows(u, u.dtype)
     u, delta, A2, Bt, Ct, z = _prepare(u, delta, A, B, C, z)
-    stride, block_n = u.shape[-1], Bt.shape[-1]
+    block_n = Bt.shape[-1]
     flags = dict(HAS_D=D is not None, HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None,
                  HAS_SKIP=skip_below is not None, DELTA_SOFTPLUS=delta_softplus, SEG=SEG, T=FWD_T, STAGES=FWD_STAGES,
                  BLOCK_D=block_d, BLOCK_N=block_n, num_warps=FWD_WARPS)
@@ -700,7 +734,6 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
                                None, None, *sizes, STATES_ONLY=True, FROM_CHUNK_STATE=False, SAVE_SEGMENTS=False,
                                **flags)
         _carry(chunk_states, delta_sums, A2, None, False)
-    out = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
     last_state = _alloc(batch, d_inner, block_n, dtype=torch.float32, device=u.device)
     seg_states = (_alloc(batch, triton.cdiv(L, SEG), d_inner, block_n, dtype=torch.float32, device=u.device)
                   if save_states else _nothing(last_state))
@@ -713,11 +746,11 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 @_scan_fwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, skip_below, delta_softplus, save_states):
     batch, d_inner, L = u.shape
-    block_n, stride = triton.next_power_of_2(A.shape[1]), _row_len(L)
+    block_n = triton.next_power_of_2(A.shape[1])
     f32 = dict(dtype=torch.float32)
     seg_states = (u.new_empty(batch, triton.cdiv(L, SEG), d_inner, block_n, **f32) if save_states
                   else u.new_empty(0, **f32))
-    return u.new_empty(batch, d_inner, stride), u.new_empty(batch, d_inner, block_n, **f32), seg_states
+    return _new_rows(u, u.dtype), u.new_empty(batch, d_inner, block_n, **f32), seg_states
 
 
 @torch.library.custom_op("mamba_triton::scan_bwd", mutates_args=())
@@ -727,15 +760,18 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
               delta_softplus: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                              torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each of its input's shape (du, ddelta, dz
-    (batch, d_inner, stride)); an empty tensor for an absent D, z or delta_bias."""
+    (batch, d_inner, stride), in the rows of u's scan); an empty tensor for an absent D, z or delta_bias."""
     batch, d_inner, L = u.shape
     n_groups, d_state = B.shape[1], B.shape[2]
     grid, sizes, n_chunks, block_d = _launch(u, n_groups, BWD_WARPS, BWD_WARPS_PER_SM)
+    du = _new_rows(u, u.dtype)
+    ddelta = _new_rows(u, delta.dtype)
+    dz = _nothing(u) if z is None else _new_rows(u, z.dtype)
+    dout = _rows(dout, u)
     u, delta, A2, Bt, Ct, z = _prepare(u, delta, A, B, C, z)
-    stride, block_n = u.shape[-1], Bt.shape[-1]
+    block_n = Bt.shape[-1]
     flags = dict(HAS_Z=z is not None, HAS_DELTA_BIAS=delta_bias is not None, HAS_SKIP=skip_below is not None,
                  DELTA_SOFTPLUS=delta_softplus, T=BWD_T, BLOCK_D=block_d, BLOCK_N=block_n, num_warps=BWD_WARPS)
-    dout = _rows(dout, stride)
     adjoints = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
     if n_chunks > 1:  # passes 1 and 2 of the adjoint
         delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
@@ -747,9 +783,6 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     else:
         adjoints.copy_(dlast[:, None])
 
-    du = _alloc(batch, d_inner, stride, dtype=u.dtype, device=u.device)
-    ddelta = _alloc(batch, d_inner, stride, dtype=delta.dtype, device=u.device)
-    dz = _nothing(u) if z is None else _alloc(batch, d_inner, stride, dtype=z.dtype, device=u.device)
     dBt = torch.zeros(Bt.shape, dtype=torch.float32, device=u.device)            # atomic-add targets
     dCt = torch.zeros(Ct.shape, dtype=torch.float32, device=u.device)
     dA_part = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
@@ -774,12 +807,10 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
 
 @_scan_bwd.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, skip_below, seg_states, dout, dlast, delta_softplus):
-    batch, d_inner, L = u.shape
-    rows = (batch, d_inner, _row_len(L))
     nothing = A.new_empty(0)
     like = (lambda x: x.new_empty(x.shape))                       # contiguous, as the operator returns them
-    return (u.new_empty(rows), delta.new_empty(rows), like(A), like(B), like(C),
-            nothing if D is None else like(D), u.new_empty(0) if z is None else z.new_empty(rows),
+    return (_new_rows(u, u.dtype), _new_rows(u, delta.dtype), like(A), like(B), like(C),
+            nothing if D is None else like(D), u.new_empty(0) if z is None else _new_rows(u, z.dtype),
             nothing if delta_bias is None else like(delta_bias))
 
 
@@ -836,7 +867,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
     skip_below (with delta_softplus): channel c skips token t (Δ := 0) where delta_t + delta_bias ≤ skip_below[c]."""
     n_groups = _check_inputs(u, delta, A, B, C, D, z, delta_bias, skip_below, delta_softplus)
     batch, _, L = u.shape
-    grouped = (lambda M: M.reshape(batch, n_groups, M.shape[-2], L).contiguous())    # (B, G, N, L), small
+    grouped = (lambda M: M.reshape(batch, n_groups, M.shape[-2], L))                 # (B, G, N, L), small
     contiguous = (lambda x: None if x is None else x.contiguous())
     # u, delta and z go to the operator as they are and it makes its rows inside (again in the backward): autograd
     # then keeps views of what the layer keeps anyway (the conv's output, in_proj's), not copies

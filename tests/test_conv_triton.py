@@ -9,19 +9,21 @@ from conftest import rel_err
 
 def reference(x, weight, bias):
     """mamba.MambaMixer's plain path: nn.Conv1d padded on both sides, the first l outputs, SiLU."""
-    L, d = x.shape[1:]
-    return F.silu(F.conv1d(x.mT, weight[:, None], bias, padding=weight.shape[1] - 1, groups=d)[..., :L]).mT
+    d, L = x.shape[1:]
+    return F.silu(F.conv1d(x, weight[:, None], bias, padding=weight.shape[1] - 1, groups=d)[..., :L])
 
 
 @pytest.mark.parametrize("batch, L, d, K", [(2, 137, 40, 4), (1, 3, 130, 4), (3, 70, 16, 2)],
                          ids=["tiles cut inside", "shorter than the kernel", "K=2"])
 def test_forward_and_gradients_match_pytorch_on_a_slice_of_in_projs_output(batch, L, d, K):
+    """x is the first half of in_proj's output, a (2d, b·l) matrix viewed (b, d, l): u and ∂x keep that layout."""
     seed = torch.seed()
-    xz = torch.randn(batch, L, 2 * d, requires_grad=True)    # x is the first half: tokens have stride 2d
+    xz = torch.randn(2 * d, batch * L, requires_grad=True)
+    x = xz[:d].view(d, batch, L).transpose(0, 1)
     weight, bias = torch.randn(d, K, requires_grad=True), torch.randn(d, requires_grad=True)
-    u = conv_triton.causal_conv_silu(xz[..., :d], weight, bias)
-    ref = reference(xz[..., :d], weight, bias)
-    assert u.is_contiguous() and rel_err(u, ref) <= 1e-5, f"seed {seed}"
+    u = conv_triton.causal_conv_silu(x, weight, bias)
+    ref = reference(x, weight, bias)
+    assert u.stride() == (L, batch * L, 1) and rel_err(u, ref) <= 1e-5, f"seed {seed}"
     du = torch.randn_like(u)
     grads = torch.autograd.grad(u, (xz, weight, bias), du)
     for name, got, want in zip(("x", "weight", "bias"), grads, torch.autograd.grad(ref, (xz, weight, bias), du)):
@@ -32,13 +34,13 @@ def test_half_precision_input_is_computed_in_float32():
     """bf16 x and ∂u, float32 weights: the output and ∂x are rounded to bf16 once (≤ 2^-8 per element, up to
     twice that where the interpreter truncates instead of rounding); ∂w and ∂bias stay float32."""
     seed = torch.seed()
-    x = torch.randn(2, 50, 24, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, 24, 50, dtype=torch.bfloat16, requires_grad=True)
     weight, bias = torch.randn(24, 4, requires_grad=True), torch.randn(24, requires_grad=True)
     u = conv_triton.causal_conv_silu(x, weight, bias)
     x32 = x.detach().float().requires_grad_()
     ref = reference(x32, weight, bias)
     assert u.dtype == torch.bfloat16 and rel_err(u, ref) <= 4e-3, f"seed {seed}"
-    du = torch.randn(u.shape).to(torch.bfloat16)
+    du = torch.randn(2, 50, 24).to(torch.bfloat16).mT                # channels contiguous: any layout is read
     dx, dw, dbias = torch.autograd.grad(u, (x, weight, bias), du)
     dx_ref, dw_ref, dbias_ref = torch.autograd.grad(ref, (x32, weight, bias), du.float())
     assert dx.dtype == torch.bfloat16 and rel_err(dx, dx_ref) <= 5e-3, f"seed {seed}"

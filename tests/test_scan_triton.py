@@ -165,23 +165,33 @@ def test_the_backward_scratch_is_one_per_launched_program_not_one_per_work_item(
 
 @pytest.mark.parametrize("L", [37, 40], ids=["L padded", "L a multiple of 8"])
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "one chunk"])
-@pytest.mark.parametrize("layout", ["tokens of channels", "rows"])
+@pytest.mark.parametrize("layout", ["channels first", "tokens of channels", "rows"])
 def test_the_layouts_a_mamba_layer_passes(layout, chunked, L, monkeypatch):
-    """As MambaMixer calls it: u the conv's (batch, L, d_inner) output seen as (batch, d_inner, L), z a slice of
-    in_proj's output, B, C x_proj's (batch, L, N) transposed; or every input in rows, z a slice along channels of
-    a larger tensor. The operator copies what is not contiguous rows of a multiple of 8 tokens (with L = 40 only
-    the layout decides)."""
+    """As MambaMixer calls it, every input a view of a (channels, batch·L) matrix (u, z slices of one, as in_proj
+    writes them; B, C slices of x_proj's output): with L = 40 the operator reads and writes them in place, and its
+    output and gradients have that layout too. Or u, z, B, C laid out (batch, L, ·), as a projection of
+    (batch, L, ·) tokens writes them; or every input in rows, z a slice along channels of a larger tensor. The
+    operator copies what is not in rows of a multiple of 8 tokens (with L = 40 only the layout decides)."""
     use_chunks(monkeypatch, chunked)
     seed = torch.seed() % 2**31
     batch, d_inner = 2, 36                                                     # 36 channels: 2 blocks
     x = {k: v.detach() for k, v in make_inputs(seed, batch, d_inner, 16, L).items()}
     tokens = (lambda t: t.mT.contiguous().mT)                                  # same values, (b, L, ·) storage
-    x["B"], x["C"] = tokens(x["B"]), tokens(x["C"])
+    first = (lambda *ts: [m.transpose(0, 1) for m in torch.cat([t.transpose(0, 1) for t in ts]).split(
+        [t.shape[1] for t in ts])])                                            # slices of one (Σc, b, L) tensor
+    if layout == "channels first":
+        x["u"], x["z"] = first(x["u"], x["z"])
+        x["delta"], = first(x["delta"])
+        _, x["B"], x["C"] = first(torch.randn(batch, 3, L), x["B"], x["C"])
+    else:
+        x["B"], x["C"] = tokens(x["B"]), tokens(x["C"])
     if layout == "rows":
         x["z"] = torch.cat([x["z"], torch.randn(batch, 3, L)], dim=1)[:, :d_inner]
-    else:
+    elif layout == "tokens of channels":
         x["u"], x["z"] = tokens(x["u"]), torch.cat([x["z"].mT, x["z"].mT], dim=-1)[..., :d_inner].mT
     (outs, grads), (ref_outs, ref_grads) = run_both(x, True, True, seed, keep_strides=True)
+    if layout == "channels first" and L == 40:
+        assert outs[0].stride() == (L, batch * L, 1) and grads["u"].stride() == (L, batch * L, 1)
     for o, ref in zip(outs, ref_outs):
         assert rel_err(o, ref) <= 1e-5, f"forward rel err {rel_err(o, ref):.2e} (seed {seed})"
     for name in GRAD_NAMES:
