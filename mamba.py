@@ -433,9 +433,9 @@ class MambaMixer(nn.Module):
         cache.conv_state.copy_(torch.roll(cache.conv_state, shifts=-1, dims=-1))
         cache.conv_state[:, :, -1] = x
         x = F.silu((cache.conv_state * self.conv1d.weight[:, 0]).sum(-1) + self.conv1d.bias)   # (b, d_inner)
-        dt, B, C = self._selection(x[..., None])
-        delta = delta_of(dt, self.dt_proj.bias)[..., 0]                          # (b, d_inner)
-        B, C = B[..., 0].float(), C[..., 0].float()                              # (b, n)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = delta_of(F.linear(dt, self.dt_proj.weight)[..., None], self.dt_proj.bias)[..., 0]   # (b, d_inner)
+        B, C = B.float(), C.float()                                              # (b, n)
         A = -torch.exp(self.A_log.float())
         h = torch.exp(delta[..., None] * A) * cache.ssm_state \
             + (delta * x.float())[..., None] * B[:, None]                        # eq. (2a)
