@@ -53,6 +53,18 @@ def median_ms(fn, **kwargs):
     return triton.testing.do_bench(fn, return_mode="median", **kwargs)
 
 
+def gpu_ms(fn, runs=10):
+    """The GPU's busy time per call of fn: the summed durations of its kernels (from the profiler), which, unlike
+    wall time, do not grow when the host is too slow launching them to keep the GPU busy."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in profiler.key_averages()) / 1e3 / runs
+
+
 def time_scan(scan, x, limit_s=None):
     """(forward ms, backward ms, forward+backward ms) of `scan(**x, delta_softplus=True)`; None where one call
     would take longer than limit_s or does not fit in memory."""
@@ -302,25 +314,30 @@ def bench_methods(args):
         "decimamba": (model, decimamba.DeciMamba([model.config.n_layer // 2], L_base=L_train)),
         "remamba": (remamba_model, None),  # stage 1 + stage 2
     }
-    rows = table_head("prompt tokens", "method", "prefill ms", "÷ vanilla", "prompt tokens/ms", "peak MiB")
+    rows = table_head("prompt tokens", "method", "prefill ms", "÷ vanilla", "GPU ms", "GPU ÷ vanilla",
+                      "prompt tokens/ms", "peak MiB")
     vocab = model.config.vocab_size
     for L in args.lengths:
         ids = torch.randint(0, vocab, (1, L), device="cuda")
-        times = {}
+        times, busy = {}, {}
         for name, (runner, hook) in methods.items():
             with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16), model.hooked(hook):
                 torch.cuda.reset_peak_memory_stats()  # one prefill alone: do_bench's L2-flush buffer is not counted
                 runner.prefill(ids)
                 peak = torch.cuda.max_memory_allocated() / 2**20
                 times[name] = median_ms(lambda: runner.prefill(ids), warmup=25, rep=200)
+                busy[name] = gpu_ms(lambda: runner.prefill(ids))
             add_row(rows, L, name, f"{times[name]:.2f}", f"{times[name] / times['vanilla']:.2f}",
-                    f"{L / times[name]:.0f}", f"{peak:.0f}")
+                    f"{busy[name]:.2f}", f"{busy[name] / busy['vanilla']:.2f}", f"{L / times[name]:.0f}",
+                    f"{peak:.0f}")
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         _, caches = model.prefill(torch.randint(0, vocab, (1, 1024), device="cuda"))
         token = torch.zeros(1, dtype=torch.long, device="cuda")
         step_ms = median_ms(lambda: model.step(token, caches), warmup=25, rep=200)
     notes = [f"Model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, L_train "
-             f"{L_train}; batch 1, bf16 autocast, random token ids; times are medians of triton.testing.do_bench.",
+             f"{L_train}; batch 1, bf16 autocast, random token ids; prefill ms: medians of triton.testing.do_bench; "
+             "GPU ms: the summed durations of the prefill's kernels (torch.profiler, mean of 10 prefills), which a "
+             "host too slow to launch a small model's kernels does not inflate.",
              "LongMamba: dt_thre, c = 0.05, b = 1.5 (its calibration is loaded, not timed). DeciMamba: the middle "
              f"layer, beta 0.5, L_base = L_train. ReMamba ({args.remamba}): stage 1 (full forward) + stage 2 "
              "(re-forward of the compressed prompt).",
