@@ -545,7 +545,8 @@ def start(args):
         gpus = torch.cuda.device_count()
         if not gpus:
             fail(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu)")
-        if int(device[5:] or 0) >= gpus:
+        device = f"cuda:{int(device[5:] or 0)}"                     # set_device needs the index
+        if int(device[5:]) >= gpus:
             fail(f"--device {args.device}: this machine has {gpus} CUDA GPU{'s' * (gpus > 1)}"
                  + (", fewer than torchrun's processes" if distributed else ""))
         torch.cuda.set_device(device)

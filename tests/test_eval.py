@@ -253,6 +253,18 @@ def test_a_gpu_the_machine_lacks_is_one_line(checkpoint, tmp_path, monkeypatch):
         evaluate.main(["--model", checkpoint, "--device", "cuda:3", "--out-dir", str(tmp_path)])
 
 
+def test_device_cuda_selects_gpu_0(monkeypatch):
+    """torch.cuda.set_device refuses a device without an index, as --device cuda and auto are."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: chosen.append(torch.device(d).index))
+    for flag in ("cuda", "auto"):
+        args = evaluate.parse_args(["--device", flag])
+        assert evaluate.start(args)[0] == "cuda:0"
+    assert chosen == [0, 0]
+
+
 def test_bad_checkpoints_exit_with_one_line(tmp_path):
     model = Mamba(MambaConfig(d_model=16, n_layer=1, vocab_size=257))
     model.save_pretrained(tmp_path / "m", tokenizer.byte_encoding())
