@@ -40,9 +40,11 @@ token by token: the tile loop is software-pipelined (Triton's `tl.range(..., num
 the next tile's B and C rows into shared memory asynchronously (cp.async) while the current tile is worked on,
 and the u, Δ, z tiles of the next iteration are loaded into registers before the current one is used. Rows must
 start 16-byte aligned for vector loads, and a tile's token mask must be the same for all its tokens, so every
-sequence is stored as rows of a multiple of 8 tokens (a zero-padded copy unless it already is; so is one laid out
-(b, l, ·), as a projection writes it: read across channels, a tile no longer sits in one thread's registers). The
-exponential is exp2 with A pre-scaled by log2(e): one hardware instruction.
+sequence is stored as rows of a multiple of 8 tokens, row (b, d) starting at b·row_b + d·row_d. Mamba's mixer
+hands over (channels, b·l) matrices viewed as (b, channels, l), and with l a multiple of 8 those are read, and the
+outputs written, in place; anything else is copied into zero-padded (b, d_inner, ·) rows (so is a tensor laid out
+(b, l, ·): read across channels, a tile no longer sits in one thread's registers). The exponential is exp2 with A
+pre-scaled by log2(e): one hardware instruction.
 
 Chunks: parallel over the sequence
 ----------------------------------
