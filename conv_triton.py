@@ -80,7 +80,7 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, du_ptr, g_ptr, dw_part_ptr, dbias_p
     ∂u may come in any layout; tokens contiguous is the fast one."""
     b = tl.program_id(2).to(tl.int64)
     t, c, x_rows = _tile(b, stride_xb, stride_xd, BLOCK_L, BLOCK_D)
-    _, _, g_rows = _tile(b, d * L, L, BLOCK_L, BLOCK_D)
+    _, _, g_rows = _tile(b, d.to(tl.int64) * L, L, BLOCK_L, BLOCK_D)       # d·L can exceed 2^31
     mask_c = c < d
     in_seq = mask_c[:, None] & (t < L)[None, :]
     bias = tl.load(bias_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
@@ -104,7 +104,7 @@ def _conv_transpose_kernel(g_ptr, w_ptr, dx_ptr, L, d, stride_dxb, stride_dxd,
                            K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (token block, channel block, batch b): ∂x_t = Σ_s w_{K-1-s} g_{t+s}, the conv backwards in time."""
     b = tl.program_id(2).to(tl.int64)
-    t, c, g_rows = _tile(b, d * L, L, BLOCK_L, BLOCK_D)
+    t, c, g_rows = _tile(b, d.to(tl.int64) * L, L, BLOCK_L, BLOCK_D)       # d·L can exceed 2^31
     _, _, dx_rows = _tile(b, stride_dxb, stride_dxd, BLOCK_L, BLOCK_D)
     mask_c = c < d
     dx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
@@ -133,7 +133,9 @@ def _grid(x):
     return (triton.cdiv(L, BLOCK_L), triton.cdiv(d, BLOCK_D), batch)
 
 
-@torch.library.custom_op("mamba_triton::conv_fwd", mutates_args=())
+# Registered as PyTorch operators, so that torch.compile sees them whole. Their outputs' layout follows x's: the
+# fake (shape-only) functions that tell the compiler so rely on it passing the strides it traced (the tag).
+@torch.library.custom_op("mamba_triton::conv_fwd", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def _conv_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     x = _unit_token_stride(x)
     u = _like(x)
@@ -147,7 +149,7 @@ def _(x, weight, bias):
     return _like(_unit_token_stride(x))
 
 
-@torch.library.custom_op("mamba_triton::conv_bwd", mutates_args=())
+@torch.library.custom_op("mamba_triton::conv_bwd", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
               du: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     x = _unit_token_stride(x)

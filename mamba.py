@@ -352,16 +352,17 @@ def _gather(x, keep):
 
 def _per_token(weight, x):
     """The linear map `weight` (c_out, c_in) applied to every token of x (b, c_in, l) -> (b, c_out, l), as one
-    (c_out, c_in) @ (c_in, b·l) matrix product. Inside the mixer every activation is such a (c, b·l) matrix viewed
-    as (b, c, l) (each channel's tokens contiguous, the rows the conv and the scan read), so the products read
-    and write it in place; any other layout is copied first."""
+    (c_out, c_in) @ (c_in, b·l) matrix product whose output is a (c_out, b·l) matrix viewed as (b, c_out, l): each
+    channel's tokens contiguous, the rows the conv and the scan read. x is read in place when it is laid out so
+    too (or is (b, l, c_in) tokens seen as x.mT), copied first when not."""
     b, c, l = x.shape
     return (weight @ x.transpose(0, 1).reshape(c, b * l)).view(-1, b, l).transpose(0, 1)
 
 
 class MambaMixer(nn.Module):
     """The Mamba block's mixer (mamba_ssm's `Mamba`): in_proj -> conv -> selective SSM -> gate -> out_proj.
-    Between in_proj and out_proj tensors are channels-first, (b, channels, l), as the scan reads them."""
+    Between in_proj and out_proj tensors are (b, channels, l); on the fast path each is a view of a (channels, b·l)
+    matrix, the layout the conv and the scan read and write in place (`_per_token`)."""
 
     def __init__(self, config: MambaConfig, layer_idx: int):
         super().__init__()

@@ -40,11 +40,12 @@ token by token: the tile loop is software-pipelined (Triton's `tl.range(..., num
 the next tile's B and C rows into shared memory asynchronously (cp.async) while the current tile is worked on,
 and the u, Δ, z tiles of the next iteration are loaded into registers before the current one is used. Rows must
 start 16-byte aligned for vector loads, and a tile's token mask must be the same for all its tokens, so every
-sequence is stored as rows of a multiple of 8 tokens, row (b, d) starting at b·row_b + d·row_d. Mamba's mixer
-hands over (channels, b·l) matrices viewed as (b, channels, l), and with l a multiple of 8 those are read, and the
-outputs written, in place; anything else is copied into zero-padded (b, d_inner, ·) rows (so is a tensor laid out
-(b, l, ·): read across channels, a tile no longer sits in one thread's registers). The exponential is exp2 with A
-pre-scaled by log2(e): one hardware instruction.
+sequence is stored as rows of a multiple of 8 tokens, row (b, d) starting at b·row_b + d·row_d (`_layout`). With
+l a multiple of 8, u's own rows are used when u is contiguous or, as Mamba's mixer hands it over, a (channels, b·l)
+matrix viewed as (b, channels, l); otherwise the rows are (b, d_inner, ·) contiguous and zero-padded. Δ, z and
+∂out are read in place where they are laid out as those rows and 16-byte aligned, copied into them where not (so
+is a tensor laid out (b, l, ·): read across channels, a tile no longer sits in one thread's registers), and the
+outputs are written in them. The exponential is exp2 with A pre-scaled by log2(e): one hardware instruction.
 
 Chunks: parallel over the sequence
 ----------------------------------
@@ -624,8 +625,8 @@ def _row_len(L):
 
 def _channels_first(u):
     """Whether u (batch, d_inner, L) is a view of a (d_inner, batch·L) matrix, as the model's projections write
-    it, with L a multiple of 8. Then the kernels read and write such rows in place; otherwise they use
-    (batch, d_inner, stride) contiguous rows, zero-padded."""
+    it, with L a multiple of 8 and batch > 1 (for one sequence the two layouts are the same). Then the scan's rows
+    are such a matrix; otherwise they are (batch, d_inner, stride) contiguous, zero-padded."""
     batch, d_inner, L = u.shape
     return batch > 1 and L % 8 == 0 and u.stride() == (L, batch * L, 1)
 
@@ -708,9 +709,10 @@ def _nothing(like):
 # torch.compile can compile the model around them: it sees one opaque operator with known output shapes instead
 # of tracing into the kernel launches. Both make the padded rows and transposed B, C from their inputs: autograd
 # then keeps the tensors the layer keeps anyway (views of them), not copies, and the copies are small next to
-# the scan.
+# the scan. Their outputs are laid out as u's rows (`_layout`): the fake (shape-only) functions that tell the
+# compiler so rely on it passing the operators the strides it traced (the needs_exact_strides tag).
 
-@torch.library.custom_op("mamba_triton::scan_fwd", mutates_args=())
+@torch.library.custom_op("mamba_triton::scan_fwd", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
               skip_below: torch.Tensor | None, delta_softplus: bool,
@@ -755,7 +757,7 @@ def _(u, delta, A, B, C, D, z, delta_bias, skip_below, delta_softplus, save_stat
     return _new_rows(u, u.dtype), u.new_empty(batch, d_inner, block_n, **f32), seg_states
 
 
-@torch.library.custom_op("mamba_triton::scan_bwd", mutates_args=())
+@torch.library.custom_op("mamba_triton::scan_bwd", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
               D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
               skip_below: torch.Tensor | None, seg_states: torch.Tensor, dout: torch.Tensor, dlast: torch.Tensor | None,

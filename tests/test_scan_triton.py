@@ -199,6 +199,37 @@ def test_the_layouts_a_mamba_layer_passes(layout, chunked, L, monkeypatch):
         assert err <= 1e-4, f"d{name} rel err {err:.2e} (seed {seed})"
 
 
+@pytest.mark.parametrize("shift", [0, 1], ids=["aligned", "misaligned"])
+def test_slices_of_in_projs_output_are_read_in_place(shift, monkeypatch):
+    """u and z slices of one (2·d_inner, batch·L) matrix, z starting d_inner·batch·L elements in, as in_proj
+    writes them (the layouts test copies its inputs, which drops such offsets). Aligned, nothing is copied into
+    rows: the only row buffers made are the outputs (out; ∂u, ∂delta, ∂z). Shifted by one element, every row
+    input is copied. Both give the reference's forward and gradients."""
+    seed = torch.seed() % 2**31
+    batch, d_inner, L = 2, 36, 40
+    x = {k: v.detach() for k, v in make_inputs(seed, batch, d_inner, 16, L).items()}
+    made = []
+    new_rows = scan_triton._new_rows
+    monkeypatch.setattr(scan_triton, "_new_rows", lambda u, dtype: made.append(1) or new_rows(u, dtype))
+    storage = torch.cat([torch.zeros(shift), torch.cat([x["u"].transpose(0, 1), x["z"].transpose(0, 1)]).flatten()])
+    storage.requires_grad_()
+    uz = storage[shift:].view(2 * d_inner, batch, L).transpose(0, 1)              # (batch, 2·d_inner, L)
+    delta = x["delta"].transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()
+    u, z = uz[:, :d_inner], uz[:, d_inner:]
+    inputs = dict(x, u=u, z=z, delta=delta)
+    out = scan_triton.selective_scan(**inputs, delta_softplus=True)
+    dout = torch.randn(d_inner, batch, L).transpose(0, 1)
+    grads = torch.autograd.grad(out, (storage, delta), dout)
+    ref_inputs = {k: v.clone().requires_grad_() for k, v in dict(x, delta=x["delta"]).items() if v is not None}
+    ref = mamba.selective_scan_ref(**ref_inputs, delta_softplus=True)
+    ref_grads = torch.autograd.grad(ref, (ref_inputs["u"], ref_inputs["z"], ref_inputs["delta"]), dout)
+    du, dz = grads[0][shift:].view(2 * d_inner, batch, L).transpose(0, 1).split(d_inner, dim=1)
+    assert rel_err(out, ref) <= 1e-5, f"seed {seed}"
+    for got, want in zip((du, dz, grads[1]), ref_grads):
+        assert rel_err(got, want) <= 1e-4, f"seed {seed}"
+    assert (len(made) == 4) == (shift == 0), made
+
+
 def test_rows_not_16_byte_aligned_are_copied():
     """delta contiguous with L = 24 (no padding needed) but starting 4 bytes into its storage: only the alignment
     sends it to a copy."""
