@@ -425,8 +425,8 @@ class MambaMixer(nn.Module):
                            return_last_state=return_cache, skip_below=skip_below)  # Δ = softplus(dt + dt_bias)
         y, ssm_state = y if return_cache else (y, None)
         b, _, l = y.shape
-        out = self.out_proj(y.transpose(0, 1).reshape(self.d_inner, b * l).mT)   # (b·l, d_model)
-        return out.view(b, l, -1), keep, ssm_state
+        y = y.transpose(0, 1).reshape(self.d_inner, b * l)                      # (d_inner, b·l), as _per_token
+        return self.out_proj(y.mT).view(b, l, -1), keep, ssm_state              # (b, l or k, d_model)
 
     def step(self, hidden_states, cache: LayerCache):
         """One token: hidden_states (b, 1, d_model) -> (b, 1, d_model); updates `cache` in place. O(1) in l."""
