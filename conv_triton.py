@@ -47,12 +47,17 @@ def _conv_at(x_rows, w_ptr, bias, t, c, mask_c, L, K: tl.constexpr, BLOCK_L: tl.
 
 
 @triton.jit
-def _tile(program_b, stride_b, stride_d, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (token block, channel block, batch b)'s tokens t, channels c, and the offsets of its rows."""
+def _tile(BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (token block, channel block, batch b)'s tokens t, channels c and batch element b."""
     t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
     c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    rows = program_b * stride_b + c.to(tl.int64) * stride_d             # b·stride_b can exceed 2^31
-    return t, c, rows
+    return t, c, tl.program_id(2).to(tl.int64)                          # b·stride_b can exceed 2^31
+
+
+@triton.jit
+def _rows(b, c, stride_b, stride_d):
+    """The offsets of rows (b, c) (BLOCK_D,), each a channel's token 0, in a tensor of those strides."""
+    return b * stride_b + c.to(tl.int64) * stride_d
 
 
 @triton.jit
@@ -60,9 +65,8 @@ def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr,
                      L, d, stride_xb, stride_xd, stride_ub, stride_ud,
                      K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (token block, channel block, batch b): u = silu(conv(x)) for a (BLOCK_D, BLOCK_L) tile."""
-    b = tl.program_id(2).to(tl.int64)
-    t, c, x_rows = _tile(b, stride_xb, stride_xd, BLOCK_L, BLOCK_D)
-    _, _, u_rows = _tile(b, stride_ub, stride_ud, BLOCK_L, BLOCK_D)
+    t, c, b = _tile(BLOCK_L, BLOCK_D)
+    x_rows, u_rows = _rows(b, c, stride_xb, stride_xd), _rows(b, c, stride_ub, stride_ud)
     mask_c = c < d
     bias = tl.load(bias_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
     pre = _conv_at(x_ptr + x_rows, w_ptr, bias, t, c, mask_c, L, K, BLOCK_L)
@@ -78,9 +82,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, du_ptr, g_ptr, dw_part_ptr, dbias_p
     """Program (token block, channel block, batch b): g = ∂u · silu'(pre) for its tile (written out, (b, d, L)
     contiguous, for `_conv_transpose_kernel`), and the tile's sums ∂w_k = Σ_t g_t x_{t-K+1+k}, ∂bias = Σ_t g_t.
     ∂u may come in any layout; tokens contiguous is the fast one."""
-    b = tl.program_id(2).to(tl.int64)
-    t, c, x_rows = _tile(b, stride_xb, stride_xd, BLOCK_L, BLOCK_D)
-    _, _, g_rows = _tile(b, d.to(tl.int64) * L, L, BLOCK_L, BLOCK_D)       # d·L can exceed 2^31
+    t, c, b = _tile(BLOCK_L, BLOCK_D)
+    x_rows, g_rows = _rows(b, c, stride_xb, stride_xd), _rows(b, c, d.to(tl.int64) * L, L)   # d·L can exceed 2^31
     mask_c = c < d
     in_seq = mask_c[:, None] & (t < L)[None, :]
     bias = tl.load(bias_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
@@ -103,9 +106,8 @@ def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, du_ptr, g_ptr, dw_part_ptr, dbias_p
 def _conv_transpose_kernel(g_ptr, w_ptr, dx_ptr, L, d, stride_dxb, stride_dxd,
                            K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (token block, channel block, batch b): ∂x_t = Σ_s w_{K-1-s} g_{t+s}, the conv backwards in time."""
-    b = tl.program_id(2).to(tl.int64)
-    t, c, g_rows = _tile(b, d.to(tl.int64) * L, L, BLOCK_L, BLOCK_D)       # d·L can exceed 2^31
-    _, _, dx_rows = _tile(b, stride_dxb, stride_dxd, BLOCK_L, BLOCK_D)
+    t, c, b = _tile(BLOCK_L, BLOCK_D)
+    g_rows, dx_rows = _rows(b, c, d.to(tl.int64) * L, L), _rows(b, c, stride_dxb, stride_dxd)  # d·L can exceed 2^31
     mask_c = c < d
     dx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
     for s in tl.static_range(K):

@@ -350,13 +350,19 @@ def _gather(x, keep):
     return x.gather(2, keep[:, None, :].expand(-1, x.shape[1], -1))
 
 
+def _as_matrix(x):
+    """x (b, c, l) as the (c, b·l) matrix it is a view of on the fast path (also (b, l, c) tokens seen as x.mT);
+    a copy otherwise."""
+    b, c, l = x.shape
+    return x.transpose(0, 1).reshape(c, b * l)
+
+
 def _per_token(weight, x):
     """The linear map `weight` (c_out, c_in) applied to every token of x (b, c_in, l) -> (b, c_out, l), as one
     (c_out, c_in) @ (c_in, b·l) matrix product whose output is a (c_out, b·l) matrix viewed as (b, c_out, l): each
-    channel's tokens contiguous, the rows the conv and the scan read. x is read in place when it is laid out so
-    too (or is (b, l, c_in) tokens seen as x.mT), copied first when not."""
-    b, c, l = x.shape
-    return (weight @ x.transpose(0, 1).reshape(c, b * l)).view(-1, b, l).transpose(0, 1)
+    channel's tokens contiguous, the rows the conv and the scan read."""
+    b, _, l = x.shape
+    return (weight @ _as_matrix(x)).view(-1, b, l).transpose(0, 1)
 
 
 class MambaMixer(nn.Module):
@@ -425,8 +431,7 @@ class MambaMixer(nn.Module):
                            return_last_state=return_cache, skip_below=skip_below)  # Δ = softplus(dt + dt_bias)
         y, ssm_state = y if return_cache else (y, None)
         b, _, l = y.shape
-        y = y.transpose(0, 1).reshape(self.d_inner, b * l)                      # (d_inner, b·l), as _per_token
-        return self.out_proj(y.mT).view(b, l, -1), keep, ssm_state              # (b, l or k, d_model)
+        return self.out_proj(_as_matrix(y).mT).view(b, l, -1), keep, ssm_state  # (b, l or k, d_model)
 
     def step(self, hidden_states, cache: LayerCache):
         """One token: hidden_states (b, 1, d_model) -> (b, 1, d_model); updates `cache` in place. O(1) in l."""

@@ -718,8 +718,8 @@ def _scan_fwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
               skip_below: torch.Tensor | None, delta_softplus: bool,
               save_states: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """u, delta, z (batch, d_inner, L); B, C (batch, G, N, L). Returns out (batch, d_inner, stride) in the rows of
-    u's scan (`_layout`; the first L tokens are the output), last_state (batch, d_inner, BLOCK_N), and the states every SEG tokens the backward
-    starts from (empty unless save_states)."""
+    u's scan (`_layout`; the first L tokens are the output), last_state (batch, d_inner, BLOCK_N), and the states
+    every SEG tokens the backward starts from (empty unless save_states)."""
     batch, d_inner, L = u.shape
     n_groups = B.shape[1]
     grid, sizes, n_chunks, block_d = _launch(u, n_groups, FWD_WARPS, FWD_WARPS_PER_SM)
