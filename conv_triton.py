@@ -16,11 +16,20 @@ which the tests compare with). Backward, with g_t = ∂u_t · silu'(pre_t) the g
 
 Why a kernel: PyTorch runs a generic depthwise conv, then a separate SiLU, and its backward is slower still.
 Here one program reads a (BLOCK_D, BLOCK_L) tile of channels × tokens, tokens contiguous, straight from
-in_proj's output, as K shifted loads of the tile (the overlaps hit the cache), and writes u in x's layout: for x
-a view of a (d, b·l) matrix, as the mixer's projections write it, u is one too. Only x is kept for the backward,
-which runs in two kernels: the first recomputes pre from x, writes g in float32 and sums ∂w, ∂bias over its
-tile (along tokens, inside a thread's registers and a warp); the second runs the conv backwards in time over g
-for ∂x.
+in_proj's output, and writes u in x's layout: for x a view of a (d, b·l) matrix, as the mixer's projections
+write it, u is one too.
+
+Groups of 4 tokens. Token t needs x_{t-3}, ..., x_t: loaded as shifted tiles, those are misaligned and each
+element becomes its own 2-byte load. Instead a tile is read as groups of 4 consecutive tokens, each group in one
+thread's registers, with two aligned vector loads: the tile itself and the tile 4 tokens earlier (the group
+before each group). Token j of a group then reads its taps from the two groups without moving data:
+
+    pre_j = bias + Σ_k w_k · (x[j-K+1+k] if j-K+1+k >= 0 else x_before[4+j-K+1+k])       (K <= 5)
+
+The backward is one kernel: g_t = ∂u_t · silu'(pre_t) at the tile's tokens and, recomputed from a third load
+(the tile 4 tokens later), at the 4 tokens after each group, which ∂x_t = Σ_s w_{K-1-s} g_{t+s} needs; the
+tile's sums ∂w_k = Σ_t g_t x_{t-K+1+k}, ∂bias = Σ_t g_t are written per tile and added up by PyTorch. Only x
+is kept for the backward.
 """
 import os
 
@@ -33,89 +42,143 @@ BLOCK_D = 16            # channels per program
 
 
 @triton.jit
-def _conv_at(x_rows, w_ptr, bias, t, c, mask_c, L, K: tl.constexpr, BLOCK_L: tl.constexpr):
-    """pre at channels c (BLOCK_D,) and tokens t (BLOCK_L,): bias + Σ_k w_k x_{t-K+1+k} in float32. x_rows
-    (BLOCK_D,) points at each channel's token 0; w_ptr at the (d, K) weights."""
-    pre = tl.zeros((1, BLOCK_L), dtype=tl.float32) + bias[:, None]              # (BLOCK_D, BLOCK_L)
-    for k in tl.static_range(K):
-        src = t - (K - 1) + k                                            # source tokens; < 0 is the zero padding
-        x = tl.load(x_rows[:, None] + src[None, :], mask=mask_c[:, None] & ((src >= 0) & (src < L))[None, :],
-                    other=0.0)
-        w_k = tl.load(w_ptr + c * K + k, mask=mask_c, other=0.0).to(tl.float32)
-        pre += w_k[:, None] * x.to(tl.float32)
+def _groups(tile, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """A (BLOCK_D, BLOCK_L) tile of consecutive tokens as its groups of 4: the tuple (v_0, v_1, v_2, v_3), v_j
+    (BLOCK_D, BLOCK_L/4) the j-th token of every group. A thread holds whole groups, so this moves no data."""
+    q0, q1 = tl.split(tl.reshape(tile, (BLOCK_D, BLOCK_L // 4, 2, 2)))     # token 2p + q of a group
+    v0, v2 = tl.split(q0)
+    v1, v3 = tl.split(q1)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def _ungroup(v, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The inverse of `_groups`."""
+    return tl.reshape(tl.join(tl.join(v[0], v[2]), tl.join(v[1], v[3])), (BLOCK_D, BLOCK_L))
+
+
+@triton.jit
+def _token(prev, cur, i: tl.constexpr):
+    """Token i of a group (i may be negative, -4 <= i < 4: token 4 + i of the group before)."""
+    if i >= 0:
+        return cur[i]
+    else:
+        return prev[4 + i]
+
+
+@triton.jit
+def _pre(prev, cur, bias, w, K: tl.constexpr):
+    """pre_j = bias + Σ_k w_k x_{j-K+1+k} for the four tokens j of every group (a tuple); prev, cur: the groups
+    of the tokens 4 before and the tokens themselves, w the tuple of the K (BLOCK_D,) weight columns."""
+    pre = ()
+    for j in tl.static_range(4):
+        p = bias[:, None] + tl.zeros_like(cur[0])
+        for k in tl.static_range(K):
+            p += w[k][:, None] * _token(prev, cur, j - (K - 1) + k)
+        pre = pre + (p,)
     return pre
 
 
 @triton.jit
-def _tile(BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (token block, channel block, batch b)'s tokens t, channels c and batch element b."""
-    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
-    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    return t, c, tl.program_id(2).to(tl.int64)                          # b·stride_b can exceed 2^31
+def _ahead(cur, nxt, i: tl.constexpr):
+    """Token i of a group (0 <= i < 8: token i - 4 of the group after)."""
+    if i < 4:
+        return cur[i]
+    else:
+        return nxt[i - 4]
 
 
 @triton.jit
-def _rows(b, c, stride_b, stride_d):
-    """The offsets of rows (b, c) (BLOCK_D,), each a channel's token 0, in a tensor of those strides."""
-    return b * stride_b + c.to(tl.int64) * stride_d
+def _load_groups(rows, t, stride_l, mask_c, L, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The tile of tokens t (0 outside the sequence) of the rows, as float32 groups of 4."""
+    x = tl.load(rows[:, None] + t[None, :].to(tl.int64) * stride_l,
+                mask=mask_c[:, None] & ((t >= 0) & (t < L))[None, :], other=0.0)
+    return _groups(x.to(tl.float32), BLOCK_D, BLOCK_L)
+
+
+@triton.jit
+def _tile(program_b, stride_b, stride_d, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (token block, channel block, batch b)'s tokens t, channels c, and the offsets of its rows."""
+    t = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    rows = program_b * stride_b + c.to(tl.int64) * stride_d             # b·stride_b can exceed 2^31
+    return t, c, rows
+
+
+@triton.jit
+def _weights(w_ptr, c, mask_c, K: tl.constexpr):
+    w = ()
+    for k in tl.static_range(K):
+        w = w + (tl.load(w_ptr + c * K + k, mask=mask_c, other=0.0).to(tl.float32),)
+    return w
 
 
 @triton.jit
 def _conv_fwd_kernel(x_ptr, w_ptr, bias_ptr, u_ptr,
                      L, d, stride_xb, stride_xd, stride_ub, stride_ud,
                      K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (token block, channel block, batch b): u = silu(conv(x)) for a (BLOCK_D, BLOCK_L) tile."""
-    t, c, b = _tile(BLOCK_L, BLOCK_D)
-    x_rows, u_rows = _rows(b, c, stride_xb, stride_xd), _rows(b, c, stride_ub, stride_ud)
+    """Program (token block, channel block, batch b): u = silu(conv(x)) for a (BLOCK_D, BLOCK_L) tile, from two
+    loads: its tokens and the tokens 4 before them."""
+    b = tl.program_id(2).to(tl.int64)
+    t, c, x_rows = _tile(b, stride_xb, stride_xd, BLOCK_L, BLOCK_D)
+    _, _, u_rows = _tile(b, stride_ub, stride_ud, BLOCK_L, BLOCK_D)
     mask_c = c < d
     bias = tl.load(bias_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
-    pre = _conv_at(x_ptr + x_rows, w_ptr, bias, t, c, mask_c, L, K, BLOCK_L)
-    u = pre * tl.sigmoid(pre)
-    tl.store(u_ptr + u_rows[:, None] + t[None, :], u.to(u_ptr.dtype.element_ty),
+    x = _load_groups(x_ptr + x_rows, t, 1, mask_c, L, BLOCK_D, BLOCK_L)
+    prev = _load_groups(x_ptr + x_rows, t - 4, 1, mask_c, L, BLOCK_D, BLOCK_L)
+    pre = _pre(prev, x, bias, _weights(w_ptr, c, mask_c, K), K)
+    u = ()
+    for j in tl.static_range(4):
+        u = u + (pre[j] * tl.sigmoid(pre[j]),)
+    tl.store(u_ptr + u_rows[:, None] + t[None, :], _ungroup(u, BLOCK_D, BLOCK_L).to(u_ptr.dtype.element_ty),
              mask=mask_c[:, None] & (t < L)[None, :])
 
 
 @triton.jit
-def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, du_ptr, g_ptr, dw_part_ptr, dbias_part_ptr,
-                     L, d, stride_xb, stride_xd, stride_ub, stride_ud, stride_ul,
-                     K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (token block, channel block, batch b): g = ∂u · silu'(pre) for its tile (written out, (b, d, L)
-    contiguous, for `_conv_transpose_kernel`), and the tile's sums ∂w_k = Σ_t g_t x_{t-K+1+k}, ∂bias = Σ_t g_t.
-    ∂u may come in any layout; tokens contiguous is the fast one."""
-    t, c, b = _tile(BLOCK_L, BLOCK_D)
-    x_rows, g_rows = _rows(b, c, stride_xb, stride_xd), _rows(b, c, d.to(tl.int64) * L, L)   # d·L can exceed 2^31
-    mask_c = c < d
-    in_seq = mask_c[:, None] & (t < L)[None, :]
-    bias = tl.load(bias_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
-    pre = _conv_at(x_ptr + x_rows, w_ptr, bias, t, c, mask_c, L, K, BLOCK_L)
-    du_offs = b * stride_ub + c[:, None].to(tl.int64) * stride_ud + t[None, :].to(tl.int64) * stride_ul
-    du = tl.load(du_ptr + du_offs, mask=in_seq, other=0.0).to(tl.float32)
+def _silu_grad(du, pre):
     sig = tl.sigmoid(pre)
-    g = du * sig * (1.0 + pre * (1.0 - sig))                             # ∂pre = ∂u · silu'(pre); 0 past L
-    tl.store(g_ptr + g_rows[:, None] + t[None, :], g, mask=in_seq)
-    part = (b * tl.num_programs(0) + tl.program_id(0)) * d + c          # this tile's row of the partial sums
-    tl.store(dbias_part_ptr + part, tl.sum(g, axis=1), mask=mask_c)
-    for k in tl.static_range(K):                                         # the conv's inputs again (cached)
-        src = t - (K - 1) + k
-        x = tl.load(x_ptr + x_rows[:, None] + src[None, :],
-                    mask=mask_c[:, None] & ((src >= 0) & (src < L))[None, :], other=0.0)
-        tl.store(dw_part_ptr + part * K + k, tl.sum(g * x.to(tl.float32), axis=1), mask=mask_c)
+    return du * sig * (1.0 + pre * (1.0 - sig))                          # ∂pre = ∂u · silu'(pre)
 
 
 @triton.jit
-def _conv_transpose_kernel(g_ptr, w_ptr, dx_ptr, L, d, stride_dxb, stride_dxd,
-                           K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (token block, channel block, batch b): ∂x_t = Σ_s w_{K-1-s} g_{t+s}, the conv backwards in time."""
-    t, c, b = _tile(BLOCK_L, BLOCK_D)
-    g_rows, dx_rows = _rows(b, c, d.to(tl.int64) * L, L), _rows(b, c, stride_dxb, stride_dxd)  # d·L can exceed 2^31
+def _conv_bwd_kernel(x_ptr, w_ptr, bias_ptr, du_ptr, dx_ptr, dw_part_ptr, dbias_part_ptr,
+                     L, d, stride_xb, stride_xd, stride_ub, stride_ud, stride_ul, stride_dxb, stride_dxd,
+                     K: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (token block, channel block, batch b): g = ∂u · silu'(pre) for its tile's tokens and, recomputed,
+    for the 4 tokens after each group (∂x_t needs g_t ... g_{t+K-1}); then ∂x for the tile and the tile's sums
+    ∂w_k = Σ_t g_t x_{t-K+1+k}, ∂bias = Σ_t g_t. ∂u may come in any layout; tokens contiguous is the fast one."""
+    b = tl.program_id(2).to(tl.int64)
+    t, c, x_rows = _tile(b, stride_xb, stride_xd, BLOCK_L, BLOCK_D)
+    _, _, dx_rows = _tile(b, stride_dxb, stride_dxd, BLOCK_L, BLOCK_D)
     mask_c = c < d
-    dx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
-    for s in tl.static_range(K):
-        ts = t + s
-        g = tl.load(g_ptr + g_rows[:, None] + ts[None, :], mask=mask_c[:, None] & (ts < L)[None, :], other=0.0)
-        dx += tl.load(w_ptr + c * K + K - 1 - s, mask=mask_c, other=0.0).to(tl.float32)[:, None] * g
-    tl.store(dx_ptr + dx_rows[:, None] + t[None, :], dx.to(dx_ptr.dtype.element_ty),
+    bias = tl.load(bias_ptr + c, mask=mask_c, other=0.0).to(tl.float32)
+    w = _weights(w_ptr, c, mask_c, K)
+    prev = _load_groups(x_ptr + x_rows, t - 4, 1, mask_c, L, BLOCK_D, BLOCK_L)
+    x = _load_groups(x_ptr + x_rows, t, 1, mask_c, L, BLOCK_D, BLOCK_L)
+    nxt = _load_groups(x_ptr + x_rows, t + 4, 1, mask_c, L, BLOCK_D, BLOCK_L)
+    du_rows = b * stride_ub + c.to(tl.int64) * stride_ud
+    du = _load_groups(du_ptr + du_rows, t, stride_ul, mask_c, L, BLOCK_D, BLOCK_L)
+    du_nxt = _load_groups(du_ptr + du_rows, t + 4, stride_ul, mask_c, L, BLOCK_D, BLOCK_L)
+    pre, pre_nxt = _pre(prev, x, bias, w, K), _pre(x, nxt, bias, w, K)
+    g, g_nxt = (), ()
+    for j in tl.static_range(4):                                          # 0 past L, where ∂u is
+        g = g + (_silu_grad(du[j], pre[j]),)
+        g_nxt = g_nxt + (_silu_grad(du_nxt[j], pre_nxt[j]),)
+    dx = ()
+    for j in tl.static_range(4):
+        acc = tl.zeros_like(x[0])
+        for s in tl.static_range(K):                                      # ∂x_t = Σ_s w_{K-1-s} g_{t+s}
+            acc += w[K - 1 - s][:, None] * _ahead(g, g_nxt, j + s)
+        dx = dx + (acc,)
+    tl.store(dx_ptr + dx_rows[:, None] + t[None, :], _ungroup(dx, BLOCK_D, BLOCK_L).to(dx_ptr.dtype.element_ty),
              mask=mask_c[:, None] & (t < L)[None, :])
+    part = (b * tl.num_programs(0) + tl.program_id(0)) * d + c          # this tile's row of the partial sums
+    tl.store(dbias_part_ptr + part, tl.sum(g[0] + g[1] + g[2] + g[3], axis=1), mask=mask_c)
+    for k in tl.static_range(K):
+        acc = tl.zeros_like(x[0])
+        for j in tl.static_range(4):
+            acc += g[j] * _token(prev, x, j - (K - 1) + k)
+        tl.store(dw_part_ptr + part * K + k, tl.sum(acc, axis=1), mask=mask_c)
 
 
 def _like(x, dtype=None):
@@ -157,14 +220,12 @@ def _conv_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     x = _unit_token_stride(x)
     batch, d, L = x.shape
     grid = _grid(x)
-    g = torch.empty(batch, d, L, dtype=torch.float32, device=x.device)   # ∂x is then rounded once, at the end
+    dx = _like(x)
     dw_part = torch.empty(batch * grid[0], d, weight.shape[1], dtype=torch.float32, device=x.device)
     dbias_part = torch.empty(batch * grid[0], d, dtype=torch.float32, device=x.device)
-    _conv_bwd_kernel[grid](x, weight, bias, du, g, dw_part, dbias_part, L, d, x.stride(0), x.stride(1),
-                           *du.stride(), K=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
-    dx = _like(x)
-    _conv_transpose_kernel[grid](g, weight, dx, L, d, dx.stride(0), dx.stride(1),
-                                 K=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+    _conv_bwd_kernel[grid](x, weight, bias, du, dx, dw_part, dbias_part, L, d, x.stride(0), x.stride(1),
+                           *du.stride(), dx.stride(0), dx.stride(1), K=weight.shape[1], BLOCK_L=BLOCK_L,
+                           BLOCK_D=BLOCK_D)
     return dx, dw_part.sum(0).to(weight.dtype), dbias_part.sum(0).to(bias.dtype)
 
 
@@ -189,6 +250,7 @@ def causal_conv_silu(x, weight, bias):
     weight (d, K), bias (d,) -> u (b, d, l) in x's layout (module docstring) and dtype. Differentiable in x,
     weight and bias."""
     assert x.stride(2) == 1 and weight.shape == (x.shape[1], weight.shape[1]) and bias.shape == (x.shape[1],)
+    assert weight.shape[1] <= 5, "the kernels read each token's 4 neighbours on either side: d_conv <= 5"
     assert x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1", \
         "CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported); on a CPU use MAMBA_SCAN=torch"
     return _conv_fwd(x, weight.contiguous(), bias.contiguous())

@@ -13,8 +13,8 @@ def reference(x, weight, bias):
     return F.silu(F.conv1d(x, weight[:, None], bias, padding=weight.shape[1] - 1, groups=d)[..., :L])
 
 
-@pytest.mark.parametrize("batch, L, d, K", [(2, 137, 40, 4), (1, 3, 130, 4), (3, 70, 16, 2)],
-                         ids=["tiles cut inside", "shorter than the kernel", "K=2"])
+@pytest.mark.parametrize("batch, L, d, K", [(2, 137, 40, 4), (1, 3, 130, 4), (3, 70, 16, 2), (2, 33, 8, 5)],
+                         ids=["tiles cut inside", "shorter than the kernel", "K=2", "K=5, the widest taken"])
 def test_forward_and_gradients_match_pytorch_on_a_slice_of_in_projs_output(batch, L, d, K):
     """x is the first half of in_proj's output, a (2d, b·l) matrix viewed (b, d, l): u and ∂x keep that layout."""
     seed = torch.seed()

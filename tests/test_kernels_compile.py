@@ -40,8 +40,6 @@ KERNELS = {  # name: (kernel, constexpr arguments, num_warps)
                                                         BLOCK_D=conv_triton.BLOCK_D), 4),
     "conv backward": (conv_triton._conv_bwd_kernel, dict(K=4, BLOCK_L=conv_triton.BLOCK_L,
                                                          BLOCK_D=conv_triton.BLOCK_D), 4),
-    "conv transposed": (conv_triton._conv_transpose_kernel, dict(K=4, BLOCK_L=conv_triton.BLOCK_L,
-                                                                 BLOCK_D=conv_triton.BLOCK_D), 4),
 }
 
 
