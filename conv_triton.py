@@ -39,6 +39,7 @@ import triton.language as tl
 
 BLOCK_L = 128           # tokens per program (contiguous in memory)
 BLOCK_D = 16            # channels per program
+MAX_K = 5               # widest conv: a token's taps lie in its own group of 4 and the one before
 
 
 @triton.jit
@@ -250,7 +251,7 @@ def causal_conv_silu(x, weight, bias):
     weight (d, K), bias (d,) -> u (b, d, l) in x's layout (module docstring) and dtype. Differentiable in x,
     weight and bias."""
     assert x.stride(2) == 1 and weight.shape == (x.shape[1], weight.shape[1]) and bias.shape == (x.shape[1],)
-    assert weight.shape[1] <= 5, "the kernels read each token's 4 neighbours on either side: d_conv <= 5"
+    assert weight.shape[1] <= MAX_K, "the kernels read each token's 4 neighbours on either side: d_conv <= 5"
     assert x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1", \
         "CUDA tensors (or TRITON_INTERPRET=1 set before triton is imported); on a CPU use MAMBA_SCAN=torch"
     return _conv_fwd(x, weight.contiguous(), bias.contiguous())

@@ -393,7 +393,8 @@ class MambaMixer(nn.Module):
         out_t = silu(bias + Σ_k w_k ⊙ x_{t-d_conv+1+k}). The Triton kernel reads x inside in_proj's output."""
         if _backend(x) == "triton":
             assert conv_triton is not None, "the triton conv needs the triton package"
-            return conv_triton.causal_conv_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
+            if self.d_conv <= conv_triton.MAX_K:                           # wider: PyTorch's conv below
+                return conv_triton.causal_conv_silu(x, self.conv1d.weight[:, 0], self.conv1d.bias)
         return F.silu(self.conv1d(x)[..., :x.shape[2]])      # padded on both sides: keep the first l
 
     def forward(self, hidden_states, hook=None, return_cache=False):

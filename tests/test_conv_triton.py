@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import conv_triton
-from conftest import rel_err
+from conftest import rel_err, small_model
 
 
 def reference(x, weight, bias):
@@ -45,3 +45,15 @@ def test_half_precision_input_is_computed_in_float32():
     dx_ref, dw_ref, dbias_ref = torch.autograd.grad(ref, (x32, weight, bias), du.float())
     assert dx.dtype == torch.bfloat16 and rel_err(dx, dx_ref) <= 5e-3, f"seed {seed}"
     assert rel_err(dw, dw_ref) <= 1e-5 and rel_err(dbias, dbias_ref) <= 1e-5, f"seed {seed}"
+
+
+@pytest.mark.parametrize("d_conv", [5, 6], ids=["the widest the kernel takes", "wider: PyTorch's conv"])
+def test_the_mixer_on_the_triton_path_takes_any_conv_width(monkeypatch, d_conv):
+    """A model with a conv wider than the kernel's MAX_K still runs on the Triton path, its conv in PyTorch."""
+    model = small_model(d_conv=d_conv)
+    ids = torch.randint(0, 101, (2, 24))
+    logits = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("MAMBA_SCAN", backend)
+        logits[backend] = model(ids)
+    assert rel_err(logits["triton"], logits["torch"]) <= 1e-5
