@@ -305,7 +305,8 @@ def _chunk_carry_kernel(states_ptr, delta_sum_ptr, A2_ptr, initial_ptr, d_inner,
                         BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr):
     """states[c] holds a chunk's summary X_c on entry and the carry entering chunk c on exit:
         carry = initial;  for c in order: states[c], carry = carry, exp(A · ΣΔ_c) ⊙ carry + X_c
-    in time order for the forward (carry = start state), reversed for the backward (carry = adjoint G_c).
+    in time order for the forward (carry = start state), reversed for the backward (carry = adjoint G_c; the
+    last carry, out of chunk 0, is not stored, so X_0 is never written).
     A thread owns one (channel, state) element e of the (d_inner, BLOCK_N) plane. The chain over chunks is
     sequential, but its inputs are not: the summaries of GROUP chunks are loaded before the chain runs through
     them, so that one memory latency is paid per GROUP chunks instead of one per chunk."""
@@ -351,10 +352,11 @@ def _adjoint_summary_kernel(
         T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Program (channel block, chunk c, batch b): walk the chunk backwards from a zero adjoint,
         g_t = C_t dy_t + carried,  carried <- a_t g_t,
-    and write what reaches the previous chunk's last token (carried at the chunk's first token) and ΣΔ_c."""
+    and write what reaches the previous chunk's last token (carried at the chunk's first token) and ΣΔ_c.
+    Chunk 0 has no previous chunk: the programs are chunks 1 to n_chunks - 1."""
     d, d_mask, g = _program_channels(tl.program_id(0), d_inner, group_size, BLOCK_D)
-    c = tl.program_id(1)
-    n_chunks = tl.num_programs(1)
+    c = tl.program_id(1) + 1
+    n_chunks = tl.num_programs(1) + 1
     b = tl.program_id(2).to(tl.int64)
     stride = tl.multiple_of(stride, 8)
     row_b, row_d = tl.multiple_of(row_b, 8), tl.multiple_of(row_d, 8)
@@ -779,8 +781,8 @@ def _scan_bwd(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Te
     adjoints = _alloc(batch, n_chunks, d_inner, block_n, dtype=torch.float32, device=u.device)
     if n_chunks > 1:  # passes 1 and 2 of the adjoint
         delta_sums = _alloc(batch, n_chunks, d_inner, dtype=torch.float32, device=u.device)
-        _adjoint_summary_kernel[grid](dout, delta, z, A2, Ct, delta_bias, skip_below, adjoints, delta_sums, *sizes,
-                                      **flags)
+        _adjoint_summary_kernel[grid[0], n_chunks - 1, batch](dout, delta, z, A2, Ct, delta_bias, skip_below,
+                                                              adjoints, delta_sums, *sizes, **flags)
         _carry(adjoints, delta_sums, A2, dlast, True)
     elif dlast is None:
         adjoints.zero_()
