@@ -52,17 +52,14 @@ Chunks: parallel over the sequence
 One thread per channel is B·d_inner threads; a GPU wants tens of thousands, so with few long sequences
 (batch 1, L = 128k) the sequence is also cut into n_chunks chunks of whole segments (below). h_t = a_t h_{t-1}
 + b_t is a chain of affine maps x -> a x + b, and composing two of them is again one, so chunks can be
-summarised independently and stitched together afterwards:
-
-  1. chunk summaries (all chunks in parallel): each chunk runs from a zero state; its end state S_c and the
-     sum of its Δ (its total decay is exp(A · ΣΔ_c)) are written out;
-  2. carry (sequential over chunks, parallel over batch, channels and states): the true start state of each
-     chunk, h_start[0] = 0, h_start[c+1] = exp(A · ΣΔ_c) h_start[c] + S_c: one multiply-add per chunk;
-  3. outputs (all chunks in parallel): each chunk runs again from h_start[c] and writes y.
-Pass 1 costs a second sweep over the chunk (without C, z and the output), so it only runs when the batch and
-channels alone cannot fill the GPU: `_chunk_len` picks as few chunks as give every SM enough warps, and with
-one chunk the forward is the single pass 3. A thread walks its tokens one after the other, each step waiting
-on the last, so the GPU needs many threads in flight to stay busy.
+summarised independently and stitched together afterwards, the three passes of the pseudo-code above: pass 1
+writes each chunk's end state S_c from a zero state and its ΣΔ_c (the chunk's total decay is exp(A · ΣΔ_c));
+pass 2 is one multiply-add per chunk, sequential over chunks and parallel over batch, channels and states;
+pass 3 runs every chunk again from its true start state and writes y. Pass 1 costs a second sweep over the
+chunk (without C, z and the output), so it only runs when the batch and channels alone cannot fill the GPU:
+`_chunk_len` picks as few chunks as give every SM enough warps, and with one chunk the forward is the single
+pass 3. A thread walks its tokens one after the other, each step waiting on the last, so the GPU needs many
+threads in flight to stay busy.
 
 The backward
 ------------
