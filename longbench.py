@@ -433,8 +433,7 @@ def score_file(pred_path, dataset, e=False):
     records = _read_predictions(pred_path, fields=("pred", "answers", "all_classes") + (("length",) if e else ()))
     if not records:
         raise ValueError(f"{pred_path} holds no predictions")
-    predictions = [r["pred"] for r in records]
-    answers = [r["answers"] for r in records]
+    predictions, answers = [r["pred"] for r in records], [r["answers"] for r in records]
     all_classes = records[-1]["all_classes"]
     if e:
         return score_e(dataset, predictions, answers, [r["length"] for r in records], all_classes)

@@ -21,7 +21,6 @@ import os
 import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterable
 
 import regex
 import tiktoken
@@ -44,8 +43,7 @@ HF_JSON_FILE = "tokenizer.json"  # in a checkpoint directory: a Hugging Face tok
 # ----------------------------------------------------------------------------------------------------------
 # Training a byte-level BPE
 
-def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = (ENDOFTEXT,),
-              name: str = "bpe", pattern: str = GPT2_PATTERN) -> tiktoken.Encoding:
+def train_bpe(texts, vocab_size, special_tokens=(ENDOFTEXT,), name="bpe", pattern=GPT2_PATTERN):
     """Learn a byte-level BPE from `texts` (the GPT-2 recipe) and return it as a tiktoken encoding.
 
     `vocab_size` counts the 256 single bytes (ranks 0..255), the merges (ranks 256...) and the special tokens
@@ -124,7 +122,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: Iterable[st
     return tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=rank_of, special_tokens=specials)
 
 
-def _merge_pair(word: list[int], a: int, b: int, new: int) -> list[int]:
+def _merge_pair(word, a, b, new):
     """Replace each occurrence of a followed by b in word, left to right, by new."""
     out, i = [], 0
     while i < len(word):
@@ -137,7 +135,7 @@ def _merge_pair(word: list[int], a: int, b: int, new: int) -> list[int]:
     return out
 
 
-def byte_encoding() -> tiktoken.Encoding:
+def byte_encoding():
     """The 256 single bytes as tokens 0..255 (no merges) and `<|endoftext|>` = 256: one token per UTF-8 byte."""
     ranks = {bytes([b]): b for b in range(256)}
     return tiktoken.Encoding("bytes", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={ENDOFTEXT: 256})
@@ -146,7 +144,7 @@ def byte_encoding() -> tiktoken.Encoding:
 # ----------------------------------------------------------------------------------------------------------
 # .tiktoken files
 
-def save_tiktoken(encoding: tiktoken.Encoding, path: str | os.PathLike) -> None:
+def save_tiktoken(encoding, path):
     """Write `encoding` as a `.tiktoken` ranks file at `path` and its companion `path + ".json"` (module docstring)."""
     assert not isinstance(encoding, HFByteLevelBPE), "a converted tokenizer.json stays a tokenizer.json"
     path = os.fspath(path)
@@ -159,7 +157,7 @@ def save_tiktoken(encoding: tiktoken.Encoding, path: str | os.PathLike) -> None:
     atomic_write(path + ".json", (json.dumps(companion, indent=1, ensure_ascii=False) + "\n").encode())
 
 
-def load_tiktoken(path: str | os.PathLike) -> tiktoken.Encoding:
+def load_tiktoken(path):
     """Read a `.tiktoken` ranks file and its companion `path + ".json"` if there is one (module docstring)."""
     path = os.fspath(path)
     # read here: tiktoken's load_tiktoken_bpe caches a file by its path, so it returns a file rewritten in
@@ -175,29 +173,26 @@ def load_tiktoken(path: str | os.PathLike) -> tiktoken.Encoding:
                 raise ValueError(f"{path}:{line_number}: not a 'base64(token) rank' line: {line[:80]!r}") from None
     if not ranks:
         raise ValueError(f"{path!r} holds no tokens: a .tiktoken file has one 'base64(token) rank' line per token")
+    if len(set(ranks.values())) != len(ranks):
+        raise ValueError(f"{path!r} gives the same rank to two tokens; ranks must be distinct")
     if os.path.isfile(path + ".json"):
         with open(path + ".json", encoding="utf-8") as f:
             companion = json.load(f)
-        missing = {"name", "pat_str", "special_tokens"} - set(companion)
-        if missing:
+        if missing := {"name", "pat_str", "special_tokens"} - set(companion):
             raise ValueError(f"{path + '.json'!r} lacks {sorted(missing)} of the encoding whose ranks are in {path!r}")
-    else:
+    else:  # as GPT-2
         companion = {"name": Path(path).stem, "pat_str": GPT2_PATTERN,
                      "special_tokens": {ENDOFTEXT: max(ranks.values()) + 1}}
-    specials = companion["special_tokens"]
-    if len(set(ranks.values())) != len(ranks):
-        raise ValueError(f"{path!r} gives the same rank to two tokens; ranks must be distinct")
-    clashes = sorted(set(specials.values()) & set(ranks.values()))
-    if clashes:
+    if clashes := sorted(set(companion["special_tokens"].values()) & set(ranks.values())):
         raise ValueError(f"special token ids {clashes} in {path + '.json'!r} are also ranks of tokens in {path!r}")
     return tiktoken.Encoding(companion["name"], pat_str=companion["pat_str"], mergeable_ranks=ranks,
-                             special_tokens=specials)
+                             special_tokens=companion["special_tokens"])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Hugging Face tokenizer.json (byte-level BPE)
 
-def bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode():
     """GPT-2's byte -> character table, with which Hugging Face ByteLevel writes bytes as text: the 188 printable
     Latin-1 bytes stand for themselves, the other 68 get chr(256), chr(257), ... (space 'Ġ', newline 'Ċ')."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -228,14 +223,14 @@ class HFByteLevelBPE(tiktoken.Encoding):
     since 2017 (e.g. U+0D3B) next to another combining mark can be put in a different order (rare text only).
     """
 
-    def __init__(self, tokenizer_json: str, name: str = "hf_byte_level_bpe"):
+    def __init__(self, tokenizer_json, name="hf_byte_level_bpe"):
         spec = json.loads(tokenizer_json)
         _check_supported(spec)
         model = spec["model"]
         self.tokenizer_json = tokenizer_json  # kept verbatim: save_tokenizer writes it back
         byte_of = {char: b for b, char in bytes_to_unicode().items()}
 
-        def token_bytes(token: str) -> bytes:
+        def token_bytes(token):
             try:
                 return bytes(byte_of[char] for char in token)
             except KeyError as err:
@@ -278,7 +273,7 @@ class HFByteLevelBPE(tiktoken.Encoding):
                                               mergeable_ranks=merge_ranks, special_tokens={})
         super().__init__(name, pat_str=GPT2_PATTERN, mergeable_ranks=vocab, special_tokens=self._added)
 
-    def encode(self, text: str, *, allowed_special=frozenset(), disallowed_special="all") -> list[int]:
+    def encode(self, text, *, allowed_special=frozenset(), disallowed_special="all"):
         """Token ids of text; special tokens follow tiktoken's allowed_special / disallowed_special rules."""
         if allowed_special == "all":
             allowed_special = self._special
@@ -301,11 +296,11 @@ class HFByteLevelBPE(tiktoken.Encoding):
                 ids.extend([self._added[part]] if part_is_added else self._bpe(part))  # step 4
         return ids
 
-    def encode_ordinary(self, text: str) -> list[int]:
+    def encode_ordinary(self, text):
         """Token ids of text, special-token text encoded as plain text (non-special added tokens still match)."""
         return self.encode(text, disallowed_special=())
 
-    def encode_to_numpy(self, text: str, **kwargs):
+    def encode_to_numpy(self, text, **kwargs):
         """encode(), as a numpy uint32 array (tiktoken's own would use the wrong ids)."""
         import numpy as np
         return np.asarray(self.encode(text, **kwargs), dtype=np.uint32)
@@ -314,13 +309,13 @@ class HFByteLevelBPE(tiktoken.Encoding):
         raise NotImplementedError("encode_with_unstable is not available for a converted tokenizer.json; use encode")
 
     @property
-    def special_tokens_set(self) -> set[str]:
+    def special_tokens_set(self):
         return set(self._special)
 
-    def is_special_token(self, token: int) -> bool:
+    def is_special_token(self, token):
         return token in self._special_ids
 
-    def _bpe(self, text: str) -> list[int]:
+    def _bpe(self, text):
         """Step 4: pre-tokenise and merge by merge order, then turn ranks into vocab ids."""
         ids = [self._rank_to_id[rank] for rank in self._merge_order.encode_ordinary(text)]
         if None in ids:
@@ -332,7 +327,7 @@ class HFByteLevelBPE(tiktoken.Encoding):
         return HFByteLevelBPE, (self.tokenizer_json, self.name)
 
 
-def from_hf_tokenizer_json(path: str | os.PathLike) -> HFByteLevelBPE:
+def from_hf_tokenizer_json(path):
     """Read a Hugging Face byte-level BPE tokenizer.json (GPT-NeoX-20B's, GPT-2's) as a tiktoken encoding."""
     path = Path(path)
     try:
@@ -341,7 +336,7 @@ def from_hf_tokenizer_json(path: str | os.PathLike) -> HFByteLevelBPE:
         raise ValueError(f"{str(path)!r} is not valid JSON ({err})") from None
 
 
-def _check_supported(spec: dict) -> None:
+def _check_supported(spec):
     """Refuse, with the reason, a tokenizer.json whose encoding HFByteLevelBPE would not reproduce."""
     def refuse(what):
         raise ValueError(f"unsupported tokenizer.json: {what} (this converts byte-level BPEs like GPT-NeoX's)")
@@ -364,15 +359,17 @@ def _check_supported(spec: dict) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _longest_first(tokens: frozenset) -> regex.Pattern | None:
-    """A regex capturing any of tokens, the longest where several start at one place (leftmost-longest)."""
+def _longest_first(tokens):
+    """A regex capturing any of tokens (a frozenset), the longest where several start at one place
+    (leftmost-longest); None for no tokens."""
     if not tokens:
         return None
     return regex.compile("(" + "|".join(regex.escape(t) for t in sorted(tokens, key=lambda t: (-len(t), t))) + ")")
 
 
-def _split_on(pattern: regex.Pattern | None, text: str) -> list[tuple[str, bool]]:
-    """(piece, True) for each match of pattern in text, (piece, False) for the non-empty text between them."""
+def _split_on(pattern, text):
+    """(piece, True) for each match of pattern (None: no match) in text, (piece, False) for the non-empty text
+    between them."""
     pieces = pattern.split(text) if pattern else [text]  # the matches are at the odd indices
     return [(piece, i % 2 == 1) for i, piece in enumerate(pieces) if piece]
 
@@ -380,7 +377,7 @@ def _split_on(pattern: regex.Pattern | None, text: str) -> list[tuple[str, bool]
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoint directories
 
-def save_tokenizer(encoding: tiktoken.Encoding, checkpoint_dir: str | os.PathLike) -> None:
+def save_tokenizer(encoding, checkpoint_dir):
     """Put the tokenizer in a checkpoint directory: `tokenizer.tiktoken` (+ companion), or a converted
     tokenizer.json as it was read (a stale `tokenizer.tiktoken` goes, as load_tokenizer would read it first)."""
     directory = Path(checkpoint_dir)
@@ -393,7 +390,7 @@ def save_tokenizer(encoding: tiktoken.Encoding, checkpoint_dir: str | os.PathLik
         save_tiktoken(encoding, directory / TIKTOKEN_FILE)
 
 
-def load_tokenizer(checkpoint_dir: str | os.PathLike) -> tiktoken.Encoding:
+def load_tokenizer(checkpoint_dir):
     """The tokenizer of a checkpoint directory: `tokenizer.tiktoken` if present, else `tokenizer.json`."""
     directory = Path(checkpoint_dir)
     if (directory / TIKTOKEN_FILE).is_file():

@@ -105,8 +105,7 @@ def parse_args(argv):
 
 
 def fail(message):
-    """Stop with one line that says what to change (exit status 1)."""
-    sys.exit(f"train.py: {message}")
+    sys.exit(f"train.py: {message}")       # one line that says what to change; exit status 1
 
 
 def settle(args, given):
@@ -190,57 +189,50 @@ def load_encoding(spec, text):
     return tokenizer.load_tiktoken(spec)
 
 
-class Batches:
-    """The training data: sample i of step s is a pure function of (seed, s, i)."""
-
-    def __init__(self, args, encoding, haystack):
-        self.args, self.encoding, self.haystack = args, encoding, haystack
-        self.lm_tokens = haystack.tokens(encoding)[0]             # the train split as one token stream
-
-    def lm(self, step, indices):
-        """ids (b, L+1), loss weights (b, L), answer mask (b, L): a mix of passkey samples and LM windows."""
-        a, L = self.args, self.args.L_train
-        # --curriculum: the needle starts in the filler's last 10 % (near the question), anywhere after those steps
-        min_depth = max(0.0, 0.9 * (1 - step / a.curriculum)) if a.curriculum else 0.0
-        rows = []
-        for i in indices:
-            rng = np.random.default_rng([a.seed, step, i])
-            if rng.random() < a.passkey_fraction:
-                ids, w = passkey.training_example(self.encoding, self.haystack, L, rng, a.filler, a.other_weight,
-                                                  min_depth)
-                rows.append((ids, w, w == 1.0))
-            else:
-                start = int(rng.integers(0, len(self.lm_tokens) - L - 1))
-                rows.append((self.lm_tokens[start:start + L + 1].astype(np.int64), np.ones(L, np.float32),
-                             np.zeros(L, bool)))
-        return [torch.from_numpy(np.stack(col)) for col in zip(*rows)]
-
-    def answers(self, step, indices):
-        """Passkey samples of one length for fine-tuning: ids (b, T+1), weights (b, T) (1 on the answer, 0 on the
-        prompt), prompt lengths (b,), and the step's rng (it draws the compressed region)."""
-        a = self.args
-        rng = np.random.default_rng([a.seed, step])
-        T = round(a.L_train * rng.uniform(*a.lengths_x))
-        rows = []
-        for i in indices:
-            ids, w = passkey.training_example(self.encoding, self.haystack, T, np.random.default_rng([a.seed, step, i]),
-                                              a.filler, other_weight=0.0)
-            rows.append((ids, w, int(np.argmax(w > 0)) + 1))            # the answer's loss starts after the prompt
-        return [torch.from_numpy(np.stack(col)) for col in zip(*rows)] + [rng]
+def lm_batch(args, encoding, haystack, step, indices):
+    """Samples `indices` of `step` for --method lm, a mix of passkey samples and language-model windows of the
+    training split: ids (b, L+1), loss weights (b, L), answer mask (b, L)."""
+    L, lm_tokens = args.L_train, haystack.tokens(encoding)[0]            # the split as one token stream
+    # --curriculum: the needle starts in the filler's last 10 % (near the question), anywhere after those steps
+    min_depth = max(0.0, 0.9 * (1 - step / args.curriculum)) if args.curriculum else 0.0
+    rows = []
+    for i in indices:
+        rng = np.random.default_rng([args.seed, step, i])
+        if rng.random() < args.passkey_fraction:
+            ids, w = passkey.training_example(encoding, haystack, L, rng, args.filler, args.other_weight, min_depth)
+            rows.append((ids, w, w == 1.0))
+        else:
+            start = int(rng.integers(0, len(lm_tokens) - L - 1))
+            rows.append((lm_tokens[start:start + L + 1].astype(np.int64), np.ones(L, np.float32), np.zeros(L, bool)))
+    return [torch.from_numpy(np.stack(col)) for col in zip(*rows)]
 
 
-def weighted_lm_loss(model, ids, weights, answer_mask=None):
-    """Per-sample weighted next-token loss, averaged over samples: ids (b, L+1), weights (b, L).
-    Also returns the mean loss on the answer tokens (answer_mask) for the log, or None."""
+def answer_batch(args, encoding, haystack, step, indices):
+    """Samples `indices` of `step` for fine-tuning, passkey samples of one length: ids (b, T+1), weights (b, T)
+    (1 on the answer, 0 on the prompt), prompt lengths (b,), and the step's rng (it draws the compressed region)."""
+    rng = np.random.default_rng([args.seed, step])
+    T = round(args.L_train * rng.uniform(*args.lengths_x))
+    rows = []
+    for i in indices:
+        ids, w = passkey.training_example(encoding, haystack, T, np.random.default_rng([args.seed, step, i]),
+                                          args.filler, other_weight=0.0)
+        rows.append((ids, w, int(np.argmax(w > 0)) + 1))                # the answer's loss starts after the prompt
+    return [torch.from_numpy(np.stack(col)) for col in zip(*rows)] + [rng]
+
+
+def weighted_lm_loss(model, ids, weights):
+    """Per-sample weighted next-token loss, averaged over samples, and the per-token losses (b, L), detached:
+    ids (b, L+1), weights (b, L)."""
     logits = model(ids[:, :-1])
     ce = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view_as(weights)
-    loss = ((ce * weights).sum(1) / weights.sum(1)).mean()
-    answer = ce.detach()[answer_mask].mean() if answer_mask is not None and answer_mask.any() else None
-    return loss, answer
+    return ((ce * weights).sum(1) / weights.sum(1)).mean(), ce.detach()
 
 
-def build(args, device, text):
-    """(encoding, the module trained (its generate is what evaluation runs), the parameter groups, the base model)."""
+def build(args, device, text, haystack):
+    """The method, chosen once: (encoding, the module trained (the base Mamba, or a ReMamba around it), the
+    optimizer's parameter groups, loss, save). loss(model, step, indices) -> (loss with a graph, the answer
+    tokens' mean loss or None, tokens) of samples `indices` of `step`, model being the trained module as the
+    step calls it (compiled, in DDP); save(directory, dtype) writes the checkpoint."""
     if args.method == "lm":
         encoding = tokenizer.load_tokenizer(args.out) if args.resume else load_encoding(args.tokenizer, text)
         config = MambaConfig(d_model=args.d_model, n_layer=args.n_layer, vocab_size=encoding.n_vocab,
@@ -268,10 +260,36 @@ def build(args, device, text):
     if args.L_train <= passkey.prompt_overhead(encoding):
         fail(f"--L-train {args.L_train} leaves no room for filler: the passkey prompt's fixed parts take "
              f"{passkey.prompt_overhead(encoding)} tokens with this tokenizer")
+    n_tokens = len(haystack.tokens(encoding)[0])           # tokenizes the training split once, before step 0
+    if args.method == "lm" and n_tokens <= args.L_train + 1:
+        fail(f"--data has {n_tokens} training tokens, fewer than one window of L_train + 1")
+
+    def lm_loss(model, step, indices):
+        ids, weights, answer_mask = (t.to(device) for t in lm_batch(args, encoding, haystack, step, indices))
+        loss, ce = weighted_lm_loss(model, ids, weights)
+        return loss, ce[answer_mask].mean() if answer_mask.any() else None, ids.numel()
+
+    def sft_loss(model, step, indices):             # all the weight is on the answer: the loss is the answer's
+        ids, weights, _, _ = answer_batch(args, encoding, haystack, step, indices)
+        loss, _ = weighted_lm_loss(model, ids.to(device), weights.to(device))
+        return loss, loss.detach(), ids.numel()
+
+    def remamba_loss(model, step, indices):         # model is the ReMamba: it trains uncompiled, on one process
+        ids, weights, prompt_lengths, rng = answer_batch(args, encoding, haystack, step, indices)
+        region = remamba.training_region(int(prompt_lengths.min()), args.L_train, rng)
+        loss = model.training_loss(ids.to(device), weights.to(device), prompt_lengths.to(device), region)
+        return loss, loss.detach(), ids.numel()
+
+    def save(directory, dtype):
+        base.save_pretrained(directory, encoding, dtype=dtype)
+        if args.method == "remamba":                # its new parameters, beside the base
+            trained.save(os.path.join(directory, remamba.REMAMBA_FILE))
+
     decayed = {id(p) for n, p in trained.named_parameters() if p.dim() >= 2 and not n.endswith("A_log")}
     groups = [{"params": [p for p in params if id(p) in decayed], "weight_decay": args.weight_decay},
               {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0}]
-    return encoding, trained, groups, base
+    loss = {"lm": lm_loss, "sft": sft_loss, "remamba": remamba_loss}[args.method]
+    return encoding, trained, groups, loss, save
 
 
 def lr_at(step, args):
@@ -308,7 +326,7 @@ def setup_device(args):
 
 
 class Run:
-    """One training run: the model, its optimizer and data, how a step's loss is computed, saving, evaluating."""
+    """One training run: the model, its optimizer and data, the training loop, saving, evaluating."""
 
     def __init__(self, args, argv, state):
         self.args, self.argv = args, argv
@@ -318,7 +336,7 @@ class Run:
         try:
             with open(args.data, encoding="utf-8") as f:
                 text = f.read()
-            haystack = passkey.Haystack(text, "train")     # the first 90 %: eval.py hides needles in the rest
+            self.haystack = passkey.Haystack(text, "train")   # the first 90 %: eval.py hides needles in the rest
         except (OSError, UnicodeDecodeError) as e:
             fail(f"--data {args.data}: not a readable UTF-8 text file ({type(e).__name__})")
         except ValueError as e:
@@ -328,10 +346,7 @@ class Run:
             fail(f"--out {args.out}: not writable")
         self.log_file = open(os.path.join(args.out, "train_log.txt"), "a") if self.rank == 0 else None
         torch.manual_seed(args.seed)
-        self.encoding, self.trained, groups, self.base = build(args, self.device, text)
-        self.batches = Batches(args, self.encoding, haystack)
-        if args.method == "lm" and len(self.batches.lm_tokens) <= args.L_train + 1:
-            fail(f"--data has {len(self.batches.lm_tokens)} training tokens, fewer than one window of L_train + 1")
+        self.encoding, self.trained, groups, self.loss, self.save_model = build(args, self.device, text, self.haystack)
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=cuda)
         model = torch.nn.parallel.DistributedDataParallel(self.trained) if self.world > 1 else self.trained
@@ -365,22 +380,6 @@ class Run:
             print(line, flush=True)
             print(line, file=self.log_file, flush=True)
 
-    def loss(self, indices):
-        """This rank's share of a step: (loss with a graph, the answer tokens' mean loss or None, tokens)."""
-        args, device, step = self.args, self.device, self.step
-        if args.method == "lm":
-            ids, weights, answer_mask = (t.to(device) for t in self.batches.lm(step, indices))
-            loss, answer = weighted_lm_loss(self.forward_model, ids, weights, answer_mask)
-            return loss, answer, ids.numel()
-        ids, weights, prompt_lengths, rng = self.batches.answers(step, indices)
-        ids, weights, prompt_lengths = ids.to(device), weights.to(device), prompt_lengths.to(device)
-        if args.method == "sft":
-            loss, _ = weighted_lm_loss(self.forward_model, ids, weights)
-        else:
-            region = remamba.training_region(int(prompt_lengths.min()), args.L_train, rng)
-            loss = self.trained.training_loss(ids, weights, prompt_lengths, region)
-        return loss, loss.detach(), ids.numel()
-
     def save(self, final=False):
         if self.rank != 0:
             return
@@ -389,10 +388,7 @@ class Run:
         atomic_write(os.path.join(args.out, STATE_FILE), lambda f: torch.save(
             {"model": self.trained.state_dict(), "optimizer": self.optimizer.state_dict(),
              "rng_cpu": torch.get_rng_state(), "step": self.step, "elapsed": elapsed, "args": vars(args)}, f))
-        dtype = torch.float16 if args.save_dtype == "float16" else None
-        self.base.save_pretrained(args.out, self.encoding, dtype=dtype)
-        if args.method == "remamba":
-            self.trained.save(os.path.join(args.out, remamba.REMAMBA_FILE))
+        self.save_model(args.out, torch.float16 if args.save_dtype == "float16" else None)
         info = {"L_train": args.L_train, "method": args.method, "steps": self.step, "finished": final,
                 "train_seconds": round(elapsed, 1), "commit": git_commit(),
                 "device": torch.cuda.get_device_name() if self.device.startswith("cuda") else "cpu",
@@ -410,7 +406,7 @@ class Run:
         for m in self.args.eval_x:
             correct = 0
             for i in range(n):
-                sample = passkey.make_sample(enc, self.batches.haystack, round(m * self.args.L_train),
+                sample = passkey.make_sample(enc, self.haystack, round(m * self.args.L_train),
                                              depth=i / max(1, n - 1), seed=900_000 + i)
                 with self.amp:
                     new = self.trained.generate(torch.tensor([sample.prompt_ids], device=self.device),
@@ -439,7 +435,7 @@ class Run:
             for micro in range(args.grad_accum):
                 first = (micro * self.world + self.rank) * per_rank          # this rank's slice of the global batch
                 with self.amp:
-                    loss, answer, n = self.loss(range(first, first + per_rank))
+                    loss, answer, n = self.loss(self.forward_model, self.step, range(first, first + per_rank))
                 (loss / args.grad_accum).backward()
                 losses.append(loss.detach().float())
                 if answer is not None:                              # None: no answer tokens in this micro-batch
