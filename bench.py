@@ -114,10 +114,9 @@ def fmt_against(other_ms, ms):
 
 def bench_scan(args):
     try:
-        import selective_scan_cuda  # noqa: F401  (built from mamba-ssm's sources, see README)
-        have_cuda_kernel = True
+        import selective_scan_cuda  # built from mamba-ssm's sources, see README
     except ImportError:
-        have_cuda_kernel = False
+        selective_scan_cuda = None
     rows = table_head("(B, d_inner, L)", "dtype", "triton fwd", "triton bwd", "triton fwd+bwd",
                       "torch chunked (mamba.selective_scan_chunked) fwd", "fwd+bwd", "mamba_ssm fwd", "bwd")
     for dtype_name in args.dtypes:
@@ -125,7 +124,7 @@ def bench_scan(args):
             x = scan_inputs(batch, d_inner, L, DTYPES[dtype_name])
             fwd, bwd, both = time_scan(scan_triton.selective_scan, x)
             ref_fwd, _, ref_both = time_scan(mamba.selective_scan_chunked, x, limit_s=REFERENCE_LIMIT_S)
-            ssm_fwd, ssm_bwd = time_mamba_ssm(x) if have_cuda_kernel else (None, None)
+            ssm_fwd, ssm_bwd = time_mamba_ssm(x) if selective_scan_cuda else (None, None)
             add_row(rows, f"({batch}, {d_inner}, {L})", dtype_name, fmt_ms(fwd), fmt_ms(bwd), fmt_ms(both),
                     fmt_against(ref_fwd, fwd), fmt_against(ref_both, both),
                     fmt_against(ssm_fwd, fwd), fmt_against(ssm_bwd, bwd))
@@ -135,7 +134,7 @@ def bench_scan(args):
              "(> 1: scan_triton is faster). bwd is the backward alone, from saved forward tensors.",
              f"PyTorch path timed only where one forward+backward takes < {REFERENCE_LIMIT_S:.0f} s and fits in "
              "memory, else '-'."]
-    if not have_cuda_kernel:
+    if selective_scan_cuda is None:
         notes.append("`selective_scan_cuda` did not import here (README: how to build it): no mamba_ssm columns.")
     write_result(args.out, "Selective scan", rows, notes)
 
@@ -295,7 +294,6 @@ def bench_decode(args):
 # ----------------------------------------------------------------------------------------------------------
 # python bench.py methods
 
-
 def bench_methods(args):
     """Prefill time of each long-context method ÷ vanilla prefill on a checkpoint at long prompt lengths, the
     prefill's peak memory, and the cost of one recurrent decoding step (no method changes decoding)."""
@@ -348,7 +346,6 @@ def bench_methods(args):
 # ----------------------------------------------------------------------------------------------------------
 # Shared: the tables and where they came from
 
-
 def table_head(*columns):
     """The first two lines of a markdown table: its column names and the line under them."""
     return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -390,26 +387,20 @@ def main():
     sections = parser.add_subparsers(dest="section", required=True)
     scan = sections.add_parser("scan", help="selective-scan kernels, forward and backward")
     scan.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    scan.add_argument("--out", default="results/scan_bench.md", help="markdown table written here")
-    scan.set_defaults(run=bench_scan)
     train = sections.add_parser("train", help="a training step of the whole model, ours and mamba_ssm's")
     train.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    train.add_argument("--out", default="results/train_bench.md", help="markdown table written here")
     train.add_argument("--profile", help="a folder: the GPU-time profile of one step of each model goes there")
     train.add_argument("--configs", type=int_list, help="rows of the table to run (0-based; default all)")
-    train.set_defaults(run=bench_train)
     decode = sections.add_parser("decode", help="greedy decoding per new token, ours and mamba_ssm's")
     decode.add_argument("--batches", type=int_list, default=[1, 16])
     decode.add_argument("--prompt", type=int, default=256, help="prompt tokens")
     decode.add_argument("--new-tokens", type=int, default=129)
-    decode.add_argument("--out", default="results/decode_bench.md", help="markdown table written here")
-    decode.set_defaults(run=bench_decode)
     methods = sections.add_parser("methods", help="prefill time of LongMamba, DeciMamba, ReMamba ÷ vanilla")
     methods.add_argument("--model", default="checkpoints/mamba-testbed", help="with its longmamba_calibration.pt")
     methods.add_argument("--remamba", default="checkpoints/mamba-testbed-remamba", help="a ReMamba checkpoint")
     methods.add_argument("--lengths", type=int_list, default=[16384, 65536])
-    methods.add_argument("--out", default="results/methods_bench.md", help="markdown table written here")
-    methods.set_defaults(run=bench_methods)
+    for name, section in sections.choices.items():
+        section.add_argument("--out", default=f"results/{name}_bench.md", help="markdown table written here")
     args = parser.parse_args()
     if args.section == "train" and not all(0 <= i < len(TRAIN_CONFIGS) for i in args.configs or []):
         parser.error(f"--configs: rows 0 to {len(TRAIN_CONFIGS) - 1} of the table, got {args.configs}")
@@ -420,7 +411,7 @@ def main():
     load = os.getloadavg()[0]
     if load > 0.5 * os.cpu_count():
         print(f"warning: CPU load {load:.1f} on {os.cpu_count()} cores: other work may slow the timings down")
-    args.run(args)
+    dict(scan=bench_scan, train=bench_train, decode=bench_decode, methods=bench_methods)[args.section](args)
 
 
 if __name__ == "__main__":

@@ -215,6 +215,12 @@ def load_calibration(args, model, encoding, L_train, text):
     return calibration
 
 
+def autocast(device):
+    """bf16 autocast on GPUs (weights, state and residual stream stay fp32); plain fp32 on CPUs."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else \
+        torch.autocast("cpu", enabled=False)
+
+
 @torch.no_grad()
 def generate(method, prompt, max_new_tokens, stops, min_new_tokens=0):
     """The method's greedy continuation of prompt (1, L): new token ids (1, ≤ max_new_tokens)."""
@@ -245,7 +251,7 @@ class Cells:
             try:
                 record = json.loads(line)
                 self.done[tuple(record["cell"])] = record["value"]
-            except (ValueError, KeyError):
+            except ValueError:
                 pass   # the empty last line, or a line cut by a kill
         self.file = open(self.path, "a")
         if lines[-1]:
@@ -336,17 +342,18 @@ def passkey_summary(cells, lengths, depths, samples):
                          for d in depths} for L in lengths}
     first = next(iter(cells.values()))
     if "key_kept" in first:                                   # ReMamba: samples whose needle was compressed
-        counts = lambda c: {"needle_in_region": c["key_in_region"], "key_token_kept": c["key_in_region"] and  # noqa
-                            c["key_kept"], "correct_when_in_region": c["key_in_region"] and c["correct"]}
+        counts = {"needle_in_region": ["key_in_region"], "key_token_kept": ["key_in_region", "key_kept"],
+                  "correct_when_in_region": ["key_in_region", "correct"]}
     elif "key_survived" in first:                             # DeciMamba
-        counts = lambda c: {"key_survived": c["key_survived"], "correct_when_key_survived":  # noqa: E731
-                            c["key_survived"] and c["correct"], "question_survived": c["question_survived"]}
+        counts = {"key_survived": ["key_survived"], "correct_when_key_survived": ["key_survived", "correct"],
+                  "question_survived": ["question_survived"]}
     else:
         return accuracy, None
-    per_length = {}
+    per_length = {}   # each count: the samples where all of its checks hold
     for L in lengths:
-        rows = [counts(cells[(L, d, i)]) for d in depths for i in range(samples)]
-        per_length[str(L)] = {k: int(sum(r[k] for r in rows)) for k in rows[0]} | {"samples": len(rows)}
+        rows = [cells[(L, d, i)] for d in depths for i in range(samples)]
+        per_length[str(L)] = {k: sum(all(r[c] for c in checks) for r in rows) for k, checks in counts.items()}
+        per_length[str(L)]["samples"] = len(rows)
     return accuracy, per_length
 
 
@@ -460,8 +467,7 @@ def run_longbench(args, methods, encoding, device, rank, world, meta):
     unknown = [d for d in datasets if d not in found]
     if unknown or not datasets:
         fail(f"--datasets: no {{dataset}}{suffix} file in {args.data_dir} for "
-             f"{', '.join(map(repr, unknown)) or 'any dataset'}"
-             f"; found: {', '.join(found) or 'none'}")
+             f"{', '.join(map(repr, unknown)) or 'any dataset'}; found: {', '.join(found) or 'none'}")
     encode = lambda text: encoding.encode(text, allowed_special="all")  # noqa: E731  (as Hugging Face tokenizers)
     tables = {}
     for m in methods:
@@ -501,12 +507,6 @@ def run_longbench(args, methods, encoding, device, rank, world, meta):
     for label, scores in tables.items():
         print(f"{label}: LongBench{'-E' if args.e else ''} scores\n" +
               "\n".join(f"  {d:>22}: {s}" for d, s in scores.items()))
-
-
-def autocast(device):
-    """bf16 autocast on GPUs (weights, state and residual stream stay fp32); plain fp32 on CPUs."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else \
-        torch.autocast("cpu", enabled=False)
 
 
 def report(directory):
@@ -569,10 +569,9 @@ def main(argv=None):
         fail(f"--model {args.model}: no such directory" + (" (run eval.py from the repository's root)"
                                                            if args.model == DEFAULT_MODEL else ""))
     args.out_dir = args.out_dir or os.path.join("runs", os.path.basename(os.path.normpath(args.model)))
-    try:
+    with contextlib.suppress(OSError):
         os.makedirs(args.out_dir, exist_ok=True)
-        assert os.access(args.out_dir, os.W_OK)
-    except (OSError, AssertionError):
+    if not (os.path.isdir(args.out_dir) and os.access(args.out_dir, os.W_OK)):
         fail(f"--out-dir {args.out_dir}: cannot write there")
     try:
         model = Mamba.from_pretrained(args.model, device=device).eval()
@@ -591,8 +590,9 @@ def main(argv=None):
     try:
         lengths = list(dict.fromkeys(round(float(x[:-1]) * L_train) if x.endswith("x") else int(x)
                                      for x in spec.split(",")))
-        assert min(lengths) >= 1
-    except (ValueError, OverflowError, AssertionError):
+    except (ValueError, OverflowError):
+        lengths = []
+    if not lengths or min(lengths) < 1:
         fail(f"--lengths {spec!r}: expected comma-separated token counts (4096) or multiples of L_train (4x)")
     if args.task == "passkey":
         args.samples = args.samples or (3 if cpu else 20)
