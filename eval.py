@@ -125,6 +125,8 @@ def parse_args(argv):
         p.error(f"--depths must lie in [0, 1], got {args.depths}")
     if not 0 < args.beta <= 1 or args.c < 0 or args.b < 0 or not 0 <= args.sc < 1:
         p.error("--beta must be in (0, 1], --c and --b ≥ 0, --sc in [0, 1)")
+    if "/" in args.tag or os.sep in args.tag:
+        p.error(f"--tag {args.tag!r}: it becomes part of file names, so it cannot hold a '/'")
     if args.task == "ppl" and "remamba" in args.methods:
         fail("--task ppl does not apply to remamba (it compresses a prompt before answering)")
     return args

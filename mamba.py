@@ -85,6 +85,8 @@ except ImportError:     # no triton package: PyTorch only
 
 
 _SSM_FIELDS = ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init_floor")  # a config's ssm_cfg
+# mamba_ssm's other Mamba-1 options at the values this model implements (use_fast_path: any; it picks a kernel)
+_SSM_DEFAULTS = {"dt_init": "random", "dt_scale": 1.0, "conv_bias": True, "bias": False, "use_fast_path": True}
 
 
 @dataclass
@@ -151,9 +153,13 @@ class MambaConfig:
                     or d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
                 raise ValueError("only Mamba-1 layers with RMSNorm are supported (no Mamba-2, LayerNorm, MLP or "
                                  "attention layers)")
+            for key, value in list(ssm.items()):   # what mamba_ssm writes with its defaults, which are ours
+                if key in _SSM_DEFAULTS and (value == _SSM_DEFAULTS[key] or key == "use_fast_path"):
+                    del ssm[key]
             unknown = set(ssm) - set(_SSM_FIELDS)
             if unknown:
-                raise ValueError(f"unsupported ssm_cfg keys {sorted(unknown)} (it may hold {', '.join(_SSM_FIELDS)})")
+                raise ValueError(f"unsupported ssm_cfg keys {sorted(unknown)} (it may hold {', '.join(_SSM_FIELDS)}; "
+                                 f"{', '.join(f'{k}={v!r}' for k, v in _SSM_DEFAULTS.items())} only as these values)")
             kw = dict(d_model=d.get("d_model"), n_layer=d.get("n_layer"), vocab_size=d.get("vocab_size"),
                       pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
                       norm_eps=d.get("norm_epsilon", 1e-5), residual_in_fp32=d.get("residual_in_fp32", True),
@@ -780,12 +786,13 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 def read_safetensors(path):
     """The safetensors format without the package: an 8-byte little-endian header length, a JSON header
     {name: {dtype, shape, data_offsets: [begin, end]}} and the raw little-endian tensor bytes after it."""
+    data = bytearray(os.path.getsize(path))        # the tensors are views of this one buffer: no second copy
     with open(path, "rb") as f:
-        data = f.read()
+        f.readinto(data)
     try:
         (header_len,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8:8 + header_len])
-        body = memoryview(data)[8 + header_len:]
+        body_len = len(data) - 8 - header_len
         tensors = {}
         for name, info in header.items():
             if name == "__metadata__":
@@ -794,9 +801,10 @@ def read_safetensors(path):
             if info["dtype"] not in _SAFETENSORS_DTYPES:
                 raise ValueError(f"tensor {name} has dtype {info['dtype']}, which is not supported")
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            if end > len(body):
-                raise ValueError(f"tensor {name} ends at byte {end} of a {len(body)}-byte body: truncated?")
-            flat = torch.frombuffer(bytearray(body[begin:end]), dtype=dtype) if end > begin else \
+            if not 0 <= begin <= end <= body_len:
+                raise ValueError(f"tensor {name} ends at byte {end} of a {body_len}-byte body: truncated?")
+            count = (end - begin) // dtype.itemsize
+            flat = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + header_len + begin) if count else \
                 torch.empty(0, dtype=dtype)
             tensors[name] = flat.reshape(info["shape"])
     except (struct.error, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:

@@ -227,6 +227,7 @@ BAD_INPUTS = [
     (["--depths", "2"], "--depths must lie in [0, 1]"),
     (["--depth", "0.5"], "unrecognized arguments: --depth 0.5"),
     (["--task", "longbench", "--max-length", "1"], "--max-length must be ≥ 2, got 1"),
+    (["--tag", "_a/b"], "--tag '_a/b': it becomes part of file names, so it cannot hold a '/'"),
 ]
 
 

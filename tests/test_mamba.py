@@ -2,6 +2,7 @@
 import json
 import os
 import struct
+import tracemalloc
 
 import pytest
 import torch
@@ -290,6 +291,19 @@ def test_safetensors_reader_against_package(tmp_path):
         assert ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]), k
 
 
+def test_safetensors_reader_holds_the_file_once(tmp_path):
+    """The tensors are views of one buffer the size of the file: reading a checkpoint takes its size in memory
+    once, not twice."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    path = str(tmp_path / "big.safetensors")
+    safetensors_torch.save_file({f"w{i}": torch.randn(256, 1024) for i in range(4)}, path)   # 4 MiB
+    tracemalloc.start()
+    tensors = mamba.read_safetensors(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(tensors) == 4 and peak < 1.5 * os.path.getsize(path), f"peak {peak} for {os.path.getsize(path)}"
+
+
 def test_checkpoint_errors_name_files_keys_and_shapes(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         Mamba.from_pretrained(str(tmp_path))
@@ -409,10 +423,19 @@ def test_odd_configs_are_refused_in_one_line():
     for config, message in ((dict(base, pad_vocab_size_multiple=0), "pad_vocab_size_multiple must be a positive "
                                                                      "integer, got 0"),
                             (dict(base, ssm_cfg={"d_model": 4}), r"unsupported ssm_cfg keys \['d_model'\]"),
+                            (dict(base, ssm_cfg={"bias": True}), r"unsupported ssm_cfg keys \['bias'\] .* bias=False"),
                             (dict(base, norm_epsilon=None), "norm_eps must be a positive number, got None"),
                             (dict(base, d_model="auto"), "d_model must be a positive integer, got 'auto'")):
         with pytest.raises(ValueError, match=message):
             MambaConfig.from_json_dict(config)
+
+
+def test_a_config_that_spells_out_mamba_ssms_defaults_loads():
+    """mamba_ssm may write every Mamba-1 option into ssm_cfg; at the values this model implements they load."""
+    ssm = {"layer": "Mamba1", "d_state": 8, "dt_init": "random", "dt_scale": 1.0, "conv_bias": True, "bias": False,
+           "use_fast_path": False}
+    config = MambaConfig.from_json_dict({"d_model": 8, "n_layer": 1, "vocab_size": 8, "ssm_cfg": ssm})
+    assert config.d_state == 8
 
 
 def test_odd_weights_files_and_paths_are_refused_in_one_line(tmp_path):
