@@ -153,13 +153,15 @@ class MambaConfig:
                     or d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
                 raise ValueError("only Mamba-1 layers with RMSNorm are supported (no Mamba-2, LayerNorm, MLP or "
                                  "attention layers)")
-            for key, value in list(ssm.items()):   # what mamba_ssm writes with its defaults, which are ours
-                if key in _SSM_DEFAULTS and (value == _SSM_DEFAULTS[key] or key == "use_fast_path"):
-                    del ssm[key]
+            for key, default in _SSM_DEFAULTS.items():   # what mamba_ssm writes with its defaults, which are ours
+                value = ssm.get(key, default)
+                if key == "use_fast_path" or value == default and isinstance(value, bool) == isinstance(default, bool):
+                    ssm.pop(key, None)
             unknown = set(ssm) - set(_SSM_FIELDS)
             if unknown:
-                raise ValueError(f"unsupported ssm_cfg keys {sorted(unknown)} (it may hold {', '.join(_SSM_FIELDS)}; "
-                                 f"{', '.join(f'{k}={v!r}' for k, v in _SSM_DEFAULTS.items())} only as these values)")
+                fixed = ", ".join(f"{k}={v!r}" for k, v in _SSM_DEFAULTS.items() if k != "use_fast_path")
+                raise ValueError(f"unsupported ssm_cfg keys {sorted(unknown)} (it may hold {', '.join(_SSM_FIELDS)} "
+                                 f"and use_fast_path, and {fixed} only at these values)")
             kw = dict(d_model=d.get("d_model"), n_layer=d.get("n_layer"), vocab_size=d.get("vocab_size"),
                       pad_vocab_size_multiple=d.get("pad_vocab_size_multiple", 8),
                       norm_eps=d.get("norm_epsilon", 1e-5), residual_in_fp32=d.get("residual_in_fp32", True),
@@ -788,8 +790,10 @@ def read_safetensors(path):
     {name: {dtype, shape, data_offsets: [begin, end]}} and the raw little-endian tensor bytes after it."""
     data = bytearray(os.path.getsize(path))        # the tensors are views of this one buffer: no second copy
     with open(path, "rb") as f:
-        f.readinto(data)
+        size = f.readinto(data)
     try:
+        if size != len(data):
+            raise ValueError(f"read {size} of {len(data)} bytes: the file changed while it was read")
         (header_len,) = struct.unpack("<Q", data[:8])
         header = json.loads(data[8:8 + header_len])
         body_len = len(data) - 8 - header_len
@@ -802,8 +806,10 @@ def read_safetensors(path):
                 raise ValueError(f"tensor {name} has dtype {info['dtype']}, which is not supported")
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
             if not 0 <= begin <= end <= body_len:
-                raise ValueError(f"tensor {name} ends at byte {end} of a {body_len}-byte body: truncated?")
-            count = (end - begin) // dtype.itemsize
+                raise ValueError(f"tensor {name} spans bytes {begin} to {end} of a {body_len}-byte body: truncated?")
+            count = math.prod(info["shape"])
+            if end - begin != count * dtype.itemsize:
+                raise ValueError(f"tensor {name}: {end - begin} bytes for shape {info['shape']} of {info['dtype']}")
             flat = torch.frombuffer(data, dtype=dtype, count=count, offset=8 + header_len + begin) if count else \
                 torch.empty(0, dtype=dtype)
             tensors[name] = flat.reshape(info["shape"])

@@ -448,10 +448,23 @@ def test_odd_weights_files_and_paths_are_refused_in_one_line(tmp_path):
         Mamba.from_pretrained(str(tmp_path))
     for header, message in ((b"[]", "not a readable safetensors file"),
                             (b'{"a": {"dtype": "F8_E4M3", "shape": [1], "data_offsets": [0, 1]}}',
-                             "not a readable safetensors file .*tensor a has dtype F8_E4M3, which is not supported")):
+                             "not a readable safetensors file .*tensor a has dtype F8_E4M3, which is not supported"),
+                            (b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 1]}}',
+                             "tensor a: 1 bytes for shape \\[1\\] of F32"),
+                            (b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 9]}}',
+                             "tensor a spans bytes 0 to 9 of a 1-byte body: truncated")):
         (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
         with pytest.raises(ValueError, match=message):
             mamba.read_safetensors(str(tmp_path / "model.safetensors"))
+
+
+def test_a_safetensors_file_that_shrinks_while_read_is_refused(tmp_path, monkeypatch):
+    header = b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}'
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\1")
+    size = os.path.getsize
+    monkeypatch.setattr(os.path, "getsize", lambda path: size(path) + 8)   # as if 8 bytes went before the read
+    with pytest.raises(ValueError, match="the file changed while it was read"):
+        mamba.read_safetensors(str(tmp_path / "model.safetensors"))
 
 
 def test_cuda_graphs_are_recorded_again_when_any_weight_moves(monkeypatch):
