@@ -159,7 +159,12 @@ def build_methods(args, model, encoding, L_train, text):
     for name in args.methods:
         settings, runner, hook, describe = {}, model, None, None
         if name == "longmamba":
+            others_wait = dist.is_initialized() and dist.get_rank() > 0
+            if others_wait:                    # under torchrun rank 0 calibrates; the others then read its file
+                dist.barrier()
             calibration = load_calibration(args, model, encoding, L_train, text)
+            if dist.is_initialized() and not others_wait:
+                dist.barrier()
             settings = dict(c=args.c, b=args.b, variant=args.variant, **calibration["settings"])
             del settings["model"]
             hook = longmamba.LongMamba(calibration, args.c, args.b, args.variant)

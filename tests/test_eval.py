@@ -1,6 +1,7 @@
 """eval.py end to end on a tiny checkpoint: tables, result files, pictures, resuming, one-line errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -283,6 +284,21 @@ def test_bad_checkpoints_exit_with_one_line(tmp_path):
                                "--device", "cpu", "--out-dir", str(tmp_path / "out")],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr, (name, done.stderr)
+
+
+def test_under_torchrun_longmamba_is_calibrated_once(tmp_path):
+    """Rank 0 calibrates and saves; the other ranks wait for its file instead of calibrating again."""
+    model = tmp_path / "model"
+    shutil.copytree(os.path.join(ROOT, "checkpoints", "mamba-testbed"), model,
+                    ignore=shutil.ignore_patterns("longmamba_calibration.pt"))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "eval.py", "--model", str(model), "--lengths", "512", "--depths", "0", "--samples", "2",
+                           "--method", "longmamba", "--no-baseline", "--calibration-windows", "2", "--device", "cpu",
+                           "--out-dir", str(tmp_path / "out")], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("calibrating on 2 windows") == 1, done.stdout
+    assert (model / "longmamba_calibration.pt").exists()
 
 
 def test_torchrun_shards_samples_and_gathers_the_same_table(tmp_path):
