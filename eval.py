@@ -16,7 +16,8 @@ Passkey: greedy decoding, exact match of the digits; a length × depth table per
 <out-dir>/passkey_<label>.json (accuracy 0-1, every setting) and a heatmap. Perplexity: <out-dir>/ppl_<labels>.json.
 LongBench: predictions and scores.json in <out-dir>/longbench[_e]/<label>_<settings hash>/.
 Finished passkey and perplexity cells are kept in <out-dir>/cells/ (<out-dir>/rank<r>/cells/ under torchrun), LongBench
-predictions line by line: an interrupted run continues where it stopped; other settings never reuse them.
+predictions line by line: an interrupted run continues where it stopped, with any number of processes; other
+settings never reuse them.
 """
 
 import argparse
@@ -242,26 +243,30 @@ def digest(key):
 
 
 class Cells:
-    """A method's finished cells, appended to a jsonl whose name hashes every setting that shapes them."""
+    """A method's finished cells, appended to a jsonl whose name hashes every setting that shapes them. Each
+    process appends to its own file (<out-dir>/cells/, or <out-dir>/rank<r>/cells/ under torchrun) and reads the
+    cells of every such file, so a run continues whatever the number of processes that started it."""
 
-    def __init__(self, out_dir, task, method, meta, args, **task_settings):
+    def __init__(self, out_dir, task, method, meta, args, rank_dir="", **task_settings):
         key = dict(task=task, label=method["label"], settings=method["settings"], model=meta["model"],
                    weights=meta["weights"], haystack=args.haystack or args.data, split=args.split, **task_settings)
-        self.path = os.path.join(out_dir, "cells", f"{task}_{method['label']}_{digest(key)}.jsonl")
+        name = f"{task}_{method['label']}_{digest(key)}.jsonl"
+        self.path = os.path.join(out_dir, rank_dir, "cells", name)
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self.done = {}
-        lines = [""]
-        if os.path.exists(self.path):
-            with open(self.path) as f:
+        self.done, tail = {}, ""
+        out = glob.escape(out_dir)
+        for path in glob.glob(os.path.join(out, "cells", name)) + glob.glob(os.path.join(out, "rank*", "cells", name)):
+            with open(path) as f:
                 lines = f.read().split("\n")
-        for line in lines:
-            try:
-                record = json.loads(line)
-                self.done[tuple(record["cell"])] = record["value"]
-            except ValueError:
-                pass   # the empty last line, or a line cut by a kill
+            for line in lines:
+                try:
+                    record = json.loads(line)
+                    self.done[tuple(record["cell"])] = record["value"]
+                except ValueError:
+                    pass   # the empty last line, or a line cut by a kill
+            tail = lines[-1] if path == self.path else tail
         self.file = open(self.path, "a")
-        if lines[-1]:
+        if tail:
             self.file.write("\n")   # after a cut line, so that the next record is a line of its own
 
     def add(self, cell, value):
@@ -275,7 +280,7 @@ def run_passkey(args, methods, encoding, lengths, text, device, rank, world, met
     the tables side by side and one heatmap."""
     haystack = passkey.Haystack(text, args.split)
     mine = [(L, d, i) for L in lengths for d in args.depths for i in range(args.samples)][rank::world]
-    stores = {m["label"]: Cells(args.out_dir + (f"/rank{rank}" if world > 1 else ""), "passkey", m, meta, args,
+    stores = {m["label"]: Cells(args.out_dir, "passkey", m, meta, args, f"rank{rank}" if world > 1 else "",
                                 filler=args.filler, seed=args.seed) for m in methods}
     todo = [c for c in mine if any(c not in s.done for s in stores.values())]
     if rank == 0 and len(todo) < len(mine):

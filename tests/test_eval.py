@@ -318,3 +318,8 @@ def test_torchrun_shards_samples_and_gathers_the_same_table(tmp_path):
         b = json.load(open(tmp_path / "two" / f"passkey_{m}.json"))
         assert a["accuracy"] == b["accuracy"] and a["samples"] == b["samples"] == 2
     assert json.load(open(tmp_path / "one" / "passkey_vanilla.json"))["accuracy"]["512"]["0.0"] == 1.0
+    # two processes continue what one finished: every cell is read back, none is run again
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+                           + args + ["--out-dir", str(tmp_path / "one")], cwd=ROOT, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and "4 of 4 cells already done" in again.stdout, again.stdout + again.stderr[-2000:]
