@@ -825,6 +825,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlast, _):
     u, delta, A, B, C, D, z, delta_bias, skip_below, seg_states = ctx.saved_tensors
+    assert seg_states.numel(), "the forward ran with save_states=False, so it kept nothing for a backward"
     if dout is None:
         dout = torch.zeros_like(u)
     if dlast is not None:
