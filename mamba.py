@@ -85,8 +85,8 @@ except ImportError:     # no triton package: PyTorch only
 
 
 _SSM_FIELDS = ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init_floor")  # a config's ssm_cfg
-# mamba_ssm's other Mamba-1 options at the values this model implements (use_fast_path: any; it picks a kernel)
-_SSM_DEFAULTS = {"dt_init": "random", "dt_scale": 1.0, "conv_bias": True, "bias": False, "use_fast_path": True}
+# mamba_ssm's other Mamba-1 options, at the values this model implements
+_SSM_DEFAULTS = {"dt_init": "random", "dt_scale": 1.0, "conv_bias": True, "bias": False}
 
 
 @dataclass
@@ -153,13 +153,14 @@ class MambaConfig:
                     or d.get("d_intermediate", 0) or d.get("attn_layer_idx"):
                 raise ValueError("only Mamba-1 layers with RMSNorm are supported (no Mamba-2, LayerNorm, MLP or "
                                  "attention layers)")
-            for key, default in _SSM_DEFAULTS.items():   # what mamba_ssm writes with its defaults, which are ours
+            ssm.pop("use_fast_path", None)                     # mamba_ssm's choice of kernel: any value loads
+            for key, default in _SSM_DEFAULTS.items():         # what mamba_ssm writes with its defaults, ours
                 value = ssm.get(key, default)
-                if key == "use_fast_path" or value == default and isinstance(value, bool) == isinstance(default, bool):
+                if value == default and isinstance(value, bool) == isinstance(default, bool):
                     ssm.pop(key, None)
             unknown = set(ssm) - set(_SSM_FIELDS)
             if unknown:
-                fixed = ", ".join(f"{k}={v!r}" for k, v in _SSM_DEFAULTS.items() if k != "use_fast_path")
+                fixed = ", ".join(f"{k}={v!r}" for k, v in _SSM_DEFAULTS.items())
                 raise ValueError(f"unsupported ssm_cfg keys {sorted(unknown)} (it may hold {', '.join(_SSM_FIELDS)} "
                                  f"and use_fast_path, and {fixed} only at these values)")
             kw = dict(d_model=d.get("d_model"), n_layer=d.get("n_layer"), vocab_size=d.get("vocab_size"),
