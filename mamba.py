@@ -381,7 +381,7 @@ class MambaMixer(nn.Module):
 
     def __init__(self, config: MambaConfig, layer_idx: int):
         super().__init__()
-        c = config
+        c = self.config = config
         self.layer_idx = layer_idx
         self.d_inner, self.d_state, self.dt_rank, self.d_conv = c.d_inner, c.d_state, c.dt_rank, c.d_conv
         self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner, bias=False)
@@ -391,6 +391,22 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(c.d_inner, c.d_state))
         self.D = nn.Parameter(torch.empty(c.d_inner))
         self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=False)
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """mamba_ssm's initialisation of a mixer (Mamba.reset_parameters scales out_proj afterwards)."""
+        c = self.config
+        for linear in (self.in_proj, self.x_proj, self.out_proj):
+            linear.reset_parameters()
+        self.conv1d.reset_parameters()
+        # dt_proj weight ~ U(±dt_rank^-0.5); bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]
+        nn.init.uniform_(self.dt_proj.weight, -c.dt_rank ** -0.5, c.dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(c.d_inner) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        dt = dt.clamp(min=c.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        # S4D-real: A_n = -(n+1) for every channel; skip connection D = 1
+        self.A_log.copy_(torch.log(torch.arange(1, c.d_state + 1, dtype=torch.float32)).repeat(c.d_inner, 1))
+        self.D.fill_(1.0)
 
     def _selection(self, x):
         """x (b, d_inner, l) after the conv -> dt (b, d_inner, l) before bias and softplus, B, C (b, n, l)."""
@@ -501,7 +517,7 @@ class Mamba(nn.Module):
             self.lm_head.weight = self.backbone.embedding.weight
         self.hook = None  # the method hook (module docstring); None is vanilla Mamba
         self.cuda_graph_decoding = True  # decode() on a GPU replays a compiled step as a CUDA graph (GraphedStep)
-        self._graphs = {}
+        self._graphs = {}  # the GraphedSteps recorded for decode() (_graphed_step)
         self.reset_parameters()
 
     @contextlib.contextmanager
@@ -515,27 +531,15 @@ class Mamba(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """mamba_ssm's initialisation."""
-        c = self.config
+        """mamba_ssm's initialisation: each mixer's own (MambaMixer.reset_parameters), then GPT-2 style, the
+        residual-branch output projections scaled by 1/sqrt(n_layer); embedding ~ N(0, 0.02); norms 1."""
         for layer in self.backbone.layers:
-            m = layer.mixer
-            for linear in (m.in_proj, m.x_proj, m.out_proj):
-                linear.reset_parameters()
-            m.conv1d.reset_parameters()
-            # dt_proj weight ~ U(±dt_rank^-0.5); bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max]
-            nn.init.uniform_(m.dt_proj.weight, -c.dt_rank ** -0.5, c.dt_rank ** -0.5)
-            dt = torch.exp(torch.rand(c.d_inner) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-            dt = dt.clamp(min=c.dt_init_floor)
-            m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            # S4D-real: A_n = -(n+1) for every channel; skip connection D = 1
-            m.A_log.copy_(torch.log(torch.arange(1, c.d_state + 1, dtype=torch.float32)).repeat(c.d_inner, 1))
-            m.D.fill_(1.0)
-            # GPT-2 style: residual-branch output projections scaled by 1/sqrt(n_layer)
-            m.out_proj.weight /= math.sqrt(c.n_layer)
+            layer.mixer.reset_parameters()
+            layer.mixer.out_proj.weight /= math.sqrt(self.config.n_layer)
             layer.norm.weight.fill_(1.0)
         nn.init.normal_(self.backbone.embedding.weight, std=0.02)
         self.backbone.norm_f.weight.fill_(1.0)
-        if not c.tie_embeddings:
+        if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=0.02)
 
     def hidden_states(self, input_ids=None, inputs_embeds=None, return_cache=False):
@@ -593,7 +597,7 @@ class Mamba(nn.Module):
             raise ValueError(f"eos_token_id {eos_token_id}: token ids must be in [0, {vocab})")
         if temperature < 0 or top_k is not None and top_k < 1:
             raise ValueError(f"temperature must be >= 0 and top_k must be None or >= 1, got {temperature}, {top_k}")
-        graphed = self._graphed_step(caches) if logits.is_cuda and self.cuda_graph_decoding and max_new_tokens > 1 \
+        graphed = _graphed_step(self, caches) if logits.is_cuda and self.cuda_graph_decoding and max_new_tokens > 1 \
             else None
         step = self.step if graphed is None else graphed.step
         finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
@@ -622,21 +626,6 @@ class Mamba(nn.Module):
         if not new_tokens:
             return torch.empty(logits.shape[0], 0, dtype=torch.long, device=logits.device)
         return torch.stack(new_tokens, dim=1)
-
-    def _graphed_step(self, caches):
-        """The GraphedStep for this batch size, autocast dtype and these weights (recorded on first use). A graph
-        reads every weight at the address it was recorded with: when any weight moves to new memory (a dtype
-        change, a replaced tensor), the graphs recorded before are dropped and a new one is recorded."""
-        batch, device = caches[0].ssm_state.shape[0], caches[0].ssm_state.device
-        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        weights = tuple((p.data_ptr(), p.dtype) for p in self.parameters())
-        key = (batch, device, autocast, weights)
-        if key not in self._graphs:
-            self._graphs = {k: g for k, g in self._graphs.items() if k[-1] == weights}
-            self._graphs[key] = GraphedStep(self, caches)
-        graphed = self._graphs[key]
-        graphed.copy_caches_from(caches)
-        return graphed
 
     # ------------------------------------------------------------------------------------------------------
     # 5. Checkpoints
@@ -671,33 +660,34 @@ class Mamba(nn.Module):
             raise ValueError(f"{config_path}: not a Mamba config ({e})") from None
         state = read_weights(directory)
         model = cls(config)
-        model.load_checkpoint_state(state, directory)
+        _load_state(model, state, directory)
         model = model.to(device=device, dtype=dtype)
         for layer in model.backbone.layers:  # as mamba_ssm: the decay rates, D and the Δ bias stay float32
             for p in (layer.mixer.A_log, layer.mixer.D, layer.mixer.dt_proj.bias):
                 p.data = p.data.float()
         return model
 
-    def load_checkpoint_state(self, state, source="checkpoint"):
-        """Strict load with readable errors; maps Hugging Face names; ignores a tied lm_head copy."""
-        state = {_HF_RENAMES.get(k, k): v for k, v in state.items()}
-        expected = self.state_dict()
-        if self.config.tie_embeddings:
-            state.pop("lm_head.weight", None)
-            expected.pop("lm_head.weight")
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(f"{source}: the weights do not match the config. Missing keys: {missing[:8]}"
-                             f"{' ...' if len(missing) > 8 else ''}; unexpected keys: {unexpected[:8]}"
-                             f"{' ...' if len(unexpected) > 8 else ''}")
-        for k, v in state.items():
-            if v.shape != expected[k].shape:
-                raise ValueError(f"{source}: {k} has shape {tuple(v.shape)} in the checkpoint but the config "
-                                 f"makes it {tuple(expected[k].shape)}")
-        self.load_state_dict(state, strict=False)  # the keys were checked above; a tied lm_head is the embedding
+
+_HF_RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}  # a -hf checkpoint's one other name
 
 
-_HF_RENAMES = {"backbone.embeddings.weight": "backbone.embedding.weight"}
+def _load_state(model, state, source):
+    """Strict load with readable errors; maps Hugging Face names; ignores a tied lm_head copy."""
+    state = {_HF_RENAMES.get(k, k): v for k, v in state.items()}
+    expected = model.state_dict()
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{source}: the weights do not match the config. Missing keys: {missing[:8]}"
+                         f"{' ...' if len(missing) > 8 else ''}; unexpected keys: {unexpected[:8]}"
+                         f"{' ...' if len(unexpected) > 8 else ''}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)} in the checkpoint but the config "
+                             f"makes it {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=False)  # the keys were checked above; a tied lm_head is the embedding
 
 
 def training_length(directory):
@@ -862,3 +852,19 @@ class GraphedStep:
         self.token.copy_(token_ids)
         self.graph.replay()
         return self.logits
+
+
+def _graphed_step(model, caches):
+    """The model's GraphedStep for this batch size, autocast dtype and these weights (recorded on first use). A
+    graph reads every weight at the address it was recorded with: when any weight moves to new memory (a dtype
+    change, a replaced tensor), the graphs recorded before are dropped and a new one is recorded."""
+    batch, device = caches[0].ssm_state.shape[0], caches[0].ssm_state.device
+    autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+    weights = tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+    key = (batch, device, autocast, weights)
+    if key not in model._graphs:
+        model._graphs = {k: g for k, g in model._graphs.items() if k[-1] == weights}
+        model._graphs[key] = GraphedStep(model, caches)
+    graphed = model._graphs[key]
+    graphed.copy_caches_from(caches)
+    return graphed

@@ -61,7 +61,7 @@ def test_a_weight_moved_to_new_memory_records_a_new_graph():
     with torch.no_grad():
         _, plain_caches = model.prefill(prompt)
         _, caches = model.prefill(prompt)
-        graphed = model._graphed_step(caches)
+        graphed = mamba._graphed_step(model, caches)
         for token in prompt[:, :5].unbind(1):
             assert rel_err(graphed.step(token), model.step(token, plain_caches)) <= 1e-5
 
@@ -78,7 +78,7 @@ def test_graphed_steps_under_bf16_autocast_give_the_logits_of_plain_steps(batch)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         _, plain_caches = model.prefill(prompt)
         _, caches = model.prefill(prompt)
-        graphed = model._graphed_step(caches)
+        graphed = mamba._graphed_step(model, caches)
         for token in tokens.unbind(1):
             plain = model.step(token, plain_caches)
             assert rel_err(graphed.step(token).float(), plain.float()) <= 2e-2
